@@ -1,0 +1,1 @@
+"""The HTTP API, the CLI and (later) the review page."""

@@ -1,0 +1,52 @@
+"""The FastAPI application: routers, the one error handler, the request size limit."""
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from api.routes import admin, drafts, health, review
+from core.errors import DomainError
+from core.settings import get_settings
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+ERRORS = {
+    status: {"model": ErrorOut, "description": description}
+    for status, description in {
+        401: "Missing, unknown or revoked API key",
+        403: "The key's role may not use this route",
+        404: "No such object in the key's tenant",
+        409: "Conflicts with what is stored",
+        413: "The email or the request is too large; the message gives the limit",
+    }.items()
+}
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="draftloop",
+        version="0.1.0",
+        description="Draft email replies with per-tenant adapters and learn from reviewers' corrections. "
+        "Authenticate with an API key in the `X-API-Key` header.",
+    )
+
+    @app.exception_handler(DomainError)
+    def domain_error(_request: Request, error: DomainError) -> JSONResponse:
+        return JSONResponse({"detail": error.message}, status_code=error.status_code)
+
+    max_bytes = get_settings().max_request_bytes
+
+    @app.middleware("http")
+    async def limit_request_size(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_bytes:
+            return JSONResponse({"detail": f"the request has {length} bytes; the limit is {max_bytes}"}, 413)
+        return await call_next(request)
+
+    app.include_router(health.router)
+    for module in (drafts, review, admin):
+        app.include_router(module.router, responses=ERRORS)
+    return app

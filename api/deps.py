@@ -1,0 +1,71 @@
+"""Dependencies shared by the routes: the request's session, the caller's key, the drafter."""
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from agent.drafting import Drafter, get_drafter
+from core.db import get_sessionmaker
+from core.errors import Forbidden, Unauthorized
+from core.settings import Settings, get_settings
+from feedback.models import ApiKey, Role
+from feedback.service import authenticate
+
+
+def get_db() -> Iterator[Session]:
+    """One session per request, committed once at the end of a successful request."""
+    session = get_sessionmaker()()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_db)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def drafter() -> Drafter:
+    return get_drafter()
+
+
+DrafterDep = Annotated[Drafter, Depends(drafter)]
+
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="Your draftloop API key")
+_bearer = HTTPBearer(auto_error=False, description="The same API key as a bearer token")
+
+
+def _caller(
+    session: SessionDep,
+    api_key: Annotated[str | None, Security(_api_key_header)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+) -> ApiKey:
+    raw_key = api_key or (bearer.credentials if bearer else None)
+    if not raw_key:
+        raise Unauthorized("send your API key in the X-API-Key header (or as a bearer token)")
+    return authenticate(session, raw_key)
+
+
+def require(*roles: Role):
+    """A key of one of these roles; admin keys may do everything within their tenant."""
+
+    def check(key: Annotated[ApiKey, Depends(_caller)]) -> ApiKey:
+        if key.role != Role.admin and key.role not in roles:
+            allowed = ", ".join(sorted({*roles, Role.admin}))
+            raise Forbidden(f"this route needs a key with role {allowed}; yours is {key.role}")
+        return key
+
+    return Depends(check)
+
+
+AnyKey = Annotated[ApiKey, require(Role.agent, Role.reviewer)]
+AgentKey = Annotated[ApiKey, require(Role.agent)]
+ReviewerKey = Annotated[ApiKey, require(Role.reviewer)]
+AdminKey = Annotated[ApiKey, require()]

@@ -1,0 +1,37 @@
+from fastapi import APIRouter, status
+
+from api.deps import AdminKey, AnyKey, SessionDep
+from api.schemas import KeyOut, KeyRequest, NewKeyOut, TenantOut, TenantUpdate
+from feedback import service
+
+router = APIRouter(prefix="/v1", tags=["tenant"])
+
+
+@router.get("/tenant", response_model=TenantOut, summary="The tenant of the calling key")
+def get_tenant(key: AnyKey):
+    return key.tenant
+
+
+@router.patch("/tenant", response_model=TenantOut, summary="Change the tenant's name or drafting instructions")
+def update_tenant(request: TenantUpdate, key: AdminKey, session: SessionDep):
+    tenant = key.tenant
+    for field, value in request.model_dump(exclude_none=True).items():
+        setattr(tenant, field, value)
+    session.flush()
+    return tenant
+
+
+@router.get("/keys", response_model=list[KeyOut], summary="The tenant's API keys (never the keys themselves)")
+def list_keys(key: AdminKey, session: SessionDep):
+    return service.list_api_keys(session, key.tenant_id)
+
+
+@router.post("/keys", response_model=NewKeyOut, status_code=status.HTTP_201_CREATED, summary="Create an API key")
+def create_key(request: KeyRequest, key: AdminKey, session: SessionDep):
+    created, raw_key = service.create_api_key(session, key.tenant, name=request.name, role=request.role)
+    return NewKeyOut.model_validate(created).model_copy(update={"key": raw_key})
+
+
+@router.delete("/keys/{key_id}", response_model=KeyOut, summary="Revoke an API key")
+def revoke_key(key_id: int, key: AdminKey, session: SessionDep):
+    return service.revoke_api_key(session, key.tenant_id, key_id)

@@ -1,0 +1,55 @@
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
+
+from agent.prompt import IncomingEmail
+from api.deps import AgentKey, AnyKey, DrafterDep, SessionDep, SettingsDep
+from api.schemas import DraftOut, DraftPage, DraftRequest
+from core.errors import Invalid, TooLarge
+from feedback import service
+
+router = APIRouter(prefix="/v1/drafts", tags=["drafts"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DraftOut, summary="Draft a reply")
+def create_draft(request: DraftRequest, key: AgentKey, session: SessionDep, drafter: DrafterDep, settings: SettingsDep):
+    """Draft a reply to an incoming email with the tenant's model, and store it for review."""
+    if len(request.body) > settings.max_email_chars:
+        raise TooLarge(f"the email body has {len(request.body)} characters; the limit is {settings.max_email_chars}")
+    max_new_tokens = request.max_new_tokens or settings.max_new_tokens
+    if max_new_tokens > settings.max_new_tokens_limit:
+        raise Invalid(f"max_new_tokens is {max_new_tokens}; the limit is {settings.max_new_tokens_limit}")
+    email = IncomingEmail(sender=request.sender, subject=request.subject, body=request.body)
+    result = drafter.draft(key.tenant.instructions, email, max_new_tokens=max_new_tokens)
+    return service.record_draft(
+        session,
+        tenant_id=key.tenant_id,
+        created_by_key_id=key.id,
+        sender=email.sender,
+        subject=email.subject,
+        body=email.body,
+        draft_text=result.text,
+        base_model=drafter.model_id,
+        adapter_id=None,
+        generation={"max_new_tokens": max_new_tokens, "decoding": "greedy"},
+        prompt_tokens=result.prompt_tokens,
+        tokens_generated=result.tokens_generated,
+        finish_reason=result.finish_reason,
+        latency_ms=result.latency_ms,
+    )
+
+
+@router.get("/{draft_id}", response_model=DraftOut, summary="Get a draft and its correction")
+def get_draft(draft_id: int, key: AnyKey, session: SessionDep):
+    return service.get_draft(session, key.tenant_id, draft_id)
+
+
+@router.get("", response_model=DraftPage, summary="List drafts, newest first")
+def list_drafts(
+    key: AnyKey,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    before_id: Annotated[int | None, Query(description="next_before_id of the previous page")] = None,
+):
+    drafts = service.list_drafts(session, key.tenant_id, limit=limit, before_id=before_id)
+    return DraftPage(items=drafts, next_before_id=drafts[-1].id if len(drafts) == limit else None)

@@ -1,0 +1,47 @@
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response, status
+
+from api.deps import ReviewerKey, SessionDep, SettingsDep
+from api.schemas import CorrectionOut, CorrectionRequest, ReviewQueueOut
+from feedback import service
+
+router = APIRouter(prefix="/v1", tags=["review"])
+
+
+@router.get("/review-queue", response_model=ReviewQueueOut, summary="Drafts waiting for review, oldest first")
+def review_queue(key: ReviewerKey, session: SessionDep, limit: Annotated[int, Query(ge=1, le=200)] = 50):
+    queue = service.review_queue(session, key.tenant_id, limit=limit)
+    return ReviewQueueOut(pending=queue.pending, items=queue.drafts)
+
+
+@router.post(
+    "/drafts/{draft_id}/correction",
+    response_model=CorrectionOut,
+    status_code=status.HTTP_201_CREATED,
+    summary="Submit the reviewer's correction of a draft",
+    responses={200: {"description": "The same correction was already stored; it is returned as it is"}},
+)
+def submit_correction(
+    draft_id: int,
+    request: CorrectionRequest,
+    key: ReviewerKey,
+    session: SessionDep,
+    settings: SettingsDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+):
+    """One correction per draft. Sending the same correction again, or the same Idempotency-Key,
+    returns the stored one (200); a different correction for a corrected draft is a 409."""
+    draft = service.get_draft(session, key.tenant_id, draft_id)
+    correction, created = service.submit_correction(
+        session,
+        draft=draft,
+        correction=service.CorrectionInput(request.verdict, request.final_text, request.reason),
+        reviewer_key=key,
+        idempotency_key=idempotency_key,
+        heldout_fraction=settings.heldout_fraction,
+    )
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return correction

@@ -1,0 +1,126 @@
+"""Request and response bodies, with the examples shown in the OpenAPI docs."""
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from feedback.models import Role, Split, Verdict
+
+NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+EXAMPLE_EMAIL = {
+    "sender": "Dana Whitfield <dana@example.com>",
+    "subject": "[NW-48213] Brake squeal after service",
+    "body": "Hi, I picked up my bike on Saturday and the front brake squeals on every stop. Can I bring it back?",
+}
+
+
+class DraftRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_EMAIL | {"max_new_tokens": 200}]})
+
+    sender: Annotated[NonEmpty, StringConstraints(max_length=320)] = Field(description="The From of the incoming email")
+    subject: Annotated[str, StringConstraints(strip_whitespace=True, max_length=998)] = ""
+    body: NonEmpty = Field(description="The incoming email's text; quoted history is trimmed to a bound")
+    max_new_tokens: int | None = Field(None, ge=1, description="Defaults to the server's setting")
+
+
+class CorrectionRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"verdict": "edited", "final_text": "Hi Dana,\n\nThanks for getting in touch ..."},
+                {"verdict": "accepted"},
+                {"verdict": "rejected", "reason": "Wrong shop policy"},
+            ]
+        }
+    )
+
+    verdict: Verdict
+    final_text: str | None = Field(None, max_length=50_000, description="Required for 'edited'")
+    reason: str | None = Field(None, max_length=2_000)
+
+
+class CorrectionOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    draft_id: int
+    verdict: Verdict
+    final_text: str | None
+    reason: str | None
+    reviewer: str
+    split: Split
+    created_at: datetime
+
+
+class DraftOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    sender: str
+    subject: str
+    body: str
+    draft_text: str
+    base_model: str
+    adapter_id: int | None
+    generation: dict
+    prompt_tokens: int
+    tokens_generated: int
+    finish_reason: str
+    latency_ms: float
+    created_at: datetime
+    correction: CorrectionOut | None
+
+
+class DraftPage(BaseModel):
+    items: list[DraftOut]
+    next_before_id: int | None = Field(description="Pass as before_id to get the next page; null at the end")
+
+
+class ReviewQueueOut(BaseModel):
+    pending: int = Field(description="Drafts of this tenant still waiting for a correction")
+    items: list[DraftOut]
+
+
+class KeyRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "support-inbox", "role": "agent"}]})
+
+    name: Annotated[NonEmpty, StringConstraints(max_length=200)]
+    role: Role
+
+
+class KeyOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    role: Role
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class NewKeyOut(KeyOut):
+    key: str = Field(description="The API key itself; shown this once, only its hash is stored")
+
+
+class TenantOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    slug: str
+    name: str
+    instructions: str
+
+
+class TenantUpdate(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"instructions": "You answer for Northwind ..."}]})
+
+    name: Annotated[NonEmpty, StringConstraints(max_length=200)] | None = None
+    instructions: Annotated[str, StringConstraints(max_length=10_000)] | None = None
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = {}

