@@ -8,7 +8,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from sqlalchemy.orm import Session
 
 from agent.drafting import Drafter, get_drafter
-from core.db import get_sessionmaker
+from core.db import session_scope
 from core.errors import Forbidden, Unauthorized
 from core.settings import Settings, get_settings
 from feedback.models import ApiKey, Role
@@ -17,18 +17,12 @@ from feedback.service import authenticate
 
 def get_db() -> Iterator[Session]:
     """One session per request, committed once at the end of a successful request."""
-    session = get_sessionmaker()()
-    try:
+    with session_scope() as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_db)]
+# scope="function": the commit happens before the response is sent, so a failed commit is an error
+SessionDep = Annotated[Session, Depends(get_db, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 

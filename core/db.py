@@ -43,14 +43,18 @@ def get_sessionmaker() -> sessionmaker[Session]:
 
 
 @contextmanager
-def session_scope() -> Iterator[Session]:
-    """A session that commits when the block ends without error and rolls back otherwise."""
-    session = get_sessionmaker()()
+def committing(session: Session) -> Iterator[Session]:
+    """Commit when the block ends without error, roll back otherwise."""
     try:
         yield session
         session.commit()
     except BaseException:
         session.rollback()
         raise
-    finally:
-        session.close()
+
+
+@contextmanager
+def session_scope() -> Iterator[Session]:
+    """A new session for one unit of work (a request, a task, a CLI command)."""
+    with get_sessionmaker()() as session, committing(session):
+        yield session

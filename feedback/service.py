@@ -139,7 +139,9 @@ def _final_text(draft: Draft, correction: CorrectionInput) -> str | None:
     text = (correction.final_text or "").strip() or None
     if correction.verdict == Verdict.accepted:
         if text is not None and text != draft.draft_text.strip():
-            raise Invalid("verdict 'accepted' keeps the draft as it is; send verdict 'edited' with a changed final_text")
+            raise Invalid(
+                "verdict 'accepted' keeps the draft as it is; send verdict 'edited' with a changed final_text"
+            )
         return draft.draft_text
     if correction.verdict == Verdict.edited and text is None:
         raise Invalid("verdict 'edited' needs a non-empty final_text")

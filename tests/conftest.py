@@ -13,8 +13,8 @@ POSTGRES_URL = f"{POSTGRES_SERVER}/draftloop_test"
 # The app under test (readiness, get_engine) talks to the same test database.
 os.environ["DRAFTLOOP_DATABASE_URL"] = POSTGRES_URL
 
-from core.db import make_engine  # noqa: E402  (after the environment is set)
-from migrations import upgrade  # noqa: E402
+from core.db import make_engine
+from migrations import upgrade
 
 
 def _fresh_postgres() -> str:
@@ -70,3 +70,28 @@ def session(engine) -> Iterator[Session]:
 def pg_session(postgres_engine) -> Iterator[Session]:
     yield from _rolled_back_session(postgres_engine)
 
+
+@pytest.fixture(scope="session")
+def tiny_drafter():
+    """A randomly initialised two-layer Llama with the real tokenizer: fast, and a real model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from agent.drafting import Drafter
+    from agent.model import LoadedModel, load_tokenizer
+    from core.settings import Settings
+
+    settings = Settings()
+    tokenizer = load_tokenizer(settings)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return Drafter(LoadedModel(LlamaForCausalLM(config).eval(), tokenizer, "tiny-llama"), settings)

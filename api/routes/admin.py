@@ -29,7 +29,7 @@ def list_keys(key: AdminKey, session: SessionDep):
 @router.post("/keys", response_model=NewKeyOut, status_code=status.HTTP_201_CREATED, summary="Create an API key")
 def create_key(request: KeyRequest, key: AdminKey, session: SessionDep):
     created, raw_key = service.create_api_key(session, key.tenant, name=request.name, role=request.role)
-    return NewKeyOut.model_validate(created).model_copy(update={"key": raw_key})
+    return NewKeyOut(**KeyOut.model_validate(created).model_dump(), key=raw_key)
 
 
 @router.delete("/keys/{key_id}", response_model=KeyOut, summary="Revoke an API key")

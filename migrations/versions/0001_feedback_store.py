@@ -59,15 +59,11 @@ def upgrade() -> None:
         sa.Column("latency_ms", sa.Float(), nullable=False),
         sa.Column("created_by_key_id", sa.Integer(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["created_by_key_id"], ["api_keys.id"], ondelete="SET NULL"
-        ),
+        sa.ForeignKeyConstraint(["created_by_key_id"], ["api_keys.id"], ondelete="SET NULL"),
         sa.ForeignKeyConstraint(["tenant_id"], ["tenants.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),
     )
-    op.create_index(
-        "ix_drafts_tenant_created", "drafts", ["tenant_id", "created_at", "id"]
-    )
+    op.create_index("ix_drafts_tenant_created", "drafts", ["tenant_id", "created_at", "id"])
 
     op.create_table(
         "corrections",
@@ -83,23 +79,15 @@ def upgrade() -> None:
         sa.Column("idempotency_key", sa.String(length=200), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint("split IN ('train', 'heldout')", name="split_valid"),
-        sa.CheckConstraint(
-            "verdict IN ('accepted', 'edited', 'rejected')", name="verdict_valid"
-        ),
+        sa.CheckConstraint("verdict IN ('accepted', 'edited', 'rejected')", name="verdict_valid"),
         sa.ForeignKeyConstraint(["draft_id"], ["drafts.id"], ondelete="CASCADE"),
-        sa.ForeignKeyConstraint(
-            ["reviewer_key_id"], ["api_keys.id"], ondelete="SET NULL"
-        ),
+        sa.ForeignKeyConstraint(["reviewer_key_id"], ["api_keys.id"], ondelete="SET NULL"),
         sa.ForeignKeyConstraint(["tenant_id"], ["tenants.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("draft_id"),
-        sa.UniqueConstraint(
-            "tenant_id", "idempotency_key", name="uq_corrections_idempotency_key"
-        ),
+        sa.UniqueConstraint("tenant_id", "idempotency_key", name="uq_corrections_idempotency_key"),
     )
-    op.create_index(
-        "ix_corrections_tenant_split", "corrections", ["tenant_id", "split", "id"]
-    )
+    op.create_index("ix_corrections_tenant_split", "corrections", ["tenant_id", "split", "id"])
 
 
 def downgrade() -> None:

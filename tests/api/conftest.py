@@ -1,0 +1,46 @@
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.deps import drafter, get_db
+from core.db import committing
+from feedback.models import Role
+from tests.factories import make_key, make_tenant
+
+
+@pytest.fixture
+def client(session, tiny_drafter) -> Iterator[TestClient]:
+    """The real app on the test database (PostgreSQL, then SQLite) with the tiny model."""
+    app = create_app()
+
+    def test_db():
+        with committing(session):
+            yield session
+
+    app.dependency_overrides[get_db] = test_db
+    app.dependency_overrides[drafter] = lambda: tiny_drafter
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+class Keys:
+    """Raw API keys of every role for one tenant, as request headers."""
+
+    def __init__(self, session) -> None:
+        self.tenant = make_tenant(session)
+        self.agent, self.reviewer, self.admin = (
+            {"X-API-Key": make_key(session, self.tenant, role)[1]} for role in (Role.agent, Role.reviewer, Role.admin)
+        )
+        session.commit()  # only a savepoint: the test's outer transaction still rolls back
+
+
+@pytest.fixture
+def keys(session) -> Keys:
+    return Keys(session)
+
+
+@pytest.fixture
+def other_keys(session) -> Keys:
+    return Keys(session)

@@ -1,0 +1,66 @@
+from feedback.models import Correction
+
+EMAIL = {
+    "sender": "Sam <sam@example.com>",
+    "subject": "[NW-10002] Order",
+    "body": "Where is my order?",
+    "max_new_tokens": 4,
+}
+
+
+def new_draft(client, keys) -> dict:
+    response = client.post("/v1/drafts", json=EMAIL, headers=keys.agent)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def correct(client, keys, draft_id, body, idempotency_key=None):
+    headers = keys.reviewer | ({"Idempotency-Key": idempotency_key} if idempotency_key else {})
+    return client.post(f"/v1/drafts/{draft_id}/correction", json=body, headers=headers)
+
+
+def test_review_queue_then_correction(client, keys, session):
+    first, second = new_draft(client, keys), new_draft(client, keys)
+    queue = client.get("/v1/review-queue", headers=keys.reviewer).json()
+    assert queue["pending"] == 2 and [d["id"] for d in queue["items"]] == [first["id"], second["id"]]
+
+    response = correct(client, keys, first["id"], {"verdict": "edited", "final_text": "Hi Sam,\n\nIt ships today."})
+    assert response.status_code == 201, response.text
+    stored = session.get(Correction, response.json()["id"])
+    assert (stored.verdict, stored.final_text, stored.split) == (
+        "edited",
+        "Hi Sam,\n\nIt ships today.",
+        response.json()["split"],
+    )
+    assert client.get(f"/v1/drafts/{first['id']}", headers=keys.agent).json()["correction"]["verdict"] == "edited"
+
+    queue = client.get("/v1/review-queue", headers=keys.reviewer).json()
+    assert queue["pending"] == 1 and [d["id"] for d in queue["items"]] == [second["id"]]
+
+
+def test_correction_is_idempotent_and_conflicts_are_409(client, keys, session):
+    draft = new_draft(client, keys)
+    body = {"verdict": "edited", "final_text": "Hi Sam, it ships today."}
+    created = correct(client, keys, draft["id"], body, idempotency_key="k-1")
+    assert created.status_code == 201
+    assert correct(client, keys, draft["id"], body, idempotency_key="k-1").json() == created.json()
+    again = correct(client, keys, draft["id"], body)
+    assert again.status_code == 200 and again.json()["id"] == created.json()["id"]
+
+    conflict = correct(client, keys, draft["id"], {"verdict": "rejected"})
+    assert conflict.status_code == 409 and "different correction" in conflict.json()["detail"]
+    reused = correct(client, keys, new_draft(client, keys)["id"], {"verdict": "accepted"}, idempotency_key="k-1")
+    assert reused.status_code == 409
+    assert session.get(Correction, created.json()["id"]).final_text == "Hi Sam, it ships today."
+
+
+def test_bad_corrections_are_refused(client, keys, session):
+    draft = new_draft(client, keys)
+    no_text = correct(client, keys, draft["id"], {"verdict": "edited"})
+    assert no_text.status_code == 422 and "final_text" in no_text.json()["detail"]
+    bad_verdict = correct(client, keys, draft["id"], {"verdict": "maybe"})
+    assert bad_verdict.status_code == 422 and "accepted" in bad_verdict.text
+    assert correct(client, keys, 999999, {"verdict": "accepted"}).status_code == 404
+    assert client.get(f"/v1/drafts/{draft['id']}", headers=keys.reviewer).json()["correction"] is None
+    accepted = correct(client, keys, draft["id"], {"verdict": "accepted"})
+    assert accepted.status_code == 201 and accepted.json()["final_text"] == draft["draft_text"]
