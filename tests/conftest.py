@@ -8,13 +8,14 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
 
-POSTGRES_SERVER = os.environ.get("DRAFTLOOP_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432")
-POSTGRES_URL = f"{POSTGRES_SERVER}/draftloop_test"
-# The app under test (readiness, get_engine) talks to the same test database.
-os.environ["DRAFTLOOP_DATABASE_URL"] = POSTGRES_URL
-
 from core.db import make_engine
 from migrations import upgrade
+
+POSTGRES_SERVER = os.environ.get("DRAFTLOOP_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432")
+POSTGRES_URL = f"{POSTGRES_SERVER}/draftloop_test"
+# The app under test (readiness, get_engine) talks to the same test database; settings are
+# read on first use, after this line.
+os.environ["DRAFTLOOP_DATABASE_URL"] = POSTGRES_URL
 
 
 def _fresh_postgres() -> str:
