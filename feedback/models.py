@@ -57,7 +57,7 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value
 
 
-def _one_of(column: str, enum: type[StrEnum]) -> CheckConstraint:
+def one_of(column: str, enum: type[StrEnum]) -> CheckConstraint:
     values = ", ".join(f"'{member.value}'" for member in enum)
     return CheckConstraint(f"{column} IN ({values})", name=f"{column}_valid")
 
@@ -74,7 +74,7 @@ class Tenant(Base):
 
 class ApiKey(Base):
     __tablename__ = "api_keys"
-    __table_args__ = (_one_of("role", Role),)
+    __table_args__ = (one_of("role", Role),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
@@ -114,8 +114,8 @@ class Draft(Base):
 class Correction(Base):
     __tablename__ = "corrections"
     __table_args__ = (
-        _one_of("verdict", Verdict),
-        _one_of("split", Split),
+        one_of("verdict", Verdict),
+        one_of("split", Split),
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_corrections_idempotency_key"),
         Index("ix_corrections_tenant_split", "tenant_id", "split", "id"),
     )

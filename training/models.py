@@ -1,0 +1,132 @@
+"""ORM models of training: dataset snapshots, training runs, adapter versions, the audit log."""
+
+from datetime import datetime
+from enum import StrEnum
+
+from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from core.db import Base
+from feedback.models import UTCDateTime, one_of, utcnow
+
+
+class RunStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    evaluating = "evaluating"
+    promoted = "promoted"
+    rejected = "rejected"
+    failed = "failed"
+
+
+ACTIVE_RUN_STATUSES = (RunStatus.queued, RunStatus.running, RunStatus.evaluating)
+
+
+class AdapterStatus(StrEnum):
+    candidate = "candidate"
+    champion = "champion"
+    rejected = "rejected"
+    retired = "retired"
+
+
+class DatasetSnapshot(Base):
+    """The exact rows a run trained or was evaluated on: sorted correction ids and a content hash."""
+
+    __tablename__ = "dataset_snapshots"
+    __table_args__ = (UniqueConstraint("tenant_id", "split", "content_hash", name="uq_dataset_snapshot_content"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    split: Mapped[str] = mapped_column(String(16))
+    content_hash: Mapped[str] = mapped_column(String(64))
+    correction_ids: Mapped[list[int]] = mapped_column(JSON)
+    row_count: Mapped[int] = mapped_column(Integer)
+    dropped: Mapped[dict[str, int]] = mapped_column(JSON)
+    max_correction_id: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class TrainingRun(Base):
+    __tablename__ = "training_runs"
+    __table_args__ = (
+        one_of("status", RunStatus),
+        # At most one active run per tenant, enforced by the database.
+        Index(
+            "uq_training_runs_one_active",
+            "tenant_id",
+            unique=True,
+            postgresql_where=text("status IN ('queued', 'running', 'evaluating')"),
+            sqlite_where=text("status IN ('queued', 'running', 'evaluating')"),
+        ),
+        Index("ix_training_runs_tenant", "tenant_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    status: Mapped[RunStatus] = mapped_column(String(16), default=RunStatus.queued)
+    trigger: Mapped[str] = mapped_column(String(32))
+    requested_by: Mapped[str] = mapped_column(String(200))
+    config: Mapped[dict] = mapped_column(JSON)
+    train_snapshot_id: Mapped[int | None] = mapped_column(ForeignKey("dataset_snapshots.id"))
+    heldout_snapshot_id: Mapped[int | None] = mapped_column(ForeignKey("dataset_snapshots.id"))
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int] = mapped_column(Integer, default=0)
+    loss: Mapped[float | None] = mapped_column(Float)
+    loss_history: Mapped[list[dict]] = mapped_column(JSON, default=list)
+    report: Mapped[dict | None] = mapped_column(JSON)
+    decision_reason: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Adapter(Base):
+    """One immutable adapter version of a tenant, in PEFT format under the registry folder."""
+
+    __tablename__ = "adapters"
+    __table_args__ = (
+        one_of("status", AdapterStatus),
+        UniqueConstraint("tenant_id", "version", name="uq_adapters_tenant_version"),
+        # At most one champion per tenant, enforced by the database.
+        Index(
+            "uq_adapters_one_champion",
+            "tenant_id",
+            unique=True,
+            postgresql_where=text("status = 'champion'"),
+            sqlite_where=text("status = 'champion'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[AdapterStatus] = mapped_column(String(16), default=AdapterStatus.candidate)
+    path: Mapped[str] = mapped_column(String(500))  # relative to the adapter directory
+    content_hash: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    base_model: Mapped[str] = mapped_column(String(200))
+    base_model_fingerprint: Mapped[str] = mapped_column(String(64))
+    train_snapshot_id: Mapped[int | None] = mapped_column(ForeignKey("dataset_snapshots.id"))
+    training_run_id: Mapped[int | None] = mapped_column(ForeignKey("training_runs.id"))
+    config: Mapped[dict] = mapped_column(JSON)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class AdapterEvent(Base):
+    """The audit log of the registry: who moved which tenant from which version to which, and why."""
+
+    __tablename__ = "adapter_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    action: Mapped[str] = mapped_column(String(16))  # promote | rollback | reject
+    from_adapter_id: Mapped[int | None] = mapped_column(ForeignKey("adapters.id"))
+    to_adapter_id: Mapped[int | None] = mapped_column(ForeignKey("adapters.id"))
+    actor: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
