@@ -1,0 +1,35 @@
+import uuid
+
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from api.cli import app
+from feedback.models import ApiKey, Tenant
+from feedback.service import authenticate
+
+runner = CliRunner()
+
+
+def test_cli_creates_a_tenant_and_a_key_shown_once(postgres_engine, pg_session):
+    slug = f"cli-{uuid.uuid4().hex[:8]}"
+    assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+    created = runner.invoke(
+        app, ["tenants", "create", "--slug", slug, "--name", "CLI Co", "--instructions", "Be kind."]
+    )
+    assert created.exit_code == 0, created.output
+    key = runner.invoke(app, ["keys", "create", "--tenant", slug, "--role", "reviewer", "--name", "team"])
+    assert key.exit_code == 0, key.output
+    raw_key = key.output.strip().splitlines()[-1]
+
+    tenant = pg_session.scalar(select(Tenant).where(Tenant.slug == slug))
+    assert tenant.instructions == "Be kind."
+    stored = authenticate(pg_session, raw_key)
+    assert stored.tenant_id == tenant.id and stored.role == "reviewer"
+    assert raw_key not in {k.key_hash for k in pg_session.scalars(select(ApiKey))}
+
+
+def test_cli_errors_say_what_to_fix(postgres_engine):
+    missing = runner.invoke(app, ["keys", "create", "--tenant", "no-such-tenant", "--role", "agent", "--name", "x"])
+    assert missing.exit_code == 1 and "no tenant with slug 'no-such-tenant'" in missing.output
+    bad_role = runner.invoke(app, ["keys", "create", "--tenant", "x", "--role", "boss", "--name", "x"])
+    assert bad_role.exit_code == 2 and "agent" in bad_role.output
