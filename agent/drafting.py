@@ -2,11 +2,14 @@
 
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from peft import PeftModel
 from transformers import GenerationConfig
 
+from agent.adapters import AdapterRef, attach
 from agent.model import LoadedModel, load_base_model
 from agent.prompt import IncomingEmail, build_messages, fit_messages, prompt_token_ids
 from core.settings import Settings, get_settings
@@ -26,14 +29,23 @@ class Drafter:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.model_id = loaded.model_id
+        self.fingerprint = loaded.fingerprint
         self.settings = settings
         self.stop_ids = _stop_token_ids(loaded)
         pad_id = self.tokenizer.pad_token_id
         self.pad_id = pad_id if pad_id is not None else self.stop_ids[0]
         self._lock = threading.Lock()  # one generation at a time on the shared model
 
-    def draft(self, instructions: str, email: IncomingEmail, *, max_new_tokens: int | None = None) -> DraftResult:
-        """Draft a reply to one email following the tenant's instructions."""
+    def draft(
+        self,
+        instructions: str,
+        email: IncomingEmail,
+        *,
+        max_new_tokens: int | None = None,
+        adapter: AdapterRef | None = None,
+    ) -> DraftResult:
+        """Draft a reply to one email following the tenant's instructions, with the tenant's
+        adapter if it has one (loaded on first use, then kept), else with the bare base model."""
         started = time.perf_counter()
         limit = self.settings.max_new_tokens_limit
         if max_new_tokens is None:
@@ -51,9 +63,14 @@ class Drafter:
             pad_token_id=self.pad_id,
         )
         with self._lock, torch.inference_mode():
-            output = self.model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=generation
-            )
+            if adapter is not None:
+                self.model = attach(self.model, adapter)
+            # With adapters loaded, a tenant without one drafts on the bare base weights.
+            bare = adapter is None and isinstance(self.model, PeftModel)
+            with self.model.disable_adapter() if bare else nullcontext():
+                output = self.model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=generation
+                )
         new_ids = output[0, input_ids.shape[1] :].tolist()
         stopped = bool(new_ids) and new_ids[-1] in self.stop_ids
         return DraftResult(

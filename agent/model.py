@@ -1,10 +1,12 @@
 """Base model loading: the embedded SmolLM2 GGUF (converted once to a safetensors cache) or a local HF model."""
 
+import hashlib
 import importlib.util
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -30,11 +32,12 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     model_id: str
+    fingerprint: str  # of the weights on disk: adapters record it and must match it
 
 
 def load_base_model(settings: Settings) -> LoadedModel:
     """Load the configured base model in eval mode, on the GPU if there is one, else the CPU."""
-    source = _model_source(settings)
+    source = model_source(settings)
     dtype = getattr(torch, settings.model_dtype)
     on_gpu = torch.cuda.is_available()
     kwargs: dict = {"dtype": dtype, "local_files_only": True}
@@ -52,19 +55,19 @@ def load_base_model(settings: Settings) -> LoadedModel:
         model.to("cuda" if on_gpu else "cpu")
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id=_model_id(settings))
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id(settings), fingerprint=fingerprint(source))
 
 
 def load_tokenizer(settings: Settings) -> PreTrainedTokenizerBase:
     """Load only the base model's tokenizer (creates the embedded cache if it is missing)."""
-    return AutoTokenizer.from_pretrained(_model_source(settings), local_files_only=True)
+    return AutoTokenizer.from_pretrained(model_source(settings), local_files_only=True)
 
 
-def _model_id(settings: Settings) -> str:
+def model_id(settings: Settings) -> str:
     return EMBEDDED_MODEL_ID if settings.base_model == EMBEDDED_BASE_MODEL else settings.base_model
 
 
-def _model_source(settings: Settings) -> str:
+def model_source(settings: Settings) -> str:
     """A folder or a cached model name that from_pretrained can open without any download."""
     if settings.base_model == EMBEDDED_BASE_MODEL:
         return str(embedded_model_dir(settings.model_cache_dir))
@@ -79,6 +82,19 @@ def _model_source(settings: Settings) -> str:
             f"base model {settings.base_model!r} is neither a local folder nor in the local "
             "Hugging Face cache (models are never downloaded at run time)"
         ) from exc
+
+
+@lru_cache
+def fingerprint(source: str) -> str:
+    """A content hash of a model folder's config and weights, the same whatever dtype they load in."""
+    folder = Path(source)
+    digest = hashlib.sha256()
+    for path in [folder / "config.json", *sorted(folder.glob("*.safetensors"))]:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as file:
+            for chunk in iter(lambda: file.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def embedded_model_dir(cache_dir: Path) -> Path:

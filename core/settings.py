@@ -37,6 +37,17 @@ class Settings(BaseSettings):
     heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     max_request_bytes: int = Field(1_000_000, ge=1024)
 
+    # Training and the promotion gate
+    train_max_length: int = Field(768, ge=32)  # longer rows are dropped from datasets
+    gate_margin: float = Field(0.02, ge=0.0)  # relative held-out NLL improvement needed to promote
+    gate_min_heldout: int = Field(10, ge=1)
+    eval_draft_examples: int = Field(8, ge=0)  # held-out emails drafted for chrF and the report
+    eval_max_new_tokens: int = Field(192, ge=1)
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.var_dir / "reports"
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.var_dir / 'draftloop.db').resolve()}"

@@ -1,0 +1,128 @@
+"""SFT datasets from a tenant's corrections, in TRL's conversational prompt/completion format.
+
+The prompt comes from the same builder the agent drafts with, so the model is trained on
+exactly what it sees when drafting. A snapshot is reproducible: the sorted correction ids and
+a content hash are recorded, and rebuilding it gives the same rows and the same hash.
+"""
+
+import hashlib
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from transformers import PreTrainedTokenizerBase
+
+from agent.prompt import IncomingEmail, build_prompt_completion, fit_messages
+from core.settings import Settings
+from feedback.models import Correction, Draft, Split, Verdict
+from training.models import DatasetSnapshot
+
+
+@dataclass(frozen=True)
+class Dataset:
+    tenant_id: int
+    split: Split
+    rows: list[dict]  # {"prompt": [system, user], "completion": [assistant]}
+    correction_ids: list[int]  # the corrections behind the rows, sorted
+    dropped: dict[str, int]  # reason -> count
+    content_hash: str
+    max_correction_id: int  # the newest correction considered, kept or dropped
+
+
+def _normalised(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().casefold()
+
+
+def row_tokens(tokenizer: PreTrainedTokenizerBase, row: dict) -> int:
+    """Prompt plus completion tokens, as the trainer will see them (with the end-of-turn token)."""
+    full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+    return len(tokenizer(full, add_special_tokens=False).input_ids)
+
+
+def build_dataset(
+    session: Session,
+    *,
+    tenant_id: int,
+    instructions: str,
+    split: Split,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: Settings,
+    max_length: int,
+) -> Dataset:
+    """Rows from the tenant's corrections in one split; empty, over-length and duplicate rows are
+    dropped with a count per reason. Rejected drafts without a final text stay stored but out."""
+    pairs = session.execute(
+        select(Correction, Draft)
+        .join(Draft, Draft.id == Correction.draft_id)
+        .where(Correction.tenant_id == tenant_id, Correction.split == split)
+        .order_by(Correction.id)
+    ).all()
+    rows, ids, dropped, seen_exact, seen_normalised = [], [], Counter(), set(), set()
+    for correction, draft in pairs:
+        reply = (correction.final_text or "").replace("\r\n", "\n").strip()
+        if not reply:
+            dropped["rejected_without_text" if correction.verdict == Verdict.rejected else "empty"] += 1
+            continue
+        email = IncomingEmail(sender=draft.sender, subject=draft.subject, body=draft.body)
+        row = build_prompt_completion(instructions, email, reply, quoted_history_chars=settings.quoted_history_chars)
+        row["prompt"] = fit_messages(tokenizer, row["prompt"], settings.max_prompt_tokens)
+        exact = json.dumps(row, sort_keys=True)
+        normalised = (_normalised(email.subject + "\n" + email.body), _normalised(reply))
+        if exact in seen_exact:
+            dropped["duplicate"] += 1
+        elif normalised in seen_normalised:
+            dropped["near_duplicate"] += 1
+        elif row_tokens(tokenizer, row) > max_length:
+            dropped["too_long"] += 1
+        else:
+            rows.append(row)
+            ids.append(correction.id)
+        seen_exact.add(exact)
+        seen_normalised.add(normalised)
+    content_hash = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+    return Dataset(
+        tenant_id=tenant_id,
+        split=split,
+        rows=rows,
+        correction_ids=ids,
+        dropped=dict(sorted(dropped.items())),
+        content_hash=content_hash,
+        max_correction_id=max((c.id for c, _ in pairs), default=0),
+    )
+
+
+def record_snapshot(session: Session, dataset: Dataset) -> DatasetSnapshot:
+    """The snapshot row of a dataset; the same content maps to the same row."""
+    snapshot = session.scalar(
+        select(DatasetSnapshot).where(
+            DatasetSnapshot.tenant_id == dataset.tenant_id,
+            DatasetSnapshot.split == dataset.split,
+            DatasetSnapshot.content_hash == dataset.content_hash,
+        )
+    )
+    if snapshot is None:
+        snapshot = DatasetSnapshot(
+            tenant_id=dataset.tenant_id,
+            split=dataset.split,
+            content_hash=dataset.content_hash,
+            correction_ids=dataset.correction_ids,
+            row_count=len(dataset.rows),
+            dropped=dataset.dropped,
+            max_correction_id=dataset.max_correction_id,
+        )
+        session.add(snapshot)
+        session.flush()
+    return snapshot
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    """Rows as JSONL that `datasets.load_dataset("json", ...)` and TRL's SFTTrainer read as they are."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as file:
+        for row in rows:
+            file.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path

@@ -1,0 +1,269 @@
+"""One training run, start to finish: snapshot the datasets, train a candidate with QLoRA,
+evaluate it against the champion on the same held-out snapshot, and let the gate decide.
+
+Each phase commits on its own so progress is visible while the run goes on; the champion
+changes only in the last transaction, so a crash at any point leaves it untouched."""
+
+import json
+import math
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from agent.adapters import AdapterRef, attach
+from agent.model import fingerprint, load_base_model, load_tokenizer, model_id, model_source
+from core.db import session_scope
+from core.errors import Conflict, NotFound
+from core.settings import Settings
+from feedback.models import Split, Tenant
+from training import plots, registry
+from training.dataset import build_dataset, record_snapshot
+from training.evaluate import decide, example_chrf, example_nll, greedy_drafts
+from training.models import ACTIVE_RUN_STATUSES, Adapter, AdapterStatus, RunStatus, TrainingRun, utcnow
+from training.train import TrainConfig, load_training_base, train_adapter
+
+Sessions = Callable[[], AbstractContextManager[Session]]
+Echo = Callable[[str], None]
+
+
+def create_run(
+    session: Session, tenant_id: int, *, trigger: str, requested_by: str, overrides: dict | None = None
+) -> TrainingRun:
+    """A queued run; the database refuses a second active run for the same tenant."""
+    config = TrainConfig.with_overrides(overrides)
+    run = TrainingRun(
+        tenant_id=tenant_id,
+        status=RunStatus.queued,
+        trigger=trigger,
+        requested_by=requested_by,
+        config=config.as_dict(),
+        loss_history=[],
+    )
+    try:
+        with session.begin_nested():
+            session.add(run)
+    except IntegrityError:
+        active = active_run(session, tenant_id)
+        raise Conflict(
+            f"run {active.id if active else '?'} is already {active.status if active else 'active'} "
+            "for this tenant; wait for it to finish"
+        ) from None
+    return run
+
+
+def active_run(session: Session, tenant_id: int) -> TrainingRun | None:
+    return session.scalar(
+        select(TrainingRun).where(TrainingRun.tenant_id == tenant_id, TrainingRun.status.in_(ACTIVE_RUN_STATUSES))
+    )
+
+
+def get_run(session: Session, tenant_id: int, run_id: int) -> TrainingRun:
+    run = session.scalar(select(TrainingRun).where(TrainingRun.id == run_id, TrainingRun.tenant_id == tenant_id))
+    if run is None:
+        raise NotFound(f"no training run {run_id}")
+    return run
+
+
+def run_dir(settings: Settings, run_id: int) -> Path:
+    folder = settings.reports_dir / f"run-{run_id}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def execute_run(run_id: int, settings: Settings, *, sessions: Sessions = session_scope, echo: Echo = print):
+    """Carry a queued run to promoted, rejected or failed. A run that already finished is left
+    as it is, so a redelivered task does nothing. Returns the run's final status."""
+    with sessions() as session:
+        run = session.get(TrainingRun, run_id)
+        if run is None:
+            raise NotFound(f"no training run {run_id}")
+        if run.status not in ACTIVE_RUN_STATUSES:
+            echo(f"run {run_id} already finished: {run.status}")
+            return run.status
+        run.status, run.started_at, run.heartbeat_at = RunStatus.running, utcnow(), utcnow()
+        run.attempts += 1
+        tenant = session.get(Tenant, run.tenant_id)
+        tenant_id, instructions, config = tenant.id, tenant.instructions, TrainConfig.with_overrides(run.config)
+    try:
+        return _execute(run_id, tenant_id, instructions, config, settings, sessions, echo)
+    except Exception as error:
+        with sessions() as session:
+            run = session.get(TrainingRun, run_id)
+            run.status, run.finished_at = RunStatus.failed, utcnow()
+            run.error = f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=5)}"
+            for adapter in session.scalars(select(Adapter).where(Adapter.training_run_id == run_id)):
+                if adapter.status == AdapterStatus.candidate:
+                    registry.reject(session, adapter, actor="training", reason=f"run {run_id} failed before the gate")
+        echo(f"run {run_id} failed: {type(error).__name__}: {error}")
+        raise
+
+
+def _execute(run_id, tenant_id, instructions, config: TrainConfig, settings, sessions: Sessions, echo: Echo):
+    tokenizer = load_tokenizer(settings)
+    with sessions() as session:
+        datasets = {
+            split: build_dataset(
+                session,
+                tenant_id=tenant_id,
+                instructions=instructions,
+                split=split,
+                tokenizer=tokenizer,
+                settings=settings,
+                max_length=config.max_length,
+            )
+            for split in (Split.train, Split.heldout)
+        }
+        train, heldout = datasets[Split.train], datasets[Split.heldout]
+        run = session.get(TrainingRun, run_id)
+        run.train_snapshot_id = record_snapshot(session, train).id
+        run.heldout_snapshot_id = record_snapshot(session, heldout).id
+        train_snapshot_id = run.train_snapshot_id
+    echo(
+        f"run {run_id}: {len(train.rows)} train rows (dropped {train.dropped or 'none'}), "
+        f"{len(heldout.rows)} held-out rows; snapshot {train.content_hash[:12]}"
+    )
+    if len(heldout.rows) < settings.gate_min_heldout:
+        reason = f"only {len(heldout.rows)} held-out examples; the gate needs at least {settings.gate_min_heldout}"
+        return _finish(run_id, RunStatus.rejected, reason, None, settings, sessions, echo)
+
+    # Train a candidate ---------------------------------------------------------------------
+    source = model_source(settings)
+    total = math.ceil(len(train.rows) / config.batch_size) * math.ceil(config.epochs)
+    started = time.perf_counter()
+
+    def progress(step: int, total_steps: int, loss: float | None) -> None:
+        with sessions() as session:
+            run = session.get(TrainingRun, run_id)
+            run.step, run.total_steps, run.heartbeat_at = step, total_steps, utcnow()
+            if loss is not None:
+                run.loss = loss
+                run.loss_history = [*run.loss_history, {"step": step, "loss": round(loss, 4)}]
+        if loss is not None:
+            elapsed = time.perf_counter() - started
+            echo(f"  step {step}/{total_steps}  loss {loss:.3f}  {elapsed:.0f}s")
+
+    progress(0, total, None)
+    with tempfile.TemporaryDirectory(prefix="draftloop-adapter-") as scratch:
+        result = train_adapter(
+            load_training_base(source, config), tokenizer, train.rows, config, Path(scratch), progress
+        )
+        with sessions() as session:
+            candidate = registry.store_candidate(
+                session,
+                settings,
+                tenant_id=tenant_id,
+                trained_dir=Path(scratch),
+                base_model=model_id(settings),
+                base_fingerprint=fingerprint(source),
+                config=config.as_dict(),
+                train_snapshot_id=train_snapshot_id,
+                training_run_id=run_id,
+            )
+            run = session.get(TrainingRun, run_id)
+            run.status, run.heartbeat_at = RunStatus.evaluating, utcnow()
+            candidate_id = candidate.id
+    echo(
+        f"run {run_id}: trained {result.steps} steps in {result.seconds:.0f}s "
+        f"({result.train_tokens * config.epochs / result.seconds:.0f} tokens/s); evaluating on held-out"
+    )
+    plots.loss_curve(result.loss_history, run_dir(settings, run_id) / "loss.png", f"run {run_id} training loss")
+
+    # Evaluate candidate and champion on the same held-out snapshot, then decide -------------
+    report = evaluate_run(run_id, tenant_id, candidate_id, heldout.rows, settings, sessions, echo)
+    report["training"] = {
+        "rows": len(train.rows),
+        "dropped": train.dropped,
+        "steps": result.steps,
+        "seconds": round(result.seconds, 1),
+        "train_tokens_per_epoch": result.train_tokens,
+        "tokens_per_s": round(result.train_tokens * config.epochs / result.seconds, 1),
+        "config": config.as_dict(),
+    }
+    decision = report["decision"]
+    status = RunStatus.promoted if decision["promote"] else RunStatus.rejected
+    return _finish(run_id, status, decision["reason"], report, settings, sessions, echo, candidate_id=candidate_id)
+
+
+def evaluate_run(run_id, tenant_id, candidate_id, rows, settings: Settings, sessions: Sessions, echo: Echo) -> dict:
+    with sessions() as session:
+        candidate = session.get(Adapter, candidate_id)
+        current = registry.champion(session, tenant_id)
+        loaded = load_base_model(settings)
+        refs = {"candidate": AdapterRef(candidate.id, registry.verified_path(settings, candidate, loaded.fingerprint))}
+        if current is not None:
+            refs["champion"] = AdapterRef(current.id, registry.verified_path(settings, current, loaded.fingerprint))
+        versions = {"candidate": candidate.version, "champion": current.version if current else None}
+    model = loaded.model
+    scores, drafts = {}, {}
+    sample = rows[: settings.eval_draft_examples]
+    references = [row["completion"][0]["content"] for row in sample]
+    for name in ("base", "champion", "candidate"):
+        if name == "champion" and "champion" not in refs:
+            continue  # the bare base model is the champion
+        started = time.perf_counter()
+        if name != "base":  # the base goes first, before any adapter is attached
+            model = attach(model, refs[name])
+        nll = example_nll(model, loaded.tokenizer, rows)
+        drafts[name] = greedy_drafts(model, loaded.tokenizer, sample, settings.eval_max_new_tokens)
+        scores[name] = {"nll": nll, "chrf": example_chrf(drafts[name], references)}
+        echo(
+            f"  {name}: held-out NLL {sum(nll) / len(nll):.3f}, chrF {_mean(scores[name]['chrf']):.1f} "
+            f"({time.perf_counter() - started:.0f}s)"
+        )
+    champion_name = "champion" if "champion" in scores else "base"
+    decision = decide(
+        scores[champion_name]["nll"],
+        scores["candidate"]["nll"],
+        margin=settings.gate_margin,
+        min_examples=settings.gate_min_heldout,
+    )
+    folder = run_dir(settings, run_id)
+    plots.champion_vs_candidate(
+        scores[champion_name]["nll"],
+        scores["candidate"]["nll"],
+        folder / "heldout.png",
+        f"run {run_id}: held-out NLL per example",
+    )
+    return {
+        "run_id": run_id,
+        "versions": versions,
+        "heldout_examples": len(rows),
+        "summary": {
+            name: {"nll": round(_mean(s["nll"]), 4), "chrf": round(_mean(s["chrf"]), 2)} for name, s in scores.items()
+        },
+        "per_example": scores,
+        "drafts": [
+            {"reference": reference, **{name: drafts[name][i] for name in drafts}}
+            for i, reference in enumerate(references)
+        ],
+        "decision": decision.as_dict(),
+    }
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _finish(run_id, status, reason, report, settings, sessions: Sessions, echo: Echo, candidate_id=None):
+    """The one transaction that decides: the run's outcome and, if promoted, the new champion."""
+    if report is not None:
+        path = run_dir(settings, run_id) / "report.json"
+        path.write_text(json.dumps(report, indent=2))
+        report = {key: value for key, value in report.items() if key != "per_example"} | {"path": str(path)}
+    with sessions() as session:
+        run = session.get(TrainingRun, run_id)
+        if candidate_id is not None:
+            candidate = session.get(Adapter, candidate_id)
+            candidate.metrics = report["summary"]["candidate"] | {"run_id": run_id}
+            verdict = registry.promote if status == RunStatus.promoted else registry.reject
+            verdict(session, candidate, actor=f"gate (run {run_id})", reason=reason)
+        run.status, run.decision_reason, run.report, run.finished_at = status, reason, report, utcnow()
+    echo(f"run {run_id}: {status}: {reason}")
+    return status

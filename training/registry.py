@@ -1,0 +1,194 @@
+"""The adapter registry: immutable, versioned PEFT adapter folders per tenant, recorded in the
+database. Promotion and rollback are one transaction each (the caller commits) with an audit row;
+the database allows at most one champion per tenant."""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from core.errors import Conflict, DomainError, NotFound
+from core.settings import Settings
+from training.models import Adapter, AdapterEvent, AdapterStatus, utcnow
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MAX_RANK = 256
+
+
+class AdapterInvalid(DomainError):
+    status_code = 409
+
+
+def content_hash(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for name in ADAPTER_FILES:
+        digest.update(name.encode() + b"\0")
+        with (folder / name).open("rb") as file:
+            for chunk in iter(lambda: file.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def store_candidate(
+    session: Session,
+    settings: Settings,
+    *,
+    tenant_id: int,
+    trained_dir: Path,
+    base_model: str,
+    base_fingerprint: str,
+    config: dict,
+    train_snapshot_id: int | None,
+    training_run_id: int | None,
+) -> Adapter:
+    """Copy a trained adapter into the registry as the tenant's next version (a candidate).
+
+    Only the two PEFT files are copied, into a temporary folder renamed into place, so a
+    version folder is either complete or absent, and never changes afterwards."""
+    version = (session.scalar(select(func.max(Adapter.version)).where(Adapter.tenant_id == tenant_id)) or 0) + 1
+    tenant_dir = settings.adapter_dir.resolve() / f"tenant-{tenant_id}"
+    tenant_dir.mkdir(parents=True, exist_ok=True)
+    folder = tenant_dir / f"v{version:04d}"
+    if folder.exists():
+        raise Conflict(f"adapter folder {folder} already exists; versions are immutable")
+    scratch = Path(tempfile.mkdtemp(prefix=".incoming-", dir=tenant_dir))
+    try:
+        for name in ADAPTER_FILES:
+            shutil.copyfile(trained_dir / name, scratch / name)
+        _check_config(scratch)
+        digest = content_hash(scratch)
+        size = sum((scratch / name).stat().st_size for name in ADAPTER_FILES)
+        os.rename(scratch, folder)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    adapter = Adapter(
+        tenant_id=tenant_id,
+        version=version,
+        status=AdapterStatus.candidate,
+        path=str(folder.relative_to(settings.adapter_dir.resolve())),
+        content_hash=digest,
+        size_bytes=size,
+        base_model=base_model,
+        base_model_fingerprint=base_fingerprint,
+        train_snapshot_id=train_snapshot_id,
+        training_run_id=training_run_id,
+        config=config,
+    )
+    session.add(adapter)
+    session.flush()
+    return adapter
+
+
+def _check_config(folder: Path) -> dict:
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise AdapterInvalid(f"{folder}: adapter_config.json is missing or not JSON ({error})") from error
+    if config.get("peft_type") != "LORA":
+        raise AdapterInvalid(f"{folder}: only LoRA adapters are allowed, not {config.get('peft_type')!r}")
+    rank = config.get("r")
+    if not isinstance(rank, int) or not 1 <= rank <= MAX_RANK:
+        raise AdapterInvalid(f"{folder}: LoRA rank {rank!r} is outside 1..{MAX_RANK}")
+    return config
+
+
+def verified_path(settings: Settings, adapter: Adapter, base_fingerprint: str) -> Path:
+    """The adapter's folder after checking it is safe and unchanged; raise AdapterInvalid if not.
+
+    Checks: the folder is inside the registry (no symlinks or paths leading out), it holds
+    exactly the two PEFT files (safetensors, never pickles), the config is LoRA within the rank
+    bound, the content hash matches the database, and it was trained on this base model."""
+    root = settings.adapter_dir.resolve()
+    folder = root / adapter.path
+    if folder.resolve() != folder or not folder.is_relative_to(root) or not folder.is_dir():
+        raise AdapterInvalid(f"adapter {adapter.id}: folder {adapter.path!r} is missing or outside the registry")
+    names = sorted(entry.name for entry in folder.iterdir())
+    if names != sorted(ADAPTER_FILES) or any((folder / name).is_symlink() for name in names):
+        raise AdapterInvalid(f"adapter {adapter.id}: expected exactly {list(ADAPTER_FILES)}, found {names}")
+    _check_config(folder)
+    if content_hash(folder) != adapter.content_hash:
+        raise AdapterInvalid(f"adapter {adapter.id}: files changed since registration (content hash mismatch)")
+    if adapter.base_model_fingerprint != base_fingerprint:
+        raise AdapterInvalid(f"adapter {adapter.id} was trained on another base model than the one loaded")
+    return folder
+
+
+def champion(session: Session, tenant_id: int) -> Adapter | None:
+    return session.scalar(
+        select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.status == AdapterStatus.champion)
+    )
+
+
+def list_adapters(session: Session, tenant_id: int) -> list[Adapter]:
+    return list(session.scalars(select(Adapter).where(Adapter.tenant_id == tenant_id).order_by(Adapter.version)))
+
+
+def get_adapter(session: Session, tenant_id: int, *, version: int) -> Adapter:
+    adapter = session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.version == version))
+    if adapter is None:
+        raise NotFound(f"no adapter version {version} for this tenant")
+    return adapter
+
+
+def _audit(session: Session, adapter_from: Adapter | None, adapter_to: Adapter | None, **fields) -> None:
+    session.add(
+        AdapterEvent(
+            from_adapter_id=adapter_from.id if adapter_from else None,
+            to_adapter_id=adapter_to.id if adapter_to else None,
+            **fields,
+        )
+    )
+
+
+def promote(session: Session, adapter: Adapter, *, actor: str, reason: str) -> Adapter:
+    """Make the adapter its tenant's champion; the previous champion is retired."""
+    if adapter.status == AdapterStatus.champion:
+        raise Conflict(f"adapter version {adapter.version} is already the champion")
+    current = champion(session, adapter.tenant_id)
+    if current is not None:
+        current.status = AdapterStatus.retired
+        session.flush()  # the old champion steps down before the new one steps up
+    adapter.status = AdapterStatus.champion
+    adapter.promoted_at = utcnow()
+    _audit(session, current, adapter, tenant_id=adapter.tenant_id, action="promote", actor=actor, reason=reason)
+    session.flush()
+    return adapter
+
+
+def reject(session: Session, adapter: Adapter, *, actor: str, reason: str) -> Adapter:
+    adapter.status = AdapterStatus.rejected
+    _audit(session, None, adapter, tenant_id=adapter.tenant_id, action="reject", actor=actor, reason=reason)
+    session.flush()
+    return adapter
+
+
+def rollback(session: Session, tenant_id: int, *, actor: str, reason: str) -> Adapter | None:
+    """Reject the champion and restore the champion before it (or the bare base model).
+
+    Returns the new champion, or None when the tenant is back on the base model."""
+    current = champion(session, tenant_id)
+    if current is None:
+        raise Conflict("this tenant has no champion adapter to roll back")
+    previous = session.scalar(
+        select(Adapter)
+        .where(
+            Adapter.tenant_id == tenant_id,
+            Adapter.status == AdapterStatus.retired,
+            Adapter.promoted_at.is_not(None),
+        )
+        .order_by(Adapter.promoted_at.desc())
+        .limit(1)
+    )
+    current.status = AdapterStatus.rejected  # rolled back: never restored by a later rollback
+    session.flush()
+    if previous is not None:
+        previous.status = AdapterStatus.champion
+    _audit(session, current, previous, tenant_id=tenant_id, action="rollback", actor=actor, reason=reason)
+    session.flush()
+    return previous
