@@ -1,5 +1,6 @@
 """The `draftloop` command line."""
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -9,7 +10,7 @@ from core.db import session_scope
 from core.errors import DomainError
 from core.settings import get_settings
 from feedback import service
-from feedback.models import Role
+from feedback.models import Role, Split
 
 app = typer.Typer(help="draftloop: draft email replies and learn from reviewers' corrections.", no_args_is_help=True)
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
@@ -18,6 +19,12 @@ keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
+adapters_app = typer.Typer(help="A tenant's adapter versions.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Training datasets built from corrections.", no_args_is_help=True)
+samples_app = typer.Typer(help="The bundled sample tenant.", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(samples_app, name="samples")
 
 
 def _fail(error: DomainError) -> None:
@@ -89,6 +96,147 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     import uvicorn
 
     uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers)
+
+
+def _parse_overrides(values: list[str]) -> dict:
+    overrides = {}
+    for item in values:
+        name, sep, raw = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"{item!r}: use NAME=VALUE, e.g. learning_rate=1e-3")
+        try:
+            overrides[name] = json.loads(raw)
+        except ValueError:
+            overrides[name] = raw
+    return overrides
+
+
+@app.command()
+def train(
+    tenant: Annotated[str, typer.Option(help="Tenant slug")],
+    set_: Annotated[list[str], typer.Option("--set", help="Override a training setting, NAME=VALUE")] = [],  # noqa: B006
+) -> None:
+    """Train, evaluate and gate a new adapter now, in this process, showing progress."""
+    from training.pipeline import create_run, execute_run
+
+    try:
+        with session_scope() as session:
+            tenant_id = service.get_tenant_by_slug(session, tenant).id
+            run_id = create_run(
+                session, tenant_id, trigger="cli", requested_by="cli", overrides=_parse_overrides(set_)
+            ).id
+        typer.echo(f"run {run_id} for {tenant}")
+        execute_run(run_id, get_settings(), echo=typer.echo)
+    except DomainError as error:
+        _fail(error)
+    typer.echo(f"report: {get_settings().reports_dir / f'run-{run_id}'}")
+
+
+@app.command("eval")
+def evaluate(tenant: Annotated[str, typer.Option(help="Tenant slug")]) -> None:
+    """Score the base model and the champion on the current held-out set, and plot every version's scores."""
+    from training.pipeline import evaluate_tenant
+
+    try:
+        evaluate_tenant(tenant, get_settings(), echo=typer.echo)
+    except DomainError as error:
+        _fail(error)
+
+
+@adapters_app.command("list")
+def adapters_list(tenant: Annotated[str, typer.Option(help="Tenant slug")]) -> None:
+    """Every adapter version with its status and held-out scores."""
+    from training import registry
+
+    with session_scope() as session:
+        rows = registry.list_adapters(session, service.get_tenant_by_slug(session, tenant).id)
+        typer.echo(f"{'version':>7}  {'status':<9}  {'NLL':>6}  {'chrF':>5}  {'run':>4}  created")
+        for a in rows:
+            nll, chrf = a.metrics.get("nll", float("nan")), a.metrics.get("chrf", float("nan"))
+            created = a.created_at.strftime("%Y-%m-%d %H:%M")
+            typer.echo(
+                f"{a.version:>7}  {a.status:<9}  {nll:>6.3f}  {chrf:>5.1f}  {a.training_run_id or '':>4}  {created}"
+            )
+
+
+@adapters_app.command("promote")
+def adapters_promote(
+    tenant: Annotated[str, typer.Option(help="Tenant slug")],
+    version: Annotated[int, typer.Option(help="Adapter version to make the champion")],
+    reason: Annotated[str, typer.Option(help="Why, for the audit log")],
+) -> None:
+    """Make a version the champion (the gate is bypassed: the reason is recorded)."""
+    from training import registry
+
+    try:
+        with session_scope() as session:
+            tenant_id = service.get_tenant_by_slug(session, tenant).id
+            registry.promote(
+                session, registry.get_adapter(session, tenant_id, version=version), actor="cli", reason=reason
+            )
+        typer.echo(f"version {version} is now the champion of {tenant}")
+    except DomainError as error:
+        _fail(error)
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(
+    tenant: Annotated[str, typer.Option(help="Tenant slug")],
+    reason: Annotated[str, typer.Option(help="Why, for the audit log")],
+) -> None:
+    """Reject the champion and restore the previous one (or the bare base model)."""
+    from training import registry
+
+    try:
+        with session_scope() as session:
+            restored = registry.rollback(
+                session, service.get_tenant_by_slug(session, tenant).id, actor="cli", reason=reason
+            )
+            typer.echo(f"{tenant} now drafts with " + (f"version {restored.version}" if restored else "the base model"))
+    except DomainError as error:
+        _fail(error)
+
+
+@datasets_app.command("export")
+def datasets_export(
+    tenant: Annotated[str, typer.Option(help="Tenant slug")],
+    out: Annotated[Path, typer.Option(help="JSONL file to write")],
+    split: Annotated[Split, typer.Option(help="train or heldout")] = Split.train,
+) -> None:
+    """Write a split's SFT rows as JSONL that datasets.load_dataset("json") and TRL read as they are."""
+    from agent.model import load_tokenizer
+    from training.dataset import build_dataset, write_jsonl
+    from training.train import TrainConfig
+
+    settings = get_settings()
+    try:
+        with session_scope() as session:
+            found = service.get_tenant_by_slug(session, tenant)
+            dataset = build_dataset(
+                session,
+                tenant_id=found.id,
+                instructions=found.instructions,
+                split=split,
+                tokenizer=load_tokenizer(settings),
+                settings=settings,
+                max_length=TrainConfig().max_length,
+            )
+    except DomainError as error:
+        _fail(error)
+    write_jsonl(dataset.rows, out)
+    typer.echo(f"{len(dataset.rows)} rows (dropped {dataset.dropped or 'none'}), hash {dataset.content_hash} -> {out}")
+
+
+@samples_app.command("load")
+def samples_load(
+    limit: Annotated[int | None, typer.Option(help="Load only the first N sample emails")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Length of the base model's drafts")] = 128,
+) -> None:
+    """Load the Northwind sample tenant's history: each email drafted by the model, then corrected."""
+    from api.demo import load_samples
+
+    slug = load_samples(limit, max_new_tokens)
+    typer.echo(f"sample tenant {slug!r} loaded; train it with: draftloop train --tenant {slug}")
 
 
 @app.command()

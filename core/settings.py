@@ -38,7 +38,6 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(1_000_000, ge=1024)
 
     # Training and the promotion gate
-    train_max_length: int = Field(768, ge=32)  # longer rows are dropped from datasets
     gate_margin: float = Field(0.02, ge=0.0)  # relative held-out NLL improvement needed to promote
     gate_min_heldout: int = Field(10, ge=1)
     eval_draft_examples: int = Field(8, ge=0)  # held-out emails drafted for chrF and the report

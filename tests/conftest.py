@@ -98,8 +98,9 @@ def tokenizer(embedded_model, model_settings):
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tokenizer) -> LoadedModel:
-    """A 2-layer random Llama over the real vocabulary: fast, deterministic, never ends its turn early."""
+def tiny_base_dir(tokenizer, tmp_path_factory) -> Path:
+    """A 2-layer random Llama over the real vocabulary, saved as a local base-model folder:
+    fast, deterministic, never ends its turn early."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -113,7 +114,30 @@ def tiny_model(tokenizer) -> LoadedModel:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return LoadedModel(model=LlamaForCausalLM(config).eval(), tokenizer=tokenizer, model_id="tiny-test-llama")
+    folder = tmp_path_factory.mktemp("tiny-base")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_settings(tiny_base_dir, tmp_path_factory) -> Settings:
+    """Settings for running the training pipeline on the tiny model."""
+    var_dir = tmp_path_factory.mktemp("tiny-var")
+    return Settings(
+        base_model=str(tiny_base_dir),
+        model_dtype="float32",
+        var_dir=var_dir,
+        adapter_dir=var_dir / "adapters",
+        gate_min_heldout=3,
+        eval_draft_examples=2,
+        eval_max_new_tokens=8,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_settings) -> LoadedModel:
+    return load_base_model(tiny_settings)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import torch
 from sacrebleu.metrics import CHRF
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from agent.drafting import generate_greedy, stop_token_ids
 from agent.prompt import prompt_token_ids
 
 END_OF_TURN = "<|im_end|>"
@@ -47,29 +48,18 @@ def example_nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows
     return scores
 
 
-@torch.inference_mode()
 def greedy_drafts(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict], max_new_tokens: int, batch_size=8
 ) -> list[str]:
-    """Greedy drafts for the rows' prompts, generated in left-padded batches."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stop_ids = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)})
+    """Greedy drafts for the rows' prompts, as the agent drafts them, in batches."""
+    stop_ids = stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     drafts = []
     for start in range(0, len(rows), batch_size):
         prompts = [prompt_token_ids(tokenizer, row["prompt"]) for row in rows[start : start + batch_size]]
-        width = max(map(len, prompts))
-        input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=model.device)
-        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stop_ids,
-            pad_token_id=pad_id,
-        )
-        drafts.extend(tokenizer.batch_decode(output[:, width:], skip_special_tokens=True))
-    return [draft.strip() for draft in drafts]
+        outputs = generate_greedy(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id)
+        drafts.extend(tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs)
+    return drafts
 
 
 def example_chrf(drafts: list[str], references: list[str]) -> list[float]:

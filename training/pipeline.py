@@ -267,3 +267,44 @@ def _finish(run_id, status, reason, report, settings, sessions: Sessions, echo: 
         run.status, run.decision_reason, run.report, run.finished_at = status, reason, report, utcnow()
     echo(f"run {run_id}: {status}: {reason}")
     return status
+
+
+def evaluate_tenant(slug: str, settings: Settings, *, sessions: Sessions = session_scope, echo: Echo = print) -> dict:
+    """Score the bare base model and the tenant's champion on the current held-out set, and plot
+    the held-out NLL every adapter version had when its run evaluated it."""
+    from feedback.service import get_tenant_by_slug
+
+    loaded = load_base_model(settings)
+    with sessions() as session:
+        tenant = get_tenant_by_slug(session, slug)
+        heldout = build_dataset(
+            session,
+            tenant_id=tenant.id,
+            instructions=tenant.instructions,
+            split=Split.heldout,
+            tokenizer=loaded.tokenizer,
+            settings=settings,
+            max_length=TrainConfig().max_length,
+        )
+        current = registry.champion(session, tenant.id)
+        ref = registry.serving_ref(settings, current, loaded.fingerprint) if current else None
+        versions = [
+            {"label": f"v{a.version}", "nll": a.metrics["nll"], "status": a.status}
+            for a in registry.list_adapters(session, tenant.id)
+            if "nll" in a.metrics
+        ]
+    if not heldout.rows:
+        raise Conflict("this tenant has no held-out corrections yet")
+    scores = {"base": _mean(example_nll(loaded.model, loaded.tokenizer, heldout.rows))}
+    if ref is not None:
+        scores[f"champion v{current.version}"] = _mean(
+            example_nll(attach(loaded.model, ref), loaded.tokenizer, heldout.rows)
+        )
+    for name, nll in scores.items():
+        echo(f"{name}: held-out NLL {nll:.3f} on {len(heldout.rows)} examples (snapshot {heldout.content_hash[:12]})")
+    path = settings.reports_dir / f"{slug}-versions.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    points = [{"label": "base", "nll": scores["base"], "status": "retired"}, *versions]
+    plots.versions_over_time(points, path, f"{slug}: held-out NLL per adapter version")
+    echo(f"plot of every version: {path}")
+    return scores

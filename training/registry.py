@@ -12,6 +12,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from agent.adapters import AdapterRef
 from core.errors import Conflict, DomainError, NotFound
 from core.settings import Settings
 from training.models import Adapter, AdapterEvent, AdapterStatus, utcnow
@@ -192,3 +193,14 @@ def rollback(session: Session, tenant_id: int, *, actor: str, reason: str) -> Ad
     _audit(session, current, previous, tenant_id=tenant_id, action="rollback", actor=actor, reason=reason)
     session.flush()
     return previous
+
+
+_verified: dict[tuple[int, str, str], Path] = {}
+
+
+def serving_ref(settings: Settings, adapter: Adapter, base_fingerprint: str) -> AdapterRef:
+    """The adapter as the agent loads it, verified once per process (versions are immutable)."""
+    key = (adapter.id, adapter.content_hash, base_fingerprint)
+    if key not in _verified:
+        _verified[key] = verified_path(settings, adapter, base_fingerprint)
+    return AdapterRef(adapter.id, _verified[key])

@@ -7,20 +7,24 @@ from api.deps import AgentKey, AnyKey, DrafterDep, SessionDep, SettingsDep
 from api.schemas import DraftOut, DraftPage, DraftRequest
 from core.errors import Invalid, TooLarge
 from feedback import service
+from training import registry
 
 router = APIRouter(prefix="/v1/drafts", tags=["drafts"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DraftOut, summary="Draft a reply")
 def create_draft(request: DraftRequest, key: AgentKey, session: SessionDep, drafter: DrafterDep, settings: SettingsDep):
-    """Draft a reply to an incoming email with the tenant's model, and store it for review."""
+    """Draft a reply to an incoming email with the tenant's champion adapter (or the base model),
+    and store it for review."""
     if len(request.body) > settings.max_email_chars:
         raise TooLarge(f"the email body has {len(request.body)} characters; the limit is {settings.max_email_chars}")
     max_new_tokens = request.max_new_tokens or settings.max_new_tokens
     if max_new_tokens > settings.max_new_tokens_limit:
         raise Invalid(f"max_new_tokens is {max_new_tokens}; the limit is {settings.max_new_tokens_limit}")
     email = IncomingEmail(sender=request.sender, subject=request.subject, body=request.body)
-    result = drafter.draft(key.tenant.instructions, email, max_new_tokens=max_new_tokens)
+    champion = registry.champion(session, key.tenant_id)
+    adapter = registry.serving_ref(settings, champion, drafter.fingerprint) if champion else None
+    result = drafter.draft(key.tenant.instructions, email, max_new_tokens=max_new_tokens, adapter=adapter)
     return service.record_draft(
         session,
         tenant_id=key.tenant_id,
@@ -30,7 +34,7 @@ def create_draft(request: DraftRequest, key: AgentKey, session: SessionDep, draf
         body=email.body,
         draft_text=result.text,
         base_model=drafter.model_id,
-        adapter_id=None,
+        adapter_id=champion.id if champion else None,
         generation={"max_new_tokens": max_new_tokens, "decoding": "greedy"},
         prompt_tokens=result.prompt_tokens,
         tokens_generated=result.tokens_generated,

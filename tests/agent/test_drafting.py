@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from agent import drafting
+import agent.drafting as drafting
 from agent.drafting import Drafter, get_drafter
 from agent.prompt import BODY_TRUNCATED_MARK, IncomingEmail, build_messages, fit_messages, prompt_token_ids
 from core.settings import Settings

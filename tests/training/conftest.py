@@ -1,0 +1,60 @@
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import committing
+from feedback import service
+from feedback.models import Role, Verdict
+from tests.factories import make_draft, make_tenant
+
+STYLE = "Hi {name},\n\nThanks for writing about order {n}. It ships on Monday.\n\nRide safe,\nMarta"
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def sessions(request):
+    """A unit-of-work factory on a real database, as the worker uses: each block commits."""
+    factory = sessionmaker(bind=request.getfixturevalue(f"{request.param}_engine"), expire_on_commit=False)
+
+    @contextmanager
+    def scope() -> Iterator[Session]:
+        with factory() as session, committing(session):
+            yield session
+
+    return scope
+
+
+def add_corrections(session: Session, tenant, count: int, reply=STYLE, verdict=Verdict.edited) -> list:
+    """Drafts with reviewers' corrections; the split is decided by the stable hash, as in production."""
+    key, _ = service.create_api_key(session, tenant, name="reviewer", role=Role.reviewer)
+    corrections = []
+    for n in range(count):
+        draft = make_draft(
+            session, tenant, "draft", sender=f"Customer {n} <c{n}@example.com>", body=f"Where is order {n}?"
+        )
+        text = reply.format(name=f"Customer{n}", n=n) if reply else None
+        correction, _ = service.submit_correction(
+            session,
+            draft=draft,
+            correction=service.CorrectionInput(verdict, text),
+            reviewer_key=key,
+            idempotency_key=None,
+            heldout_fraction=0.25,
+        )
+        corrections.append(correction)
+    return corrections
+
+
+@pytest.fixture
+def tenant_with_corrections(sessions):
+    with sessions() as session:
+        tenant = make_tenant(session, instructions="Answer as Marta.")
+        add_corrections(session, tenant, 40)
+    return tenant
+
+
+@pytest.fixture
+def run_settings(tiny_settings, tmp_path):
+    """The tiny model's settings with a registry and reports of this test's own."""
+    return tiny_settings.model_copy(update={"var_dir": tmp_path, "adapter_dir": tmp_path / "adapters"})

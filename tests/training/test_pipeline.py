@@ -1,0 +1,96 @@
+import pytest
+from fastapi.testclient import TestClient
+
+from agent.drafting import Drafter
+from agent.model import load_base_model
+from api.app import create_app
+from api.deps import drafter, get_db
+from core.errors import Conflict
+from core.settings import get_settings
+from feedback.models import Role
+from tests.factories import make_key
+from training import registry
+from training.models import Adapter, AdapterStatus, RunStatus, TrainingRun
+from training.pipeline import create_run, execute_run
+
+FAST = {"quantization": "none", "compute_dtype": "float32", "epochs": 3, "batch_size": 4, "learning_rate": 1e-2}
+
+
+def start(sessions, tenant, overrides=FAST) -> int:
+    with sessions() as session:
+        return create_run(session, tenant.id, trigger="manual", requested_by="test", overrides=overrides).id
+
+
+def test_a_run_is_promoted_then_an_equal_candidate_is_rejected(sessions, tenant_with_corrections, run_settings):
+    tenant, lines = tenant_with_corrections, []
+    first = start(sessions, tenant)
+    assert execute_run(first, run_settings, sessions=sessions, echo=lines.append) == RunStatus.promoted, lines
+    with sessions() as session:
+        run = session.get(TrainingRun, first)
+        champion = registry.champion(session, tenant.id)
+        assert champion.training_run_id == first and champion.train_snapshot_id == run.train_snapshot_id
+        assert run.step == run.total_steps > 0 and len(run.loss_history) == run.total_steps
+        summary = run.report["summary"]
+        assert summary["candidate"]["nll"] < summary["base"]["nll"] and "champion" not in summary
+        assert run.report["decision"]["promote"] and run.decision_reason.startswith("held-out NLL")
+        assert champion.metrics["nll"] == summary["candidate"]["nll"]
+    folder = run_settings.reports_dir / f"run-{first}"
+    assert {p.name for p in folder.iterdir()} >= {"report.json", "loss.png", "heldout.png"}
+    assert any("step" in line and "loss" in line for line in lines)
+
+    # The same data and seed give the same adapter: no better than the champion, so rejected.
+    second = start(sessions, tenant)
+    assert execute_run(second, run_settings, sessions=sessions, echo=lines.append) == RunStatus.rejected
+    with sessions() as session:
+        run = session.get(TrainingRun, second)
+        assert "margin" in run.decision_reason and set(run.report["summary"]) == {"base", "champion", "candidate"}
+        assert registry.champion(session, tenant.id).id == champion.id
+        candidate = session.query(Adapter).filter_by(training_run_id=second).one()
+        assert candidate.status == AdapterStatus.rejected
+
+    # A redelivered finished run does nothing.
+    assert execute_run(first, run_settings, sessions=sessions, echo=lines.append) == RunStatus.promoted, lines
+
+
+def test_a_failing_run_is_failed_visibly_and_the_champion_is_untouched(sessions, tenant_with_corrections, run_settings):
+    tenant = tenant_with_corrections
+    execute_run(start(sessions, tenant), run_settings, sessions=sessions, echo=lambda _: None)
+    with sessions() as session:
+        champion_id = registry.champion(session, tenant.id).id
+    broken = start(sessions, tenant, FAST | {"target_modules": ["no_such_layer"]})
+    with pytest.raises(ValueError):
+        execute_run(broken, run_settings, sessions=sessions, echo=lambda _: None)
+    with sessions() as session:
+        run = session.get(TrainingRun, broken)
+        assert run.status == RunStatus.failed and "no_such_layer" in run.error and run.finished_at
+        assert registry.champion(session, tenant.id).id == champion_id
+
+
+def test_only_one_active_run_per_tenant(sessions, tenant_with_corrections):
+    start(sessions, tenant_with_corrections)
+    with pytest.raises(Conflict, match="already queued"):
+        start(sessions, tenant_with_corrections)
+
+
+def test_the_next_draft_uses_the_champion(sessions, tenant_with_corrections, run_settings):
+    tenant = tenant_with_corrections
+    execute_run(start(sessions, tenant), run_settings, sessions=sessions, echo=lambda _: None)
+    with sessions() as session:
+        _, raw_key = make_key(session, tenant, Role.agent)
+        champion = registry.champion(session, tenant.id)
+
+    app = create_app()
+
+    def db():
+        with sessions() as session:
+            yield session
+
+    app.dependency_overrides[get_db] = db
+    # A model of its own: attaching an adapter changes the model object in place.
+    app.dependency_overrides[drafter] = lambda: Drafter(load_base_model(run_settings), run_settings)
+    app.dependency_overrides[get_settings] = lambda: run_settings
+    email = {"sender": "Dana <d@example.com>", "subject": "Order", "body": "Where is order 7?", "max_new_tokens": 12}
+    with TestClient(app) as client:
+        response = client.post("/v1/drafts", json=email, headers={"X-API-Key": raw_key})
+    assert response.status_code == 201, response.text
+    assert response.json()["adapter_id"] == champion.id

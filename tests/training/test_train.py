@@ -1,0 +1,52 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from core.errors import Invalid
+from training.train import TrainConfig, load_training_base, train_adapter
+
+ROWS = [
+    {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Where is order {n}?"}],
+        "completion": [{"role": "assistant", "content": f"Hi, order {n} ships Monday. Ride safe, Marta"}],
+    }
+    for n in range(8)
+]
+
+
+def base_weights(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" not in name}
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_training_changes_the_lora_weights_and_not_the_base(tiny_base_dir, tokenizer, tmp_path, quantization):
+    config = TrainConfig(quantization=quantization, compute_dtype="float32", epochs=2, batch_size=4, learning_rate=1e-2)
+    model = load_training_base(str(tiny_base_dir), config)
+    before = base_weights(model)
+    progress = []
+    result = train_adapter(model, tokenizer, ROWS, config, tmp_path, lambda *step: progress.append(step))
+
+    after = {
+        name.replace("base_model.model.", "").replace(".base_layer", ""): p for name, p in base_weights(model).items()
+    }
+    assert set(after) == set(before)
+    assert all(torch.equal(before[name], after[name]) for name in before), "base weights changed"
+    lora = load_file(tmp_path / "adapter_model.safetensors")
+    lora_b = [t for name, t in lora.items() if "lora_B" in name]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b), "LoRA B starts at zero and must have moved"
+    assert result.steps == 4 and len(result.loss_history) == 4 and progress[-1][:2] == (4, 4)
+    assert result.loss_history[-1]["loss"] < result.loss_history[0]["loss"]
+
+
+def test_training_settings_are_checked():
+    assert TrainConfig.with_overrides({"rank": 8, "target_modules": ["q_proj"]}).target_modules == ("q_proj",)
+    with pytest.raises(Invalid, match="unknown training settings"):
+        TrainConfig.with_overrides({"rnak": 8})
+    with pytest.raises(Invalid, match="learning_rate must be in"):
+        TrainConfig.with_overrides({"learning_rate": 5})
+
+
+def test_an_empty_training_set_is_refused(tiny_base_dir, tokenizer, tmp_path):
+    config = TrainConfig(quantization="none", compute_dtype="float32")
+    with pytest.raises(Invalid, match="no usable train-split corrections"):
+        train_adapter(load_training_base(str(tiny_base_dir), config), tokenizer, [], config, tmp_path)
