@@ -24,7 +24,7 @@ test: install
 
 serve: install
 	$(VENV)/bin/draftloop db upgrade
-	$(VENV)/bin/draftloop serve
+	trap 'kill 0' EXIT; $(VENV)/bin/draftloop worker & $(VENV)/bin/draftloop beat & $(VENV)/bin/draftloop serve
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -4,7 +4,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from api.routes import admin, drafts, health, review
+from api.routes import admin, drafts, health, review, training
 from core.errors import DomainError
 from core.settings import get_settings
 
@@ -47,6 +47,6 @@ def create_app() -> FastAPI:
         return await call_next(request)
 
     app.include_router(health.router)
-    for module in (drafts, review, admin):
+    for module in (drafts, review, training, admin):
         app.include_router(module.router, responses=ERRORS)
     return app

@@ -21,10 +21,8 @@ app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 adapters_app = typer.Typer(help="A tenant's adapter versions.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Training datasets built from corrections.", no_args_is_help=True)
-samples_app = typer.Typer(help="The bundled sample tenant.", no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(datasets_app, name="datasets")
-app.add_typer(samples_app, name="samples")
 
 
 def _fail(error: DomainError) -> None:
@@ -227,21 +225,32 @@ def datasets_export(
     typer.echo(f"{len(dataset.rows)} rows (dropped {dataset.dropped or 'none'}), hash {dataset.content_hash} -> {out}")
 
 
-@samples_app.command("load")
-def samples_load(
-    limit: Annotated[int | None, typer.Option(help="Load only the first N sample emails")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Length of the base model's drafts")] = 128,
-) -> None:
-    """Load the Northwind sample tenant's history: each email drafted by the model, then corrected."""
-    from api.demo import load_samples
+@app.command()
+def worker(loglevel: str = "INFO") -> None:
+    """Run a Celery worker for training runs and the periodic tasks (one task at a time)."""
+    from training.celery_app import app as celery_app
 
-    slug = load_samples(limit, max_new_tokens)
-    typer.echo(f"sample tenant {slug!r} loaded; train it with: draftloop train --tenant {slug}")
+    celery_app.worker_main(["worker", "--loglevel", loglevel, "--concurrency", "1", "--pool", "prefork"])
 
 
 @app.command()
-def demo(emails: int = 3) -> None:
-    """Draft replies to sample emails with the real base model and record a correction."""
+def beat(loglevel: str = "INFO") -> None:
+    """Run the Celery beat scheduler: finds tenants due a run, and sweeps lost or stalled runs."""
+    from training.celery_app import app as celery_app
+
+    settings = get_settings()
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    schedule = str(settings.var_dir / "celerybeat-schedule")
+    celery_app.start(["beat", "--loglevel", loglevel, "--schedule", schedule])
+
+
+@app.command()
+def demo() -> None:
+    """The whole loop on the embedded defaults, with a real worker and beat (about 10 minutes)."""
     from api.demo import run_demo
 
-    run_demo(emails)
+    run_demo()
+
+
+if __name__ == "__main__":
+    app()

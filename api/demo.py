@@ -1,137 +1,190 @@
-"""The main job, end to end on the embedded defaults: a tenant, its keys, real drafts from the
-base model through the HTTP API, and a reviewer's correction stored in the database."""
+"""The main job: the whole loop on the embedded defaults (SQLite, the local Redis, the embedded
+base model) with a real Celery worker and beat.
 
+A fresh demo tenant; the base model drafts replies to the sample tenant's incoming emails; the
+reviewers' corrections go in through the API; beat notices the new corrections and queues a
+run; the worker trains, evaluates and gates it; the held-out emails are drafted again with the
+promoted adapter and shown beside the base model's drafts.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
 import textwrap
 import time
+from pathlib import Path
 
 import typer
-from fastapi.testclient import TestClient
 
-from api.app import create_app
-from core.db import session_scope
-from core.errors import NotFound
-from core.settings import get_settings
-from feedback import service
-from feedback.models import ApiKey, Role, Verdict
-from feedback.samples import load_sample_tenant
-from migrations import upgrade
+DEMO_DIR = Path("var/demo")
+HISTORY_TOKENS = 64  # the base model's drafts of the history: only their corrections are trained on
+SHOWN = 3  # held-out emails drafted again at the end
 
 
-def _show(title: str, text: str) -> None:
+def _env() -> dict[str, str]:
+    """The demo's own folder, database and Redis database, and a short schedule."""
+    return {
+        "DRAFTLOOP_VAR_DIR": str(DEMO_DIR),
+        "DRAFTLOOP_DATABASE_URL": f"sqlite:///{(DEMO_DIR / 'draftloop.db').resolve()}",
+        "DRAFTLOOP_MODEL_CACHE_DIR": os.environ.get("DRAFTLOOP_MODEL_CACHE_DIR", "var/models"),
+        "DRAFTLOOP_REDIS_URL": os.environ.get("DRAFTLOOP_DEMO_REDIS_URL", "redis://127.0.0.1:6379/1"),
+        "DRAFTLOOP_SCHEDULE_EVERY_S": "5",
+        "DRAFTLOOP_SWEEP_EVERY_S": "30",
+        "DRAFTLOOP_MIN_NEW_CORRECTIONS": "100",
+        # Two epochs instead of three keep the demo within ten minutes on 2 CPU cores.
+        "DRAFTLOOP_TRAIN_OVERRIDES": '{"epochs": 2}',
+    }
+
+
+def _show(title: str, text: str, width: int = 100) -> None:
     typer.secho(title, bold=True)
-    typer.echo(textwrap.indent(text.strip(), "    "))
+    for line in text.strip().splitlines() or [""]:
+        typer.echo(textwrap.indent(textwrap.fill(line, width) if line else "", "    "))
 
 
-def _setup_tenant() -> tuple[str, str]:
-    sample = load_sample_tenant()
-    with session_scope() as session:
-        try:
-            tenant = service.get_tenant_by_slug(session, sample.slug)
-        except NotFound:
-            tenant = service.create_tenant(
-                session, name=sample.name, slug=sample.slug, instructions=sample.instructions
-            )
-        _, agent_key = service.create_api_key(session, tenant, name="demo agent", role=Role.agent)
-        _, reviewer_key = service.create_api_key(session, tenant, name="demo reviewer", role=Role.reviewer)
-    return agent_key, reviewer_key
+def _start(command: str, log: Path) -> subprocess.Popen:
+    handle = log.open("w")
+    return subprocess.Popen([sys.executable, "-m", "api.cli", command], stdout=handle, stderr=subprocess.STDOUT)
 
 
-def load_samples(limit: int | None, max_new_tokens: int, batch_size: int = 8) -> str:
-    """The sample tenant with its history: each sample email drafted by the current model (in
-    batches) and corrected by the sample reviewer. Emails already loaded are skipped."""
-    from agent.drafting import get_drafter
-    from agent.prompt import IncomingEmail
-
-    settings = get_settings()
-    upgrade(settings.resolved_database_url)
-    sample = load_sample_tenant()
-    with session_scope() as session:
-        try:
-            tenant = service.get_tenant_by_slug(session, sample.slug)
-        except NotFound:
-            tenant = service.create_tenant(
-                session, name=sample.name, slug=sample.slug, instructions=sample.instructions
-            )
-        loaded = {d.subject for d in service.list_drafts(session, tenant.id, limit=100_000)}
-        reviewer, _ = service.create_api_key(session, tenant, name="sample reviewer", role=Role.reviewer)
-        tenant_id, instructions, reviewer_id = tenant.id, tenant.instructions, reviewer.id
-    todo = [email for email in sample.emails[:limit] if email.subject not in loaded]
-    drafter = get_drafter()
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        incoming = [IncomingEmail(email.sender, email.subject, email.body) for email in batch]
-        results = drafter.draft_many(instructions, incoming, max_new_tokens=max_new_tokens)
-        with session_scope() as session:
-            reviewer = session.get(ApiKey, reviewer_id)
-            for email, result in zip(batch, results, strict=True):
-                draft = service.record_draft(
-                    session,
-                    tenant_id=tenant_id,
-                    created_by_key_id=None,
-                    sender=email.sender,
-                    subject=email.subject,
-                    body=email.body,
-                    draft_text=result.text,
-                    base_model=drafter.model_id,
-                    adapter_id=None,
-                    generation={"max_new_tokens": max_new_tokens, "decoding": "greedy"},
-                    prompt_tokens=result.prompt_tokens,
-                    tokens_generated=result.tokens_generated,
-                    finish_reason=result.finish_reason,
-                    latency_ms=result.latency_ms,
-                )
-                service.submit_correction(
-                    session,
-                    draft=draft,
-                    correction=service.CorrectionInput(Verdict.edited, email.reply),
-                    reviewer_key=reviewer,
-                    idempotency_key=f"sample-{email.id}",
-                    heldout_fraction=settings.heldout_fraction,
-                )
-        typer.echo(f"  drafted and corrected {start + len(batch)}/{len(todo)}")
-    return sample.slug
-
-
-def run_demo(emails: int) -> None:
-    settings = get_settings()
+def run_demo() -> None:
     started = time.perf_counter()
-    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(DEMO_DIR, ignore_errors=True)
+    DEMO_DIR.mkdir(parents=True)
+    os.environ.update(_env())
+
+    # Imported after the environment is set: settings are read once.
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from core.db import session_scope
+    from core.settings import get_settings
+    from feedback import service
+    from feedback.models import Role
+    from feedback.samples import load_sample_tenant
+    from migrations import upgrade
+    from training.celery_app import app as celery_app
+
+    settings = get_settings()
     upgrade(settings.resolved_database_url)
-    typer.echo(f"database: {settings.resolved_database_url}")
-    agent_key, reviewer_key = _setup_tenant()
-    sample = load_sample_tenant()
+    celery_app.control.purge()
+    worker, beat = _start("worker", DEMO_DIR / "worker.log"), _start("beat", DEMO_DIR / "beat.log")
+    typer.echo(f"worker and beat started (logs in {DEMO_DIR}/); database {settings.resolved_database_url}")
+    try:
+        sample = load_sample_tenant()
+        with session_scope() as session:
+            tenant = service.create_tenant(
+                session, name=sample.name, slug=sample.slug, instructions=sample.instructions
+            )
+            keys = {
+                role: service.create_api_key(session, tenant, name=f"demo {role}", role=role)[1]
+                for role in (Role.agent, Role.reviewer, Role.admin)
+            }
+        agent, reviewer, admin = ({"X-API-Key": keys[role]} for role in (Role.agent, Role.reviewer, Role.admin))
+        client = TestClient(create_app())
 
-    client = TestClient(create_app())
-    typer.echo(f"loading the base model ({settings.base_model}) and drafting {emails} replies ...")
-    drafts = []
-    for email in sample.emails[:emails]:
-        response = client.post(
-            "/v1/drafts",
-            json={"sender": email.sender, "subject": email.subject, "body": email.body},
-            headers={"X-API-Key": agent_key},
+        typer.secho(f"\n1. The base model drafts replies to {len(sample.emails)} incoming emails", bold=True)
+        drafts = {}
+        for start in range(0, len(sample.emails), 16):
+            batch = sample.emails[start : start + 16]
+            emails = [{"sender": e.sender, "subject": e.subject, "body": e.body} for e in batch]
+            response = client.post(
+                "/v1/drafts/batch", json={"emails": emails, "max_new_tokens": HISTORY_TOKENS}, headers=agent
+            )
+            response.raise_for_status()
+            drafts.update({e.id: d for e, d in zip(batch, response.json(), strict=True)})
+            typer.echo(f"   drafted {len(drafts)}/{len(sample.emails)}  ({time.perf_counter() - started:.0f}s)")
+
+        typer.secho("\n2. Reviewers submit their corrections through the API", bold=True)
+        splits = {"train": 0, "heldout": 0}
+        heldout = []
+        for email in sample.emails:
+            draft = drafts[email.id]
+            response = client.post(
+                f"/v1/drafts/{draft['id']}/correction",
+                json={"verdict": "edited", "final_text": email.reply},
+                headers=reviewer | {"Idempotency-Key": f"demo-{email.id}"},
+            )
+            response.raise_for_status()
+            splits[response.json()["split"]] += 1
+            if response.json()["split"] == "heldout":
+                heldout.append(email)
+        typer.echo(f"   {splits['train']} corrections for training, {splits['heldout']} held out for evaluation")
+
+        typer.secho(
+            f"\n3. Beat queues a run (every {settings.schedule_every_s:.0f}s it looks for tenants due one)", bold=True
         )
-        response.raise_for_status()
-        draft = response.json()
-        drafts.append((email, draft))
-        typer.secho(f"\n=== draft {draft['id']}: {email.subject}", fg="cyan", bold=True)
-        _show(f"incoming from {email.sender}:", email.body)
-        _show(
-            f"draft ({draft['tokens_generated']} tokens in {draft['latency_ms'] / 1000:.1f} s, "
-            f"{draft['finish_reason']}, {draft['base_model']}):",
-            draft["draft_text"],
-        )
+        run = _wait_for_run(client, admin)
+        typer.echo(f"   run {run['id']} queued by {run['trigger']}; the worker trains it with QLoRA:")
+        run = _follow(client, admin, run["id"], started)
 
-    email, draft = drafts[0]
-    response = client.post(
-        f"/v1/drafts/{draft['id']}/correction",
-        json={"verdict": "edited", "final_text": email.reply},
-        headers={"X-API-Key": reviewer_key, "Idempotency-Key": f"demo-{draft['id']}"},
-    )
-    response.raise_for_status()
-    stored = client.get(f"/v1/drafts/{draft['id']}", headers={"X-API-Key": reviewer_key}).json()["correction"]
-    typer.secho(f"\n=== correction {stored['id']} stored for draft {draft['id']}", fg="green", bold=True)
-    typer.echo(f"verdict {stored['verdict']} by {stored['reviewer']}, split {stored['split']}")
-    _show("final text:", stored["final_text"])
+        typer.secho(f"\n4. The gate: {run['status']}", bold=True)
+        if run["report"]:
+            summary = run["report"]["summary"]
+            for name, scores in summary.items():
+                typer.echo(f"   {name:<10} held-out NLL {scores['nll']:.3f}   chrF {scores['chrf']:.1f}")
+            typer.echo(f"   on {run['report']['heldout_examples']} held-out corrections; {run['decision_reason']}")
+        else:
+            typer.echo(f"   {run['decision_reason'] or run['error']}")
 
-    queue = client.get("/v1/review-queue", headers={"X-API-Key": reviewer_key}).json()
-    typer.echo(f"\nreview queue: {queue['pending']} drafts waiting; demo took {time.perf_counter() - started:.0f} s")
+        if run["status"] == "promoted":
+            typer.secho("\n5. Held-out emails drafted again, now with the promoted adapter", bold=True)
+            emails = [{"sender": e.sender, "subject": e.subject, "body": e.body} for e in heldout[:SHOWN]]
+            after = client.post("/v1/drafts/batch", json={"emails": emails, "max_new_tokens": 192}, headers=agent)
+            after.raise_for_status()
+            for email, new in zip(heldout[:SHOWN], after.json(), strict=True):
+                typer.secho(f"\n--- {email.subject}  (from {email.sender})", fg="cyan", bold=True)
+                _show("incoming:", email.body)
+                _show(f"before, base model (first {HISTORY_TOKENS} tokens):", drafts[email.id]["draft_text"])
+                _show(f"after, adapter v{_version(client, admin, new['adapter_id'])}:", new["draft_text"])
+                _show("what the reviewer wrote:", email.reply)
+
+        reports = settings.reports_dir / f"run-{run['id']}"
+        typer.secho("\nWhere to look", bold=True)
+        typer.echo(f"   report: {reports / 'report.json'}")
+        typer.echo(f"   plots:  {reports / 'loss.png'}, {reports / 'heldout.png'}")
+        typer.echo(f"   the demo's database: {settings.resolved_database_url}")
+        typer.echo(f"\nThe whole loop took {time.perf_counter() - started:.0f}s.")
+    finally:
+        for process in (beat, worker):
+            process.terminate()
+        for process in (beat, worker):
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _wait_for_run(client, headers, timeout=120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = client.get("/v1/runs", headers=headers).json()
+        if runs:
+            return runs[0]
+        time.sleep(1)
+    raise RuntimeError(f"no run was queued within {timeout}s: is Redis up, and did beat start? See {DEMO_DIR}/")
+
+
+def _follow(client, headers, run_id: int, started: float, timeout=1800) -> dict:
+    """Print the run's progress until the gate has decided."""
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        run = client.get(f"/v1/runs/{run_id}", headers=headers).json()
+        shown = (run["status"], run["step"])
+        if shown != last:
+            last = shown
+            loss = f"  loss {run['loss']:.3f}" if run["loss"] is not None else ""
+            typer.echo(
+                f"   {run['status']:<10} step {run['step']}/{run['total_steps']}{loss}"
+                f"  ({time.perf_counter() - started:.0f}s)"
+            )
+        if run["status"] in ("promoted", "rejected", "failed"):
+            return run
+        time.sleep(2)
+    raise RuntimeError(f"run {run_id} did not finish within {timeout}s; see {DEMO_DIR}/worker.log")
+
+
+def _version(client, headers, adapter_id: int | None) -> str:
+    adapters = client.get("/v1/adapters", headers=headers).json()
+    return next((str(a["version"]) for a in adapters if a["id"] == adapter_id), "?")

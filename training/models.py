@@ -40,6 +40,8 @@ class DatasetSnapshot(Base):
     split: Mapped[str] = mapped_column(String(16))
     content_hash: Mapped[str] = mapped_column(String(64))
     correction_ids: Mapped[list[int]] = mapped_column(JSON)
+    instructions: Mapped[str] = mapped_column(Text)  # the prompt's system message when it was built
+    max_length: Mapped[int] = mapped_column(Integer)
     row_count: Mapped[int] = mapped_column(Integer)
     dropped: Mapped[dict[str, int]] = mapped_column(JSON)
     max_correction_id: Mapped[int] = mapped_column(Integer)
@@ -78,6 +80,7 @@ class TrainingRun(Base):
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # None: never reached the broker
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

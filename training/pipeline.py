@@ -21,12 +21,20 @@ from agent.adapters import AdapterRef, attach
 from agent.model import fingerprint, load_base_model, load_tokenizer, model_id, model_source
 from core.db import session_scope
 from core.errors import Conflict, NotFound
-from core.settings import Settings
+from core.settings import Settings, get_settings
 from feedback.models import Split, Tenant
 from training import plots, registry
 from training.dataset import build_dataset, record_snapshot
 from training.evaluate import decide, example_chrf, example_nll, greedy_drafts
-from training.models import ACTIVE_RUN_STATUSES, Adapter, AdapterStatus, RunStatus, TrainingRun, utcnow
+from training.models import (
+    ACTIVE_RUN_STATUSES,
+    Adapter,
+    AdapterStatus,
+    DatasetSnapshot,
+    RunStatus,
+    TrainingRun,
+    utcnow,
+)
 from training.train import TrainConfig, load_training_base, train_adapter
 
 Sessions = Callable[[], AbstractContextManager[Session]]
@@ -37,7 +45,7 @@ def create_run(
     session: Session, tenant_id: int, *, trigger: str, requested_by: str, overrides: dict | None = None
 ) -> TrainingRun:
     """A queued run; the database refuses a second active run for the same tenant."""
-    config = TrainConfig.with_overrides(overrides)
+    config = TrainConfig.with_overrides(get_settings().train_overrides | (overrides or {}))
     run = TrainingRun(
         tenant_id=tenant_id,
         status=RunStatus.queued,
@@ -71,6 +79,29 @@ def get_run(session: Session, tenant_id: int, run_id: int) -> TrainingRun:
     return run
 
 
+def list_runs(session: Session, tenant_id: int, *, limit: int) -> list[TrainingRun]:
+    query = select(TrainingRun).where(TrainingRun.tenant_id == tenant_id).order_by(TrainingRun.id.desc())
+    return list(session.scalars(query.limit(limit)))
+
+
+def export_snapshot(session: Session, snapshot_id: int, settings: Settings) -> str:
+    """A stored dataset snapshot as JSONL, rebuilt from its corrections and checked against its hash."""
+    snapshot = session.get(DatasetSnapshot, snapshot_id)
+    dataset = build_dataset(
+        session,
+        tenant_id=snapshot.tenant_id,
+        instructions=snapshot.instructions,
+        split=Split(snapshot.split),
+        tokenizer=load_tokenizer(settings),
+        settings=settings,
+        max_length=snapshot.max_length,
+        up_to_correction_id=snapshot.max_correction_id,
+    )
+    if dataset.content_hash != snapshot.content_hash:
+        raise Conflict(f"snapshot {snapshot_id} can no longer be rebuilt exactly (its hash differs)")
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in dataset.rows)
+
+
 def run_dir(settings: Settings, run_id: int) -> Path:
     folder = settings.reports_dir / f"run-{run_id}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -87,6 +118,13 @@ def execute_run(run_id: int, settings: Settings, *, sessions: Sessions = session
         if run.status not in ACTIVE_RUN_STATUSES:
             echo(f"run {run_id} already finished: {run.status}")
             return run.status
+        silent_for = (utcnow() - run.heartbeat_at).total_seconds() if run.heartbeat_at else None
+        if run.status != RunStatus.queued and silent_for is not None and silent_for < settings.stale_after_s:
+            echo(f"run {run_id} is {run.status} in another worker (last heard {silent_for:.0f}s ago)")
+            return run.status
+        for leftover in session.scalars(select(Adapter).where(Adapter.training_run_id == run_id)):
+            if leftover.status == AdapterStatus.candidate:  # from an attempt that died before the gate
+                registry.reject(session, leftover, actor="training", reason=f"run {run_id} attempt did not finish")
         run.status, run.started_at, run.heartbeat_at = RunStatus.running, utcnow(), utcnow()
         run.attempts += 1
         tenant = session.get(Tenant, run.tenant_id)
@@ -199,7 +237,11 @@ def evaluate_run(run_id, tenant_id, candidate_id, rows, settings: Settings, sess
         refs = {"candidate": AdapterRef(candidate.id, registry.verified_path(settings, candidate, loaded.fingerprint))}
         if current is not None:
             refs["champion"] = AdapterRef(current.id, registry.verified_path(settings, current, loaded.fingerprint))
-        versions = {"candidate": candidate.version, "champion": current.version if current else None}
+        versions = {
+            "candidate": candidate.version,
+            "champion": current.version if current else None,
+            "champion_id": current.id if current else None,
+        }
     model = loaded.model
     scores, drafts = {}, {}
     sample = rows[: settings.eval_draft_examples]
@@ -260,6 +302,9 @@ def _finish(run_id, status, reason, report, settings, sessions: Sessions, echo: 
     with sessions() as session:
         run = session.get(TrainingRun, run_id)
         if candidate_id is not None:
+            current = registry.champion(session, run.tenant_id)
+            if status == RunStatus.promoted and (current.id if current else None) != report["versions"]["champion_id"]:
+                status, reason = RunStatus.rejected, "the champion changed while this run was evaluated; not promoted"
             candidate = session.get(Adapter, candidate_id)
             candidate.metrics = report["summary"]["candidate"] | {"run_id": run_id}
             verdict = registry.promote if status == RunStatus.promoted else registry.reject

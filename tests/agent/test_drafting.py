@@ -96,5 +96,5 @@ def test_get_drafter_loads_the_model_once(tiny_model, tmp_path, monkeypatch):
         drafters = [f.result() for f in [pool.submit(call) for _ in range(4)]]
     assert len(loads) == 1
     assert all(d is drafters[0] for d in drafters)
-    assert drafters[0].model_id == "tiny-test-llama"
+    assert drafters[0].model_id == tiny_model.model_id
     assert get_drafter() is drafters[0]

@@ -1,0 +1,69 @@
+from typing import Annotated
+
+from fastapi import APIRouter, BackgroundTasks, Query, status
+from fastapi.responses import PlainTextResponse
+
+from api.deps import AdminKey, AnyKey, SessionDep, SettingsDep
+from api.schemas import AdapterOut, AuditReason, RunOut, RunRequest
+from core.errors import NotFound
+from feedback.models import Split
+from training import registry
+from training.pipeline import create_run, export_snapshot, get_run, list_runs
+from training.tasks import enqueue
+
+router = APIRouter(prefix="/v1", tags=["training"])
+
+
+@router.post("/runs", response_model=RunOut, status_code=status.HTTP_202_ACCEPTED, summary="Trigger a training run")
+def trigger_run(request: RunRequest, key: AdminKey, session: SessionDep, background: BackgroundTasks):
+    """Queue a run for the tenant now; a worker trains, evaluates and gates it. One active run
+    per tenant: a second trigger while one is queued or running is a 409. The run is sent to
+    the broker after the request commits; if the broker is down it stays queued and is sent later."""
+    run = create_run(session, key.tenant_id, trigger="api", requested_by=key.name, overrides=request.overrides)
+    background.add_task(enqueue, [run.id])
+    return run
+
+
+@router.get("/runs", response_model=list[RunOut], summary="Training runs, newest first")
+def runs(key: AnyKey, session: SessionDep, limit: Annotated[int, Query(ge=1, le=200)] = 20):
+    return list_runs(session, key.tenant_id, limit=limit)
+
+
+@router.get("/runs/{run_id}", response_model=RunOut, summary="A run: status, progress, scores, the gate's decision")
+def run(run_id: int, key: AnyKey, session: SessionDep):
+    return get_run(session, key.tenant_id, run_id)
+
+
+@router.get(
+    "/runs/{run_id}/dataset",
+    response_class=PlainTextResponse,
+    summary="A run's dataset snapshot as JSONL",
+    responses={200: {"content": {"application/x-ndjson": {}}}},
+)
+def run_dataset(run_id: int, key: AdminKey, session: SessionDep, settings: SettingsDep, split: Split = Split.train):
+    """The exact rows the run trained on (or was evaluated on, with split=heldout), in TRL's
+    prompt/completion format; rebuilt from the stored corrections and checked against the hash."""
+    found = get_run(session, key.tenant_id, run_id)
+    snapshot_id = found.train_snapshot_id if split == Split.train else found.heldout_snapshot_id
+    if snapshot_id is None:
+        raise NotFound(f"run {run_id} has no {split} snapshot yet")
+    body = export_snapshot(session, snapshot_id, settings)
+    return PlainTextResponse(body, media_type="application/x-ndjson")
+
+
+@router.get("/adapters", response_model=list[AdapterOut], summary="The tenant's adapter versions")
+def adapters(key: AnyKey, session: SessionDep):
+    return registry.list_adapters(session, key.tenant_id)
+
+
+@router.post("/adapters/{version}/promote", response_model=AdapterOut, summary="Make a version the champion")
+def promote(version: int, request: AuditReason, key: AdminKey, session: SessionDep):
+    """Bypasses the gate; the reason goes to the audit log."""
+    adapter = registry.get_adapter(session, key.tenant_id, version=version)
+    return registry.promote(session, adapter, actor=key.name, reason=request.reason)
+
+
+@router.post("/adapters/rollback", response_model=AdapterOut | None, summary="Roll back the champion")
+def rollback(request: AuditReason, key: AdminKey, session: SessionDep):
+    """Rejects the champion and restores the previous one; null means the base model again."""
+    return registry.rollback(session, key.tenant_id, actor=key.name, reason=request.reason)

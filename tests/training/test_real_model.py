@@ -1,0 +1,62 @@
+"""End to end with the real embedded model on a small slice of the sample tenant."""
+
+from contextlib import contextmanager
+
+from sqlalchemy.orm import sessionmaker
+
+from core.db import committing
+from feedback import service
+from feedback.models import Role, Verdict
+from feedback.samples import load_sample_tenant
+from tests.factories import make_draft, make_tenant
+from training import registry
+from training.models import RunStatus, TrainingRun
+from training.pipeline import create_run, execute_run
+
+SLICE = 30
+QUICK = {"epochs": 2, "learning_rate": 2e-3, "batch_size": 4, "max_length": 512}
+
+
+def test_the_embedded_model_learns_the_house_style_on_a_slice(postgres_engine, model_settings, tmp_path):
+    factory = sessionmaker(bind=postgres_engine, expire_on_commit=False)
+
+    @contextmanager
+    def sessions():
+        with factory() as session, committing(session):
+            yield session
+
+    settings = model_settings.model_copy(
+        update={
+            "var_dir": tmp_path,
+            "adapter_dir": tmp_path / "adapters",
+            "model_dtype": "bfloat16",
+            "gate_min_heldout": 4,
+            "eval_draft_examples": 2,
+            "eval_max_new_tokens": 24,
+        }
+    )
+    sample = load_sample_tenant()
+    with sessions() as session:
+        tenant = make_tenant(session, instructions=sample.instructions)
+        key, _ = service.create_api_key(session, tenant, name="reviewer", role=Role.reviewer)
+        for email in sample.emails[:SLICE]:
+            draft = make_draft(session, tenant, "", sender=email.sender, subject=email.subject, body=email.body)
+            service.submit_correction(
+                session,
+                draft=draft,
+                correction=service.CorrectionInput(Verdict.edited, email.reply),
+                reviewer_key=key,
+                idempotency_key=None,
+                heldout_fraction=0.3,
+            )
+        run_id = create_run(session, tenant.id, trigger="test", requested_by="test", overrides=QUICK).id
+
+    lines = []
+    status = execute_run(run_id, settings, sessions=sessions, echo=lines.append)
+    with sessions() as session:
+        run = session.get(TrainingRun, run_id)
+        summary = run.report["summary"]
+        assert status == RunStatus.promoted, lines
+        assert summary["candidate"]["nll"] < 0.9 * summary["base"]["nll"], summary
+        assert registry.champion(session, tenant.id).training_run_id == run_id
+        assert run.report["drafts"][0]["candidate"].startswith("Hi "), run.report["drafts"][0]

@@ -1,0 +1,57 @@
+"""Celery tasks: thin wrappers that take ids, open sessions and call the plain functions."""
+
+import logging
+
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import update
+
+from core.db import session_scope
+from core.settings import get_settings
+from training import scheduling
+from training.celery_app import app
+from training.models import TrainingRun, utcnow
+from training.pipeline import execute_run
+
+log = logging.getLogger(__name__)
+
+
+def enqueue(run_ids: list[int]) -> list[int]:
+    """Send runs to the broker (after their rows are committed); returns those sent. A run the
+    broker did not take stays queued and is sent again by the sweep."""
+    sent = []
+    for run_id in run_ids:
+        try:
+            train_run.apply_async(args=[run_id], retry=False)
+        except Exception as error:  # the broker is down: the sweep sends it later
+            log.warning("run %s stays queued: the broker refused it (%s)", run_id, error)
+            continue
+        with session_scope() as session:
+            session.execute(update(TrainingRun).where(TrainingRun.id == run_id).values(enqueued_at=utcnow()))
+        sent.append(run_id)
+    return sent
+
+
+@app.task(name="training.tasks.train_run")
+def train_run(run_id: int) -> str:
+    try:
+        return execute_run(run_id, get_settings(), echo=log.info)
+    except SoftTimeLimitExceeded:
+        log.error("run %s hit the time limit", run_id)
+        raise
+
+
+@app.task(name="training.tasks.schedule_due_runs")
+def schedule_due_runs() -> list[int]:
+    with session_scope() as session:
+        created = scheduling.schedule_due_runs(session, get_settings())
+    return enqueue(created)
+
+
+@app.task(name="training.tasks.sweep_runs")
+def sweep_runs() -> list[int]:
+    settings = get_settings()
+    with session_scope() as session:
+        scheduling.recover_stalled_runs(session, settings)
+    with session_scope() as session:
+        pending = scheduling.runs_to_enqueue(session, settings)
+    return enqueue(pending)
