@@ -32,8 +32,6 @@ def _env() -> dict[str, str]:
         "DRAFTLOOP_SCHEDULE_EVERY_S": "5",
         "DRAFTLOOP_SWEEP_EVERY_S": "30",
         "DRAFTLOOP_MIN_NEW_CORRECTIONS": "100",
-        # Two epochs instead of three keep the demo within ten minutes on 2 CPU cores.
-        "DRAFTLOOP_TRAIN_OVERRIDES": '{"epochs": 2}',
     }
 
 

@@ -44,7 +44,6 @@ class Settings(BaseSettings):
     eval_max_new_tokens: int = Field(192, ge=1)
 
     # Scheduled retraining
-    train_overrides: dict = {}  # training settings for every run, e.g. {"epochs": 2}; a run's own win
     schedule_every_s: float = Field(600, gt=0)  # how often beat looks for tenants due a run
     min_new_corrections: int = Field(50, ge=1)  # new train-split corrections that make a tenant due
     sweep_every_s: float = Field(60, gt=0)  # how often queued and stalled runs are checked

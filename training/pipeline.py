@@ -21,7 +21,7 @@ from agent.adapters import AdapterRef, attach
 from agent.model import fingerprint, load_base_model, load_tokenizer, model_id, model_source
 from core.db import session_scope
 from core.errors import Conflict, NotFound
-from core.settings import Settings, get_settings
+from core.settings import Settings
 from feedback.models import Split, Tenant
 from training import plots, registry
 from training.dataset import build_dataset, record_snapshot
@@ -45,7 +45,7 @@ def create_run(
     session: Session, tenant_id: int, *, trigger: str, requested_by: str, overrides: dict | None = None
 ) -> TrainingRun:
     """A queued run; the database refuses a second active run for the same tenant."""
-    config = TrainConfig.with_overrides(get_settings().train_overrides | (overrides or {}))
+    config = TrainConfig.with_overrides(overrides)
     run = TrainingRun(
         tenant_id=tenant_id,
         status=RunStatus.queued,
