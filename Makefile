@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test serve lint
+.PHONY: install demo test serve bench lint
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ test: install
 serve: install
 	$(VENV)/bin/draftloop db upgrade
 	trap 'kill 0' EXIT; $(VENV)/bin/draftloop worker & $(VENV)/bin/draftloop beat & $(VENV)/bin/draftloop serve
+
+bench: install
+	$(PY) -m bench.draft_latency
+	$(PY) -m bench.train_sample
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

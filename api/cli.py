@@ -1,6 +1,8 @@
 """The `draftloop` command line."""
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -25,9 +27,14 @@ app.add_typer(adapters_app, name="adapters")
 app.add_typer(datasets_app, name="datasets")
 
 
-def _fail(error: DomainError) -> None:
-    typer.secho(f"error: {error.message}", fg="red", err=True)
-    raise typer.Exit(1)
+@contextmanager
+def _reported() -> Iterator[None]:
+    """A domain error ends the command with its message (which says what to fix) and exit code 1."""
+    try:
+        yield
+    except DomainError as error:
+        typer.secho(f"error: {error.message}", fg="red", err=True)
+        raise typer.Exit(1) from None
 
 
 @db_app.command("upgrade")
@@ -51,12 +58,10 @@ def tenants_create(
     """Create a tenant."""
     if instructions_file is not None:
         instructions = instructions_file.read_text()
-    try:
+    with _reported():
         with session_scope() as session:
             tenant = service.create_tenant(session, name=name, slug=slug, instructions=instructions)
             typer.echo(f"created tenant {tenant.slug} (id {tenant.id})")
-    except DomainError as error:
-        _fail(error)
 
 
 @keys_app.command("create")
@@ -66,26 +71,22 @@ def keys_create(
     name: Annotated[str, typer.Option(help="What the key is for")],
 ) -> None:
     """Create an API key. The key is printed once; only its hash is stored."""
-    try:
+    with _reported():
         with session_scope() as session:
             key, raw_key = service.create_api_key(
                 session, service.get_tenant_by_slug(session, tenant), name=name, role=role
             )
             typer.echo(f"created {key.role} key {key.id} for {tenant}; store it now, it is not shown again:")
             typer.echo(raw_key)
-    except DomainError as error:
-        _fail(error)
 
 
 @keys_app.command("revoke")
 def keys_revoke(tenant: Annotated[str, typer.Option(help="Tenant slug")], key_id: int) -> None:
     """Revoke an API key by id."""
-    try:
+    with _reported():
         with session_scope() as session:
             service.revoke_api_key(session, service.get_tenant_by_slug(session, tenant).id, key_id)
             typer.echo(f"revoked key {key_id}")
-    except DomainError as error:
-        _fail(error)
 
 
 @app.command()
@@ -117,7 +118,7 @@ def train(
     """Train, evaluate and gate a new adapter now, in this process, showing progress."""
     from training.pipeline import create_run, execute_run
 
-    try:
+    with _reported():
         with session_scope() as session:
             tenant_id = service.get_tenant_by_slug(session, tenant).id
             run_id = create_run(
@@ -125,8 +126,6 @@ def train(
             ).id
         typer.echo(f"run {run_id} for {tenant}")
         execute_run(run_id, get_settings(), echo=typer.echo)
-    except DomainError as error:
-        _fail(error)
     typer.echo(f"report: {get_settings().reports_dir / f'run-{run_id}'}")
 
 
@@ -135,10 +134,8 @@ def evaluate(tenant: Annotated[str, typer.Option(help="Tenant slug")]) -> None:
     """Score the base model and the champion on the current held-out set, and plot every version's scores."""
     from training.pipeline import evaluate_tenant
 
-    try:
+    with _reported():
         evaluate_tenant(tenant, get_settings(), echo=typer.echo)
-    except DomainError as error:
-        _fail(error)
 
 
 @adapters_app.command("list")
@@ -166,15 +163,13 @@ def adapters_promote(
     """Make a version the champion (the gate is bypassed: the reason is recorded)."""
     from training import registry
 
-    try:
+    with _reported():
         with session_scope() as session:
             tenant_id = service.get_tenant_by_slug(session, tenant).id
             registry.promote(
                 session, registry.get_adapter(session, tenant_id, version=version), actor="cli", reason=reason
             )
         typer.echo(f"version {version} is now the champion of {tenant}")
-    except DomainError as error:
-        _fail(error)
 
 
 @adapters_app.command("rollback")
@@ -185,14 +180,12 @@ def adapters_rollback(
     """Reject the champion and restore the previous one (or the bare base model)."""
     from training import registry
 
-    try:
+    with _reported():
         with session_scope() as session:
             restored = registry.rollback(
                 session, service.get_tenant_by_slug(session, tenant).id, actor="cli", reason=reason
             )
             typer.echo(f"{tenant} now drafts with " + (f"version {restored.version}" if restored else "the base model"))
-    except DomainError as error:
-        _fail(error)
 
 
 @datasets_app.command("export")
@@ -207,7 +200,7 @@ def datasets_export(
     from training.train import TrainConfig
 
     settings = get_settings()
-    try:
+    with _reported():
         with session_scope() as session:
             found = service.get_tenant_by_slug(session, tenant)
             dataset = build_dataset(
@@ -219,8 +212,6 @@ def datasets_export(
                 settings=settings,
                 max_length=TrainConfig().max_length,
             )
-    except DomainError as error:
-        _fail(error)
     write_jsonl(dataset.rows, out)
     typer.echo(f"{len(dataset.rows)} rows (dropped {dataset.dropped or 'none'}), hash {dataset.content_hash} -> {out}")
 

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 REFERENCE_STEPS = 6
-WORK = Path(tempfile.mkdtemp(prefix="draftloop-bench-"))
+# Spawned children import this module again: they find the folder in the environment.
+WORK = Path(os.environ.setdefault("DRAFTLOOP_BENCH_DIR", tempfile.mkdtemp(prefix="draftloop-bench-")))
 os.environ.update(
     DRAFTLOOP_VAR_DIR=str(WORK),
     DRAFTLOOP_DATABASE_URL=f"sqlite:///{WORK / 'bench.db'}",

@@ -1,10 +1,13 @@
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import committing
+from core.settings import get_settings
 from feedback import service
 from feedback.models import Role, Verdict
 from tests.factories import make_draft, make_tenant
@@ -58,3 +61,21 @@ def tenant_with_corrections(sessions):
 def run_settings(tiny_settings, tmp_path):
     """The tiny model's settings with a registry and reports of this test's own."""
     return tiny_settings.model_copy(update={"var_dir": tmp_path, "adapter_dir": tmp_path / "adapters"})
+
+
+@pytest.fixture
+def worker_settings(tiny_settings, tmp_path, monkeypatch, postgres_engine):
+    """Process settings for the worker and the app: the tiny base, this test's registry, the
+    PostgreSQL test database and the test Redis database (emptied)."""
+    monkeypatch.setenv("DRAFTLOOP_BASE_MODEL", tiny_settings.base_model)
+    monkeypatch.setenv("DRAFTLOOP_MODEL_DTYPE", "float32")
+    monkeypatch.setenv("DRAFTLOOP_VAR_DIR", str(tmp_path))
+    monkeypatch.setenv("DRAFTLOOP_ADAPTER_DIR", str(tmp_path / "adapters"))
+    monkeypatch.setenv("DRAFTLOOP_GATE_MIN_HELDOUT", "3")
+    monkeypatch.setenv("DRAFTLOOP_EVAL_DRAFT_EXAMPLES", "2")
+    monkeypatch.setenv("DRAFTLOOP_EVAL_MAX_NEW_TOKENS", "8")
+    monkeypatch.setenv("DRAFTLOOP_MIN_NEW_CORRECTIONS", "20")
+    redis.Redis.from_url(os.environ["DRAFTLOOP_REDIS_URL"]).flushdb()
+    get_settings.cache_clear()
+    yield get_settings()
+    get_settings.cache_clear()

@@ -8,7 +8,6 @@ import sys
 import threading
 import time
 
-import pytest
 import redis
 from celery.contrib.testing.worker import start_worker
 from fastapi.testclient import TestClient
@@ -20,7 +19,6 @@ from api.app import create_app
 from api.deps import drafter
 from core.db import session_scope
 from core.errors import Conflict
-from core.settings import get_settings
 from feedback.models import Role
 from tests.factories import make_key, make_tenant
 from tests.training.conftest import add_corrections
@@ -31,24 +29,6 @@ from training.pipeline import create_run
 from training.tasks import enqueue
 
 FAST = {"quantization": "none", "compute_dtype": "float32", "epochs": 3, "batch_size": 4, "learning_rate": 1e-2}
-
-
-@pytest.fixture
-def worker_settings(tiny_settings, tmp_path, monkeypatch, postgres_engine):
-    """Process settings for the worker and the app: the tiny base, this test's registry, the
-    PostgreSQL test database and the test Redis database (emptied)."""
-    monkeypatch.setenv("DRAFTLOOP_BASE_MODEL", tiny_settings.base_model)
-    monkeypatch.setenv("DRAFTLOOP_MODEL_DTYPE", "float32")
-    monkeypatch.setenv("DRAFTLOOP_VAR_DIR", str(tmp_path))
-    monkeypatch.setenv("DRAFTLOOP_ADAPTER_DIR", str(tmp_path / "adapters"))
-    monkeypatch.setenv("DRAFTLOOP_GATE_MIN_HELDOUT", "3")
-    monkeypatch.setenv("DRAFTLOOP_EVAL_DRAFT_EXAMPLES", "2")
-    monkeypatch.setenv("DRAFTLOOP_EVAL_MAX_NEW_TOKENS", "8")
-    monkeypatch.setenv("DRAFTLOOP_MIN_NEW_CORRECTIONS", "20")
-    redis.Redis.from_url(os.environ["DRAFTLOOP_REDIS_URL"]).flushdb()
-    get_settings.cache_clear()
-    yield get_settings()
-    get_settings.cache_clear()
 
 
 def tenant_with_history(count=40, role=Role.admin):

@@ -1,0 +1,40 @@
+import json
+
+from typer.testing import CliRunner
+
+from api.cli import app
+from tests.training.test_tasks import tenant_with_history
+
+runner = CliRunner()
+FAST = ["--set", "quantization=none", "--set", "compute_dtype=float32", "--set", "epochs=3"]
+FAST += ["--set", "batch_size=4", "--set", "learning_rate=0.01"]
+
+
+def cli(*args: str) -> str:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_train_eval_and_adapter_commands(worker_settings, tmp_path):
+    tenant, _ = tenant_with_history()
+    trained = cli("train", "--tenant", tenant.slug, *FAST)
+    assert "step 1/" in trained and "promoted" in trained and "report:" in trained
+
+    listed = cli("adapters", "list", "--tenant", tenant.slug)
+    assert "champion" in listed.splitlines()[1]
+
+    out = tmp_path / "train.jsonl"
+    exported = cli("datasets", "export", "--tenant", tenant.slug, "--out", str(out))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and f"{len(rows)} rows" in exported and set(rows[0]) == {"prompt", "completion"}
+
+    scored = cli("eval", "--tenant", tenant.slug)
+    assert "base: held-out NLL" in scored and "champion v1: held-out NLL" in scored
+    assert (worker_settings.reports_dir / f"{tenant.slug}-versions.png").exists()
+
+    assert "the base model" in cli("adapters", "rollback", "--tenant", tenant.slug, "--reason", "worse drafts")
+    again = runner.invoke(app, ["adapters", "rollback", "--tenant", tenant.slug, "--reason", "again"])
+    assert again.exit_code == 1 and "no champion" in again.output
+    bad = runner.invoke(app, ["train", "--tenant", tenant.slug, "--set", "epochz=2"])
+    assert bad.exit_code == 1 and "unknown training settings" in bad.output
