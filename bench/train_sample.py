@@ -35,12 +35,12 @@ os.environ.update(
 
 def load_history() -> int:
     """The sample tenant's emails and corrections, stored as the service stores them. The drafts'
-    own text plays no part in training, so it is not generated here (see `draftloop samples load`)."""
+    own text plays no part in training, so it is not generated here (`make demo` drafts for real)."""
     from core.db import session_scope
     from core.settings import get_settings
     from feedback import service
-    from feedback.models import Role, Verdict
-    from feedback.samples import load_sample_tenant
+    from feedback.models import Role
+    from feedback.samples import load_sample_tenant, record_history
     from migrations import upgrade
 
     settings = get_settings()
@@ -49,31 +49,7 @@ def load_history() -> int:
     with session_scope() as session:
         tenant = service.create_tenant(session, name=sample.name, slug=sample.slug, instructions=sample.instructions)
         reviewer, _ = service.create_api_key(session, tenant, name="sample reviewer", role=Role.reviewer)
-        for email in sample.emails:
-            draft = service.record_draft(
-                session,
-                tenant_id=tenant.id,
-                created_by_key_id=None,
-                sender=email.sender,
-                subject=email.subject,
-                body=email.body,
-                draft_text="",
-                base_model="(sample history)",
-                adapter_id=None,
-                generation={},
-                prompt_tokens=0,
-                tokens_generated=0,
-                finish_reason="stop",
-                latency_ms=0.0,
-            )
-            service.submit_correction(
-                session,
-                draft=draft,
-                correction=service.CorrectionInput(Verdict.edited, email.reply),
-                reviewer_key=reviewer,
-                idempotency_key=None,
-                heldout_fraction=settings.heldout_fraction,
-            )
+        record_history(session, tenant.id, reviewer, sample.emails, settings.heldout_fraction)
         return tenant.id
 
 

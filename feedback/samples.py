@@ -4,6 +4,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy.orm import Session
+
+from feedback import service
+from feedback.models import ApiKey, Verdict
+
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
 
 
@@ -31,3 +36,35 @@ def load_sample_tenant(slug: str = "northwind") -> SampleTenant:
     emails = [SampleEmail(**json.loads(line)) for line in lines if line.strip()]
     assert len({email.id for email in emails}) == len(emails), "sample ids must be unique"
     return SampleTenant(slug=tenant["slug"], name=tenant["name"], instructions=tenant["instructions"], emails=emails)
+
+
+def record_history(
+    session: Session, tenant_id: int, reviewer: ApiKey, emails: list[SampleEmail], heldout_fraction: float
+) -> None:
+    """The emails with their reviewers' corrections, without drafting them: for benchmarks and
+    tests that need a tenant's corrections and not the drafts (the demo drafts for real)."""
+    for email in emails:
+        draft = service.record_draft(
+            session,
+            tenant_id=tenant_id,
+            created_by_key_id=None,
+            sender=email.sender,
+            subject=email.subject,
+            body=email.body,
+            draft_text="",
+            base_model="(sample history, not drafted)",
+            adapter_id=None,
+            generation={},
+            prompt_tokens=0,
+            tokens_generated=0,
+            finish_reason="stop",
+            latency_ms=0.0,
+        )
+        service.submit_correction(
+            session,
+            draft=draft,
+            correction=service.CorrectionInput(Verdict.edited, email.reply),
+            reviewer_key=reviewer,
+            idempotency_key=None,
+            heldout_fraction=heldout_fraction,
+        )

@@ -1,5 +1,5 @@
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 from agent.prompt import (
@@ -72,22 +72,17 @@ def test_prompt_completion_row_shape():
     assert row["completion"] == [{"role": "assistant", "content": "Friday is fine.\n\nBob"}]
 
 
-def test_training_sees_the_drafting_prompt_and_learns_only_the_reply(tokenizer, tmp_path):
+def test_training_sees_the_drafting_prompt_and_learns_only_the_reply(tokenizer, tiny_base_dir, tmp_path):
     """TRL tokenizes the row with the exact drafting prompt first, and its labels are the reply + end of turn."""
     reply = "Friday is fine, your delivery is moved.\n\nBob"
     quote = QUOTE_STYLES["angle brackets"]
     row = build_prompt_completion("Sign as Bob.", email(f"{NEW_TEXT}\n\n{quote}"), reply, quoted_history_chars=50)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
     args = SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, max_length=1024)
     trainer = SFTTrainer(
-        model=LlamaForCausalLM(config), args=args, train_dataset=Dataset.from_list([row]), processing_class=tokenizer
+        model=LlamaForCausalLM.from_pretrained(tiny_base_dir),
+        args=args,
+        train_dataset=Dataset.from_list([row]),
+        processing_class=tokenizer,
     )
     example = trainer.train_dataset[0]
 

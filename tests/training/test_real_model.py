@@ -6,9 +6,9 @@ from sqlalchemy.orm import sessionmaker
 
 from core.db import committing
 from feedback import service
-from feedback.models import Role, Verdict
-from feedback.samples import load_sample_tenant
-from tests.factories import make_draft, make_tenant
+from feedback.models import Role
+from feedback.samples import load_sample_tenant, record_history
+from tests.factories import make_tenant
 from training import registry
 from training.models import RunStatus, TrainingRun
 from training.pipeline import create_run, execute_run
@@ -39,16 +39,7 @@ def test_the_embedded_model_learns_the_house_style_on_a_slice(postgres_engine, m
     with sessions() as session:
         tenant = make_tenant(session, instructions=sample.instructions)
         key, _ = service.create_api_key(session, tenant, name="reviewer", role=Role.reviewer)
-        for email in sample.emails[:SLICE]:
-            draft = make_draft(session, tenant, "", sender=email.sender, subject=email.subject, body=email.body)
-            service.submit_correction(
-                session,
-                draft=draft,
-                correction=service.CorrectionInput(Verdict.edited, email.reply),
-                reviewer_key=key,
-                idempotency_key=None,
-                heldout_fraction=0.3,
-            )
+        record_history(session, tenant.id, key, sample.emails[:SLICE], heldout_fraction=0.3)
         run_id = create_run(session, tenant.id, trigger="test", requested_by="test", overrides=QUICK).id
 
     lines = []
