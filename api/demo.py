@@ -143,6 +143,9 @@ def run_demo() -> None:
         typer.echo(f"   report: {reports / 'report.json'}")
         typer.echo(f"   plots:  {reports / 'loss.png'}, {reports / 'heldout.png'}")
         typer.echo(f"   the demo's database: {settings.resolved_database_url}")
+        typer.echo(
+            f"   every version's scores as a plot: DRAFTLOOP_VAR_DIR={DEMO_DIR} draftloop eval --tenant northwind"
+        )
         typer.echo(f"\nThe whole loop took {time.perf_counter() - started:.0f}s.")
     finally:
         for process in (beat, worker):
