@@ -17,12 +17,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from agent.adapters import AdapterRef, attach
+from agent.adapters import attach
 from agent.model import fingerprint, load_base_model, load_tokenizer, model_id, model_source
 from core.db import session_scope
 from core.errors import Conflict, NotFound
 from core.settings import Settings
 from feedback.models import Split, Tenant
+from feedback.service import get_tenant_by_slug
 from training import plots, registry
 from training.dataset import build_dataset, record_snapshot
 from training.evaluate import decide, example_chrf, example_nll, greedy_drafts
@@ -122,9 +123,7 @@ def execute_run(run_id: int, settings: Settings, *, sessions: Sessions = session
         if run.status != RunStatus.queued and silent_for is not None and silent_for < settings.stale_after_s:
             echo(f"run {run_id} is {run.status} in another worker (last heard {silent_for:.0f}s ago)")
             return run.status
-        for leftover in session.scalars(select(Adapter).where(Adapter.training_run_id == run_id)):
-            if leftover.status == AdapterStatus.candidate:  # from an attempt that died before the gate
-                registry.reject(session, leftover, actor="training", reason=f"run {run_id} attempt did not finish")
+        _reject_candidates(session, run_id, f"run {run_id} attempt did not finish")  # from a dead attempt
         run.status, run.started_at, run.heartbeat_at = RunStatus.running, utcnow(), utcnow()
         run.attempts += 1
         tenant = session.get(Tenant, run.tenant_id)
@@ -136,11 +135,16 @@ def execute_run(run_id: int, settings: Settings, *, sessions: Sessions = session
             run = session.get(TrainingRun, run_id)
             run.status, run.finished_at = RunStatus.failed, utcnow()
             run.error = f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=5)}"
-            for adapter in session.scalars(select(Adapter).where(Adapter.training_run_id == run_id)):
-                if adapter.status == AdapterStatus.candidate:
-                    registry.reject(session, adapter, actor="training", reason=f"run {run_id} failed before the gate")
+            _reject_candidates(session, run_id, f"run {run_id} failed before the gate")
         echo(f"run {run_id} failed: {type(error).__name__}: {error}")
         raise
+
+
+def _reject_candidates(session: Session, run_id: int, reason: str) -> None:
+    """Candidates of this run that never reached the gate are rejected, never left dangling."""
+    for adapter in session.scalars(select(Adapter).where(Adapter.training_run_id == run_id)):
+        if adapter.status == AdapterStatus.candidate:
+            registry.reject(session, adapter, actor="training", reason=reason)
 
 
 def _execute(run_id, tenant_id, instructions, config: TrainConfig, settings, sessions: Sessions, echo: Echo):
@@ -230,13 +234,13 @@ def _execute(run_id, tenant_id, instructions, config: TrainConfig, settings, ses
 
 
 def evaluate_run(run_id, tenant_id, candidate_id, rows, settings: Settings, sessions: Sessions, echo: Echo) -> dict:
+    loaded = load_base_model(settings)
     with sessions() as session:
         candidate = session.get(Adapter, candidate_id)
         current = registry.champion(session, tenant_id)
-        loaded = load_base_model(settings)
-        refs = {"candidate": AdapterRef(candidate.id, registry.verified_path(settings, candidate, loaded.fingerprint))}
+        refs = {"candidate": registry.serving_ref(settings, candidate, loaded.fingerprint)}
         if current is not None:
-            refs["champion"] = AdapterRef(current.id, registry.verified_path(settings, current, loaded.fingerprint))
+            refs["champion"] = registry.serving_ref(settings, current, loaded.fingerprint)
         versions = {
             "candidate": candidate.version,
             "champion": current.version if current else None,
@@ -317,8 +321,6 @@ def _finish(run_id, status, reason, report, settings, sessions: Sessions, echo: 
 def evaluate_tenant(slug: str, settings: Settings, *, sessions: Sessions = session_scope, echo: Echo = print) -> dict:
     """Score the bare base model and the tenant's champion on the current held-out set, and plot
     the held-out NLL every adapter version had when its run evaluated it."""
-    from feedback.service import get_tenant_by_slug
-
     loaded = load_base_model(settings)
     with sessions() as session:
         tenant = get_tenant_by_slug(session, slug)
