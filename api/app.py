@@ -1,10 +1,11 @@
 """The FastAPI application: routers, the one error handler, the request size limit."""
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import BaseModel
 
 from api.routes import admin, drafts, health, review, training
+from api.web import PREFIX, create_web_app
 from core.errors import DomainError
 from core.settings import get_settings
 
@@ -49,4 +50,10 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     for module in (drafts, review, training, admin):
         app.include_router(module.router, responses=ERRORS)
+
+    @app.get("/", include_in_schema=False)
+    def home() -> RedirectResponse:
+        return RedirectResponse(f"{PREFIX}/", status_code=303)
+
+    app.mount(PREFIX, create_web_app(get_settings()))  # the reviewer's pages
     return app

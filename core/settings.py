@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     quoted_history_chars: int = Field(2_000, ge=0)
     max_prompt_tokens: int = Field(1_536, ge=64)
 
+    # The reviewer's pages: the session cookie is signed with this key (empty: a random key kept
+    # in <var_dir>/secret_key, shared by the processes on this machine) and sent only over HTTPS
+    # when secure_cookies is on.
+    secret_key: str = ""
+    secure_cookies: bool = False
+
     # Feedback
     heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     max_request_bytes: int = Field(1_000_000, ge=1024)

@@ -5,11 +5,12 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.errors import Conflict, Invalid, NotFound, Unauthorized
+from feedback.diff import word_edit_distance
 from feedback.models import ApiKey, Correction, Draft, Role, Split, Tenant, Verdict, utcnow
 
 KEY_PREFIX = "dl_"
@@ -61,6 +62,14 @@ def authenticate(session: Session, raw_key: str) -> ApiKey:
     return key
 
 
+def active_key(session: Session, key_id: int) -> ApiKey:
+    """A key by id, as a signed-in browser session refers to it; revoked keys end the session."""
+    key = session.get(ApiKey, key_id)
+    if key is None or key.revoked_at is not None:
+        raise Unauthorized("the API key of this session is unknown or revoked; sign in again")
+    return key
+
+
 def list_api_keys(session: Session, tenant_id: int) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.id)))
 
@@ -106,16 +115,86 @@ class ReviewQueue:
     drafts: list[Draft]
 
 
-def review_queue(session: Session, tenant_id: int, *, limit: int) -> ReviewQueue:
-    """Drafts without a correction, oldest first."""
-    uncorrected = (
+def _uncorrected(tenant_id: int):
+    return (
         select(Draft)
         .outerjoin(Correction, Correction.draft_id == Draft.id)
         .where(Draft.tenant_id == tenant_id, Correction.id.is_(None))
     )
+
+
+def review_queue(session: Session, tenant_id: int, *, limit: int) -> ReviewQueue:
+    """Drafts without a correction, oldest first."""
+    uncorrected = _uncorrected(tenant_id)
     pending = session.scalar(select(func.count()).select_from(uncorrected.subquery()))
     drafts = session.scalars(uncorrected.order_by(Draft.created_at, Draft.id).limit(limit))
     return ReviewQueue(pending=pending or 0, drafts=list(drafts))
+
+
+def pending_neighbours(session: Session, draft: Draft) -> tuple[Draft | None, Draft | None]:
+    """The drafts without a correction just before and just after this one in queue order."""
+    uncorrected = _uncorrected(draft.tenant_id)
+    same_time = Draft.created_at == draft.created_at
+    earlier = or_(Draft.created_at < draft.created_at, and_(same_time, Draft.id < draft.id))
+    later = or_(Draft.created_at > draft.created_at, and_(same_time, Draft.id > draft.id))
+    previous = session.scalar(uncorrected.where(earlier).order_by(Draft.created_at.desc(), Draft.id.desc()).limit(1))
+    following = session.scalar(uncorrected.where(later).order_by(Draft.created_at, Draft.id).limit(1))
+    return previous, following
+
+
+@dataclass(frozen=True)
+class AdapterReviewStats:
+    """How reviewers treated the drafts of one adapter (None: the bare base model)."""
+
+    adapter_id: int | None
+    drafts: int
+    reviewed: int
+    accepted: int  # accepted exactly as drafted
+    edited: int
+    rejected: int
+    mean_edit_words: float | None  # word edit distance, draft to final text, over corrections with a final text
+
+    @property
+    def accepted_share(self) -> float | None:
+        return self.accepted / self.reviewed if self.reviewed else None
+
+
+def review_stats_by_adapter(session: Session, tenant_id: int) -> dict[int | None, AdapterReviewStats]:
+    """Per adapter that drafted for the tenant: drafts, verdicts, and the mean number of words
+    reviewers inserted, deleted or substituted (an accepted draft counts 0; a rejected draft
+    without a replacement text has nothing to compare and is left out of the mean)."""
+    counts: dict[int | None, dict[str, int]] = {}
+    verdicts = session.execute(
+        select(Draft.adapter_id, Correction.verdict, func.count())
+        .outerjoin(Correction, Correction.draft_id == Draft.id)
+        .where(Draft.tenant_id == tenant_id)
+        .group_by(Draft.adapter_id, Correction.verdict)
+    )
+    for adapter_id, verdict, count in verdicts:
+        counts.setdefault(adapter_id, {})[verdict or "pending"] = count
+    distances: dict[int | None, list[int]] = {adapter_id: [] for adapter_id in counts}
+    texts = session.execute(
+        select(Draft.adapter_id, Draft.draft_text, Correction.verdict, Correction.final_text)
+        .join(Correction, Correction.draft_id == Draft.id)
+        .where(Draft.tenant_id == tenant_id, Correction.final_text.is_not(None))
+    )
+    for adapter_id, draft_text, verdict, final_text in texts:
+        distance = 0 if verdict == Verdict.accepted else word_edit_distance(draft_text, final_text)
+        distances[adapter_id].append(distance)
+    stats = {}
+    for adapter_id, by_verdict in counts.items():
+        reviewed = sum(n for verdict, n in by_verdict.items() if verdict != "pending")
+        edits = distances[adapter_id]
+        stats[adapter_id] = AdapterReviewStats(
+            adapter_id=adapter_id,
+            drafts=reviewed + by_verdict.get("pending", 0),
+            reviewed=reviewed,
+            accepted=by_verdict.get(Verdict.accepted, 0),
+            edited=by_verdict.get(Verdict.edited, 0),
+            rejected=by_verdict.get(Verdict.rejected, 0),
+            mean_edit_words=sum(edits) / len(edits) if edits else None,
+        )
+    return stats
 
 
 # Corrections -------------------------------------------------------------------------------

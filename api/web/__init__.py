@@ -1,0 +1,57 @@
+"""The reviewer's pages: server-rendered HTML, mounted on the API app at /web. They call the
+same service functions as the JSON routes; errors render as pages, not JSON."""
+
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+from starlette.middleware.sessions import SessionMiddleware
+
+from api.web import auth, dashboard, review
+from api.web.templating import flash, render
+from core.errors import DomainError, Unauthorized
+from core.settings import Settings
+
+PREFIX = "/web"
+SESSION_MAX_AGE_S = 12 * 3600
+
+
+def _error_page(request: Request, status_code: int, message: str):
+    return render(request, "error.html", status_code=status_code, status=status_code, message=message)
+
+
+def create_web_app(settings: Settings) -> FastAPI:
+    web = FastAPI(title="draftloop pages", docs_url=None, redoc_url=None, openapi_url=None)
+    web.add_middleware(
+        SessionMiddleware,
+        secret_key=auth.secret_key(settings),
+        session_cookie="draftloop_session",
+        max_age=SESSION_MAX_AGE_S,
+        path=PREFIX,
+        same_site="lax",
+        https_only=settings.secure_cookies,
+    )
+
+    @web.exception_handler(DomainError)
+    def domain_error(request: Request, error: DomainError):
+        if isinstance(error, Unauthorized):
+            flash(request, error.message, "error")
+            return RedirectResponse(request.url_for("signin_form"), status_code=303)
+        return _error_page(request, error.status_code, error.message)
+
+    @web.exception_handler(RequestValidationError)
+    def invalid_form(request: Request, error: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in error.errors())
+        return _error_page(request, 422, f"the form was not filled in as expected ({problems})")
+
+    @web.exception_handler(HTTPException)
+    def http_error(request: Request, error: HTTPException):
+        return _error_page(request, error.status_code, str(error.detail))
+
+    web.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
+    for module in (auth, review, dashboard):
+        web.include_router(module.router)
+    return web

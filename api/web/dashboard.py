@@ -1,0 +1,73 @@
+"""The admin's dashboard: adapter versions and their scores, the last run, trigger, promote, roll back."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, BackgroundTasks, Form, Request
+from fastapi.responses import RedirectResponse
+
+from api.deps import SessionDep
+from api.web.auth import CSRF, AdminPageKey
+from api.web.chart import versions_chart
+from api.web.templating import flash, render
+from core.errors import Invalid
+from feedback.service import review_stats_by_adapter
+from training import registry
+from training.pipeline import active_run, create_run, list_runs
+from training.tasks import enqueue
+
+router = APIRouter(prefix="/dashboard")
+
+Reason = Annotated[str, Form(max_length=2_000)]
+
+
+def _reason(text: str) -> str:
+    if not text.strip():
+        raise Invalid("give a reason: it is kept in the audit log")
+    return text.strip()
+
+
+def _back(request: Request) -> RedirectResponse:
+    return RedirectResponse(request.url_for("dashboard"), status_code=303)
+
+
+@router.get("", name="dashboard")
+def dashboard(request: Request, key: AdminPageKey, session: SessionDep):
+    adapters = registry.list_adapters(session, key.tenant_id)
+    active = active_run(session, key.tenant_id)
+    return render(
+        request,
+        "dashboard.html",
+        key=key,
+        adapters=adapters,
+        champion=registry.champion(session, key.tenant_id),
+        run=active or next(iter(list_runs(session, key.tenant_id, limit=1)), None),
+        active=active is not None,
+        stats=review_stats_by_adapter(session, key.tenant_id),
+        chart=versions_chart(adapters),
+    )
+
+
+@router.post("/runs", name="trigger_run", dependencies=[CSRF])
+def trigger_run(request: Request, key: AdminPageKey, session: SessionDep, background: BackgroundTasks):
+    run = create_run(session, key.tenant_id, trigger="web", requested_by=key.name)
+    background.add_task(enqueue, [run.id])  # after the commit, as the JSON route does
+    flash(request, f"Run {run.id} is queued; a worker trains, evaluates and gates it.")
+    return _back(request)
+
+
+@router.post("/promote", name="promote", dependencies=[CSRF])
+def promote(
+    request: Request, key: AdminPageKey, session: SessionDep, version: Annotated[int, Form()], reason: Reason = ""
+):
+    adapter = registry.get_adapter(session, key.tenant_id, version=version)
+    registry.promote(session, adapter, actor=key.name, reason=_reason(reason))
+    flash(request, f"Version {version} is the champion now.")
+    return _back(request)
+
+
+@router.post("/rollback", name="rollback", dependencies=[CSRF])
+def rollback(request: Request, key: AdminPageKey, session: SessionDep, reason: Reason = ""):
+    restored = registry.rollback(session, key.tenant_id, actor=key.name, reason=_reason(reason))
+    now = f"version {restored.version} is the champion" if restored else "drafts come from the base model"
+    flash(request, f"Rolled back: {now}.")
+    return _back(request)

@@ -1,0 +1,212 @@
+"""The pages in a real browser: the app served by uvicorn on a free local port (in a thread, on
+the PostgreSQL test database), Debian's chromium driven through chromedriver, and tenants whose
+data is committed (the server reads it from its own connections) and deleted after each test."""
+
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import uvicorn
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+from sqlalchemy import delete
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.app import create_app
+from core.db import committing
+from core.settings import get_settings
+from feedback.models import Role, Tenant
+from tests.factories import make_draft, make_key, make_tenant
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+# Without these, headless chromium on a machine without network stalls on lookups and updates.
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,900",
+]
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
+
+EMAILS = [
+    (
+        "Dana Whitfield <dana@example.com>",
+        "[NW-48213] Brake squeal after service",
+        "Hi,\n\nI picked up my bike on Saturday after the spring service and the front brake squeals on "
+        "every stop. Can I bring it back in this week?\n\nThanks,\nDana",
+        "Hello Dana,\n\nsorry to hear about the brake. Please bring the bike back any day this week and "
+        "we will look at it.\n\nRegards,\nNorthwind Cycles",
+    ),
+    (
+        "Omar Haddad <omar@example.net>",
+        "Order 5521: wrong tyre size",
+        "Hello, the tyres in order 5521 are 700x25 but I ordered 700x28. How do I swap them?\n\nOmar",
+        "Hi Omar,\n\nthank you for your message. You can return the tyres and we will send the right size.\n\n"
+        "Regards,\nNorthwind Cycles",
+    ),
+    (
+        "Lena Fischer <lena.fischer@example.org>",
+        "Kids' bike fitting on Saturday?",
+        "Do you do fittings for kids' bikes on Saturdays? My daughter is 7.\n\nLena",
+        "Hello Lena,\n\nyes, we fit kids' bikes on Saturdays from 9 to 1. No booking is needed.\n\n"
+        "Regards,\nNorthwind Cycles",
+    ),
+]
+
+
+@dataclass
+class Shop:
+    """A tenant with a reviewer and an admin key (raw, to type into the sign-in form) and drafts."""
+
+    tenant_id: int
+    reviewer: str
+    admin: str
+    agent: str
+    reviewer_key_id: int
+    draft_ids: list[int] = field(default_factory=list)
+
+
+@pytest.fixture(scope="session")
+def committed(postgres_engine) -> sessionmaker[Session]:
+    return sessionmaker(bind=postgres_engine, expire_on_commit=False)
+
+
+def _make_shop(committed: sessionmaker[Session], name: str) -> Shop:
+    with committed() as session, committing(session):
+        tenant = make_tenant(session)
+        tenant.name = name
+        reviewer, reviewer_raw = make_key(session, tenant, Role.reviewer)
+        reviewer.name = "Marta"
+        admin, admin_raw = make_key(session, tenant, Role.admin)
+        admin.name = "Ops"
+        _, agent_raw = make_key(session, tenant, Role.agent)
+        drafts = [
+            make_draft(session, tenant, text, sender=sender, subject=subject, body=body)
+            for sender, subject, body, text in EMAILS
+        ]
+        return Shop(tenant.id, reviewer_raw, admin_raw, agent_raw, reviewer.id, [d.id for d in drafts])
+
+
+@pytest.fixture
+def shops(committed) -> Iterator[list[Shop]]:
+    """Two tenants, each with its own keys and three pending drafts; deleted (cascading) afterwards."""
+    made = [_make_shop(committed, "Northwind Cycles"), _make_shop(committed, "Southgate Skis")]
+    yield made
+    with committed() as session, committing(session):
+        session.execute(delete(Tenant).where(Tenant.id.in_([shop.tenant_id for shop in made])))
+
+
+@pytest.fixture
+def shop(shops) -> Shop:
+    return shops[0]
+
+
+@pytest.fixture(scope="session")
+def web_settings(tmp_path_factory) -> Iterator[None]:
+    """A signing key and a var folder of the tests' own for every app the web tests create."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DRAFTLOOP_SECRET_KEY", secrets.token_urlsafe(32))
+        patch.setenv("DRAFTLOOP_VAR_DIR", str(tmp_path_factory.mktemp("web-var")))
+        get_settings.cache_clear()
+        yield
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def server(postgres_engine, web_settings) -> Iterator[str]:
+    """The real app on a free local port, in a background thread; its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+@pytest.fixture(scope="session")
+def chromium(tmp_path_factory) -> Iterator[webdriver.Chrome]:
+    """Debian's chromium, headless, with a fresh profile. Missing, it fails the tests: `make test`
+    installs it (`make browser`), and CI must prove the pages work in a browser."""
+    for path in (CHROMIUM, CHROMEDRIVER):
+        assert path.exists(), f"{path} is missing: run `make browser` (Debian's chromium and chromium-driver)"
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)  # never Selenium Manager
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+class Browser:
+    """The browser on the test server, with the few steps the tests repeat."""
+
+    def __init__(self, driver: webdriver.Chrome, base_url: str) -> None:
+        self.driver, self.base_url = driver, base_url
+
+    def open(self, path: str) -> None:
+        self.driver.get(self.base_url + path)
+
+    def find(self, css: str):
+        return self.driver.find_element(By.CSS_SELECTOR, css)
+
+    def find_all(self, css: str) -> list:
+        return self.driver.find_elements(By.CSS_SELECTOR, css)
+
+    def text(self, css: str = "main") -> str:
+        return self.find(css).text
+
+    def wait(self, condition, timeout: float = 10):
+        return WebDriverWait(self.driver, timeout).until(condition)
+
+    def wait_for_path(self, path: str) -> None:
+        self.wait(lambda d: d.current_url == self.base_url + path)
+
+    def sign_in(self, key: str) -> None:
+        self.open("/web/signin")
+        self.find("#api_key").send_keys(key)
+        self.find("form button[type=submit]").click()
+        self.wait_for_path("/web/queue")
+
+    def screenshot(self, name: str, width: int = 1280) -> Path:
+        """The whole page at this width, under artifacts/screenshots/."""
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        self.driver.set_window_size(width, 900)
+        height = self.driver.execute_script("return document.documentElement.scrollHeight")
+        self.driver.set_window_size(width, max(height + 120, 400))
+        path = SCREENSHOTS / f"{name}.png"
+        self.driver.save_screenshot(str(path))
+        self.driver.set_window_size(1280, 900)
+        return path
+
+
+@pytest.fixture
+def browser(chromium, server) -> Browser:
+    """The session's browser, signed out (its cookies cleared) at the start of each test."""
+    chromium.get(server + "/web/signin")
+    chromium.delete_all_cookies()
+    chromium.set_window_size(1280, 900)
+    return Browser(chromium, server)
