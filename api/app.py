@@ -55,5 +55,5 @@ def create_app() -> FastAPI:
     def home() -> RedirectResponse:
         return RedirectResponse(f"{PREFIX}/", status_code=303)
 
-    app.mount(PREFIX, create_web_app(get_settings()))  # the reviewer's pages
+    app.mount(PREFIX, create_web_app(get_settings()), name="web")  # the reviewer's pages; route names "web:..."
     return app

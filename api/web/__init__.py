@@ -39,7 +39,7 @@ def create_web_app(settings: Settings) -> FastAPI:
     def domain_error(request: Request, error: DomainError):
         if isinstance(error, Unauthorized):
             flash(request, error.message, "error")
-            return RedirectResponse(request.url_for("signin_form"), status_code=303)
+            return RedirectResponse(request.url_for("web:signin_form"), status_code=303)
         return _error_page(request, error.status_code, error.message)
 
     @web.exception_handler(RequestValidationError)

@@ -86,11 +86,11 @@ def signin(request: Request, session: SessionDep, api_key: Annotated[str, Form()
     request.session.clear()  # a new session: a fresh CSRF token, nothing left from before
     request.session["key_id"] = key.id
     csrf_token(request)
-    return RedirectResponse(request.url_for("queue"), status_code=303)
+    return RedirectResponse(request.url_for("web:queue"), status_code=303)
 
 
 @router.post("/signout", name="signout", dependencies=[CSRF])
 def signout(request: Request):
     request.session.clear()
     flash(request, "You are signed out.")
-    return RedirectResponse(request.url_for("signin_form"), status_code=303)
+    return RedirectResponse(request.url_for("web:signin_form"), status_code=303)

@@ -27,7 +27,7 @@ def _reason(text: str) -> str:
 
 
 def _back(request: Request) -> RedirectResponse:
-    return RedirectResponse(request.url_for("dashboard"), status_code=303)
+    return RedirectResponse(request.url_for("web:dashboard"), status_code=303)
 
 
 @router.get("", name="dashboard")

@@ -26,7 +26,7 @@ def _last_saved(request: Request, session, key: ApiKey) -> Draft | None:
 
 @router.get("/", name="home")
 def home(request: Request):
-    return RedirectResponse(request.url_for("queue"), status_code=303)
+    return RedirectResponse(request.url_for("web:queue"), status_code=303)
 
 
 @router.get("/queue", name="queue")
@@ -92,5 +92,5 @@ def correct(
     following = following or next(iter(service.review_queue(session, key.tenant_id, limit=1).drafts), None)
     if following is None:
         flash(request, "The queue is clear: every draft has a correction.")
-        return RedirectResponse(request.url_for("queue"), status_code=303)
-    return RedirectResponse(request.url_for("draft", draft_id=following.id), status_code=303)
+        return RedirectResponse(request.url_for("web:queue"), status_code=303)
+    return RedirectResponse(request.url_for("web:draft", draft_id=following.id), status_code=303)

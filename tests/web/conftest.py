@@ -23,8 +23,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.app import create_app
 from core.db import committing
 from core.settings import get_settings
-from feedback.models import Role, Tenant
+from feedback import service
+from feedback.models import ApiKey, Role, Tenant, Verdict, utcnow
 from tests.factories import make_draft, make_key, make_tenant
+from training import registry
+from training.models import Adapter, AdapterStatus, RunStatus, TrainingRun
+from training.pipeline import create_run
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 # Without these, headless chromium on a machine without network stalls on lookups and updates.
@@ -210,3 +214,78 @@ def browser(chromium, server) -> Browser:
     chromium.delete_all_cookies()
     chromium.set_window_size(1280, 900)
     return Browser(chromium, server)
+
+
+@dataclass
+class Versions:
+    """Three adapter versions of the shop: v1 retired, v2 the champion, v3 rejected by the gate."""
+
+    shop: Shop
+    adapter_ids: dict[int, int]  # version -> adapter id
+    run_id: int
+
+
+def _adapter(session: Session, tenant_id: int, version: int, run_id: int, nll: float, chrf: float) -> Adapter:
+    adapter = Adapter(
+        tenant_id=tenant_id,
+        version=version,
+        status=AdapterStatus.candidate,
+        path=f"tenant-{tenant_id}/v{version:04d}",
+        content_hash=f"{version:064x}",
+        size_bytes=1000,
+        base_model="tiny",
+        base_model_fingerprint="0" * 64,
+        training_run_id=run_id,
+        config={},
+        metrics={"nll": nll, "chrf": chrf, "run_id": run_id},
+    )
+    session.add(adapter)
+    session.flush()
+    return adapter
+
+
+def _finished_run(session: Session, tenant_id: int, status: RunStatus, reason: str, summary: dict) -> TrainingRun:
+    run = create_run(session, tenant_id, trigger="schedule", requested_by="beat")
+    run.status, run.decision_reason, run.finished_at = status, reason, utcnow()
+    run.step, run.total_steps, run.loss = 12, 12, 1.234
+    run.report = {"summary": summary, "heldout_examples": 35}
+    session.flush()
+    return run
+
+
+@pytest.fixture
+def versions(shop, committed) -> Versions:
+    """Adapter versions with scores, runs with the gate's decisions, and reviewed drafts of each
+    version: v1 drafted two (one accepted, one edited by 1 word), v2 two (both accepted)."""
+    with committed() as session, committing(session):
+        tenant_id = shop.tenant_id
+        reviewer = session.get(ApiKey, shop.reviewer_key_id)
+        scores = [(2.10, 31.2), (1.80, 38.5), (1.79, 38.9)]
+        adapters = {}
+        for version, (nll, chrf) in enumerate(scores, start=1):
+            decision = (RunStatus.rejected, "improvement not significant: 95% CI [-0.0100, 0.0300] includes zero")
+            if version < 3:
+                decision = (RunStatus.promoted, f"held-out NLL {nll + 0.3:.3f} -> {nll:.3f} (14.3% better)")
+            summary = {"base": {"nll": 2.9, "chrf": 20.4}, "candidate": {"nll": nll, "chrf": chrf}}
+            run = _finished_run(session, tenant_id, *decision, summary)
+            adapter = _adapter(session, tenant_id, version, run.id, nll, chrf)
+            verdict = registry.promote if version < 3 else registry.reject
+            verdict(session, adapter, actor=f"gate (run {run.id})", reason=run.decision_reason)
+            adapters[version] = adapter.id
+        tenant = session.get(Tenant, tenant_id)
+        for adapter_id, verdict, final in [
+            (adapters[1], Verdict.accepted, None),
+            (adapters[1], Verdict.edited, "Hi Sam, the order ships today."),
+            (adapters[2], Verdict.accepted, None),
+            (adapters[2], Verdict.accepted, None),
+        ]:
+            draft = make_draft(session, tenant, "Hi Sam, the order ships Monday.", adapter_id=adapter_id)
+            service.submit_correction(
+                session,
+                draft=draft,
+                correction=service.CorrectionInput(verdict, final),
+                reviewer_key=reviewer,
+                idempotency_key=None,
+                heldout_fraction=0.2,
+            )
+    return Versions(shop, adapters, run.id)

@@ -39,6 +39,7 @@ def test_reviewer_edits_a_draft_and_lands_on_the_next(browser, shop, committed):
     editor = browser.find("#final_text")
     assert editor.get_attribute("value") == EMAILS[0][3]  # prefilled with the draft
     browser.screenshot("draft")
+    browser.screenshot("draft-phone", width=390)
 
     final = EMAILS[0][3].replace("we will look at it.", "we will fix it free of charge, ticket NW-48213.")
     editor.clear()

@@ -1,0 +1,94 @@
+"""The admin's dashboard in a real browser: versions and scores, the last run, promote and roll back
+with confirmation, trigger a run; reviewers are kept out."""
+
+from sqlalchemy import select
+
+from training import registry
+from training.models import AdapterEvent, RunStatus, TrainingRun
+
+
+def champion_version(committed, tenant_id: int) -> int | None:
+    with committed() as session:
+        current = registry.champion(session, tenant_id)
+        return current.version if current else None
+
+
+def submit_confirmed(browser, button_css: str, accept: bool) -> None:
+    """Click a button whose form asks for confirmation, and answer the dialog."""
+    browser.find(button_css).click()
+    alert = browser.wait(lambda d: d.switch_to.alert)
+    alert.accept() if accept else alert.dismiss()
+
+
+def test_dashboard_shows_versions_scores_run_and_review_stats(browser, versions, committed):
+    browser.sign_in(versions.shop.admin)
+    browser.find('a[href$="/web/dashboard"]').click()
+    browser.wait_for_path("/web/dashboard")
+
+    assert "Version 2" in browser.text("#champion-heading + p")
+    points = browser.find_all("figure.chart circle")
+    assert len(points) == 3
+    assert browser.find(".chart .status-champion text").text == "v2"
+    run = browser.text("section:has(#run-heading)")
+    assert f"Run {versions.run_id}: rejected" in run
+    assert "The gate: improvement not significant" in run
+    assert browser.find("#run-progress").get_attribute("value") == "12"
+
+    rows = {
+        row.find_element("css selector", "th").text: row.text for row in browser.find_all("table.versions tbody tr")
+    }
+    assert rows["v1"].split()[-4:] == ["2", "2", "50%", "0.5"]  # drafts, reviewed, accepted unedited, mean edit
+    assert rows["v2"].split()[-4:] == ["2", "2", "100%", "0.0"]
+    assert rows["base model"].split()[-4:] == ["3", "0", "–", "–"]
+    browser.screenshot("dashboard")
+    browser.screenshot("dashboard-phone", width=390)
+
+
+def test_promote_and_roll_back_ask_for_confirmation(browser, versions, committed):
+    tenant_id = versions.shop.tenant_id
+    browser.sign_in(versions.shop.admin)
+    browser.open("/web/dashboard")
+    browser.find("#promote-version option[value='1']").click()
+    browser.find("#promote-reason").send_keys("v2 drafts the wrong opening hours")
+
+    submit_confirmed(browser, "form.promote button", accept=False)
+    assert champion_version(committed, tenant_id) == 2
+
+    submit_confirmed(browser, "form.promote button", accept=True)
+    browser.wait(lambda d: "Version 1 is the champion now." in d.find_element("css selector", "main").text)
+    assert champion_version(committed, tenant_id) == 1
+
+    browser.find("#rollback-reason").send_keys("v1 was worse after all")
+    submit_confirmed(browser, "form:has(#rollback-reason) button", accept=True)
+    browser.wait(lambda d: "Rolled back: version 2 is the champion." in d.find_element("css selector", "main").text)
+    assert champion_version(committed, tenant_id) == 2
+    with committed() as session:
+        events = session.scalars(
+            select(AdapterEvent).where(AdapterEvent.tenant_id == tenant_id, AdapterEvent.actor == "Ops")
+        ).all()
+    assert [(e.action, e.reason) for e in events] == [
+        ("promote", "v2 drafts the wrong opening hours"),
+        ("rollback", "v1 was worse after all"),
+    ]
+
+
+def test_train_now_queues_a_run(browser, versions, committed):
+    browser.sign_in(versions.shop.admin)
+    browser.open("/web/dashboard")
+    submit_confirmed(browser, "form:has(button.primary) button.primary", accept=True)
+    browser.wait(lambda d: "is queued" in d.find_element("css selector", "main").text)
+    with committed() as session:
+        run = session.scalars(
+            select(TrainingRun).where(TrainingRun.tenant_id == versions.shop.tenant_id).order_by(TrainingRun.id.desc())
+        ).first()
+    assert (run.status, run.trigger, run.requested_by) == (RunStatus.queued, "web", "Ops")
+    assert f"Run {run.id}: queued" in browser.text("section:has(#run-heading)")
+    assert not browser.find("form:has(button.primary) button.primary").is_enabled()  # one active run at a time
+
+
+def test_a_reviewer_cannot_open_the_dashboard(browser, shop):
+    browser.sign_in(shop.reviewer)
+    assert not browser.find_all('a[href$="/web/dashboard"]')
+    browser.open("/web/dashboard")
+    assert browser.text("h1").startswith("Not allowed")
+    assert "needs an admin key" in browser.text()
