@@ -146,6 +146,9 @@ def run_demo() -> None:
         typer.echo(
             f"   every version's scores as a plot: DRAFTLOOP_VAR_DIR={DEMO_DIR} draftloop eval --tenant northwind"
         )
+        typer.echo(f"   the reviewer's pages: DRAFTLOOP_VAR_DIR={DEMO_DIR} draftloop serve, then open")
+        typer.echo(f"   http://127.0.0.1:8000/web/ and sign in with the demo's admin key {keys[Role.admin]}")
+        typer.echo(f"   (or its reviewer key {keys[Role.reviewer]}, which sees the queue but not the dashboard)")
         typer.echo(f"\nThe whole loop took {time.perf_counter() - started:.0f}s.")
     finally:
         for process in (beat, worker):

@@ -5,7 +5,7 @@ import uuid
 from sqlalchemy.orm import Session
 
 from feedback import service
-from feedback.models import ApiKey, Draft, Role, Tenant
+from feedback.models import ApiKey, Correction, Draft, Role, Tenant, Verdict
 
 
 def make_tenant(session: Session, instructions: str = "You answer for a bicycle shop.") -> Tenant:
@@ -32,3 +32,17 @@ def make_draft(session: Session, tenant: Tenant, text: str = "Hello, thanks for 
         latency_ms=1.0,
     )
     return service.record_draft(session, tenant_id=tenant.id, created_by_key_id=None, **(values | fields))
+
+
+def make_correction(
+    session: Session, draft: Draft, key: ApiKey, verdict: Verdict, final_text: str | None = None
+) -> Correction:
+    correction, _ = service.submit_correction(
+        session,
+        draft=draft,
+        correction=service.CorrectionInput(verdict, final_text),
+        reviewer_key=key,
+        idempotency_key=None,
+        heldout_fraction=0.2,
+    )
+    return correction

@@ -3,7 +3,7 @@
 from feedback import service
 from feedback.diff import DiffPart, word_diff, word_edit_distance
 from feedback.models import Role, Verdict
-from tests.factories import make_draft, make_key, make_tenant
+from tests.factories import make_correction, make_draft, make_key, make_tenant
 
 
 def test_word_diff_marks_changed_words_and_keeps_the_final_layout():
@@ -41,14 +41,7 @@ def test_review_stats_by_adapter(session):
     def reviewed(adapter_id, verdict, final_text=None):
         draft = make_draft(session, tenant, "a b c d", adapter_id=adapter_id)
         if verdict is not None:
-            service.submit_correction(
-                session,
-                draft=draft,
-                correction=service.CorrectionInput(verdict, final_text),
-                reviewer_key=key,
-                idempotency_key=None,
-                heldout_fraction=0.2,
-            )
+            make_correction(session, draft, key, verdict, final_text)
 
     reviewed(None, None)
     reviewed(101, Verdict.accepted)
@@ -78,14 +71,7 @@ def test_pending_neighbours_follow_the_queue_order(session):
     tenant = make_tenant(session)
     key, _ = make_key(session, tenant, Role.reviewer)
     first, second, third, fourth = (make_draft(session, tenant, f"draft {n}") for n in range(4))
-    service.submit_correction(
-        session,
-        draft=second,
-        correction=service.CorrectionInput(Verdict.accepted),
-        reviewer_key=key,
-        idempotency_key=None,
-        heldout_fraction=0.2,
-    )
+    make_correction(session, second, key, Verdict.accepted)
     assert service.pending_neighbours(session, first) == (None, third)
     assert service.pending_neighbours(session, second) == (first, third)  # a corrected draft still has a place
     assert service.pending_neighbours(session, fourth) == (third, None)

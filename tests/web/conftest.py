@@ -23,9 +23,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.app import create_app
 from core.db import committing
 from core.settings import get_settings
-from feedback import service
 from feedback.models import ApiKey, Role, Tenant, Verdict, utcnow
-from tests.factories import make_draft, make_key, make_tenant
+from tests.factories import make_correction, make_draft, make_key, make_tenant
 from training import registry
 from training.models import Adapter, AdapterStatus, RunStatus, TrainingRun
 from training.pipeline import create_run
@@ -280,12 +279,5 @@ def versions(shop, committed) -> Versions:
             (adapters[2], Verdict.accepted, None),
         ]:
             draft = make_draft(session, tenant, "Hi Sam, the order ships Monday.", adapter_id=adapter_id)
-            service.submit_correction(
-                session,
-                draft=draft,
-                correction=service.CorrectionInput(verdict, final),
-                reviewer_key=reviewer,
-                idempotency_key=None,
-                heldout_fraction=0.2,
-            )
+            make_correction(session, draft, reviewer, verdict, final)
     return Versions(shop, adapters, run.id)
