@@ -21,7 +21,8 @@ def csrf_token(request: Request) -> str:
 
 
 def flash(request: Request, message: str, kind: str = "info") -> None:
-    request.session.setdefault("flash", []).append({"message": message, "kind": kind})
+    # assigned, not appended in place: the session is written back only when an item is set
+    request.session["flash"] = [*request.session.get("flash", []), {"message": message, "kind": kind}]
 
 
 def pop_flashes(request: Request) -> list[dict]:

@@ -60,6 +60,11 @@ def test_reviewer_edits_a_draft_and_lands_on_the_next(browser, shop, committed):
     assert "2 pending" in browser.text()
     browser.screenshot("saved-diff")
 
+    saved.find_element("css selector", "a").click()  # a corrected draft shows its correction, not the editor
+    browser.wait_for_path(f"/web/drafts/{first}")
+    assert "Edited by Marta" in browser.text("section:has(#correction-heading)")
+    assert not browser.find_all("#correction")
+
 
 def test_keyboard_accepts_rejects_and_saves_until_the_queue_is_clear(browser, shop, committed):
     first, second, third = shop.draft_ids
@@ -137,6 +142,7 @@ def test_sign_out_and_a_revoked_key_end_the_session(browser, shop, committed):
     assert "You are signed out." in browser.text()
     browser.open("/web/queue")
     browser.wait_for_path("/web/signin")
+    assert "Sign in with your reviewer or admin key." in browser.text()
 
     browser.sign_in(shop.reviewer)
     with committed() as session:
