@@ -1,10 +1,28 @@
-"""LoRA adapters on the shared base model. Adapter versions are immutable, so a model that has
-loaded an adapter under its id never needs to load it again."""
+"""LoRA adapters on the shared base model. Adapter versions are immutable, so an adapter loaded
+under its id never needs to be loaded again.
 
+Two consumers: training and evaluation attach adapters to the Hugging Face model with PEFT
+(`attach`); the serving engine reads the same files into per-layer matrices it applies itself,
+several adapters in one batch (`LoraWeights`), kept in a bounded LRU cache (`AdapterCache`)."""
+
+import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
 from transformers import PreTrainedModel
+
+# The projections the engine can adapt, by the input they read: one fused matmul per input.
+INPUT_GROUPS = {
+    "attn_in": ("q_proj", "k_proj", "v_proj"),
+    "attn_out": ("o_proj",),
+    "mlp_in": ("gate_proj", "up_proj"),
+    "mlp_out": ("down_proj",),
+}
+_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
 
 
 @dataclass(frozen=True)
@@ -14,7 +32,7 @@ class AdapterRef:
 
 
 def attach(model: PreTrainedModel, adapter: AdapterRef) -> PreTrainedModel:
-    """Load the adapter onto the model (once) and make it the active one.
+    """Load the adapter onto the model with PEFT (once) and make it the active one.
 
     The first adapter wraps the base in a PeftModel; later ones are added beside it. The base
     weights are shared and never copied."""
@@ -27,3 +45,87 @@ def attach(model: PreTrainedModel, adapter: AdapterRef) -> PreTrainedModel:
         model.load_adapter(str(adapter.path), adapter_name=name, is_trainable=False)
     model.set_adapter(name)
     return model
+
+
+@dataclass
+class LoraWeights:
+    """One adapter as the engine applies it: for layer l and input group g, `a[l][g]` is the
+    stacked A matrices of the group's projections, transposed ([in, sum of ranks]), and
+    `b[l][proj]` that projection's B, transposed and scaled ([rank, out]); its columns in
+    `a[l][g]` are `cols[proj]`."""
+
+    id: int
+    a: list[dict[str, torch.Tensor]]
+    b: list[dict[str, torch.Tensor]]
+    cols: dict[str, tuple[int, int]]
+    nbytes: int
+
+    @classmethod
+    def load(cls, ref: AdapterRef, num_layers: int, dtype: torch.dtype, device: torch.device) -> "LoraWeights":
+        import json
+
+        config = json.loads((ref.path / "adapter_config.json").read_text())
+        if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+            raise ValueError(f"adapter {ref.id}: DoRA and per-module rank or alpha patterns are not supported")
+        rank = config["r"]
+        scaling = config["lora_alpha"] / (rank**0.5 if config.get("use_rslora") else rank)
+        tensors: dict[tuple[int, str, str], torch.Tensor] = {}
+        for key, value in load_file(ref.path / "adapter_model.safetensors").items():
+            match = _KEY.search(key)
+            if not match or int(match[1]) >= num_layers or match[2] not in _ALL_PROJECTIONS:
+                raise ValueError(f"adapter {ref.id}: the serving engine cannot apply the weight {key}")
+            tensors[int(match[1]), match[2], match[3]] = value.to(device=device, dtype=dtype)
+        projections = sorted({proj for _, proj, _ in tensors}, key=_ALL_PROJECTIONS.index)
+        cols, a, b = {}, [], []
+        for members in INPUT_GROUPS.values():
+            start = 0
+            for proj in (p for p in members if p in projections):
+                cols[proj] = (start, start + rank)
+                start += rank
+        for layer in range(num_layers):
+            a.append({})
+            b.append({})
+            for group, members in INPUT_GROUPS.items():
+                present = [p for p in members if p in projections]
+                if present:
+                    a[layer][group] = torch.cat([tensors[layer, p, "A"] for p in present]).t().contiguous()
+                for proj in present:
+                    b[layer][proj] = (tensors[layer, proj, "B"] * scaling).t().contiguous()
+        nbytes = sum(t.numel() * t.element_size() for layer in a + b for t in layer.values())
+        return cls(id=ref.id, a=a, b=b, cols=cols, nbytes=nbytes)
+
+
+_ALL_PROJECTIONS = [proj for members in INPUT_GROUPS.values() for proj in members]
+
+
+class AdapterCache:
+    """Loaded adapters, least recently used evicted past `max_count` adapters or `max_bytes`.
+
+    Rows being decoded hold their own reference, so evicting an adapter never disturbs a draft
+    in progress; the next request for it loads it again (the base model is never reloaded)."""
+
+    def __init__(self, max_count: int, max_bytes: int, num_layers: int, dtype: torch.dtype, device: torch.device):
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self._load_args = (num_layers, dtype, device)
+        self._entries: OrderedDict[int, LoraWeights] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0  # cold loads, for the benchmarks and tests
+
+    def get(self, ref: AdapterRef) -> LoraWeights:
+        with self._lock:
+            weights = self._entries.get(ref.id)
+            if weights is None:
+                weights = LoraWeights.load(ref, *self._load_args)
+                self.loads += 1
+                self._entries[ref.id] = weights
+            self._entries.move_to_end(ref.id)
+            while len(self._entries) > 1 and (len(self._entries) > self.max_count or self.nbytes > self.max_bytes):
+                self._entries.popitem(last=False)
+            return weights
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self._entries.values())
+
+    def __contains__(self, adapter_id: int) -> bool:
+        return adapter_id in self._entries

@@ -1,18 +1,18 @@
 """Drafting replies: the tenant's prompt, greedy decoding, stop at the end of the turn; with the
-tenant's adapter when it has one."""
+tenant's adapter when it has one. `generate_greedy` is the plain Hugging Face path (evaluation
+uses it, and the tests hold the engine's drafts to it)."""
 
 import threading
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from agent.adapters import AdapterRef, attach
+from agent.adapters import AdapterCache, AdapterRef
+from agent.engine import Engine, TokenStream
 from agent.model import LoadedModel, load_base_model
 from agent.prompt import IncomingEmail, build_messages, fit_messages, prompt_token_ids
+from core.errors import Overloaded
 from core.settings import Settings, get_settings
 
 
@@ -21,7 +21,7 @@ class DraftResult:
     text: str
     tokens_generated: int  # including the end-of-turn token when there is one
     prompt_tokens: int
-    latency_ms: float  # the whole draft call, including any wait for the model
+    latency_ms: float  # from submission to the last token, including any wait in the queue
     finish_reason: str  # "stop" | "length"
 
 
@@ -61,16 +61,49 @@ def generate_greedy(
 
 
 class Drafter:
+    """Drafts replies on the shared base model with each tenant's adapter, through the engine:
+    concurrent drafts (of any tenants) are decoded together in one batch."""
+
     def __init__(self, loaded: LoadedModel, settings: Settings):
-        self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.model_id = loaded.model_id
         self.fingerprint = loaded.fingerprint
         self.settings = settings
         self.stop_ids = stop_token_ids(loaded.model, loaded.tokenizer)
-        pad_id = self.tokenizer.pad_token_id
-        self.pad_id = pad_id if pad_id is not None else self.stop_ids[0]
-        self._lock = threading.Lock()  # one generation at a time on the shared model
+        self.engine = Engine(
+            loaded.model,
+            stop_ids=self.stop_ids,
+            max_batch=settings.max_batch,
+            max_queue=settings.max_queue,
+            max_length=settings.max_prompt_tokens + settings.max_new_tokens_limit,
+        )
+        config = loaded.model.config
+        self.adapters = AdapterCache(
+            settings.adapter_cache_count,
+            settings.adapter_cache_mb * 2**20,
+            num_layers=config.num_hidden_layers,
+            dtype=loaded.model.dtype,
+            device=loaded.model.device,
+        )
+
+    def prompt(self, instructions: str, email: IncomingEmail) -> list[int]:
+        """The token ids the agent drafts from: the one prompt builder, fitted to the prompt budget."""
+        messages = build_messages(instructions, email, quoted_history_chars=self.settings.quoted_history_chars)
+        messages = fit_messages(self.tokenizer, messages, self.settings.max_prompt_tokens)
+        return prompt_token_ids(self.tokenizer, messages)
+
+    def submit(self, prompt: list[int], *, max_new_tokens: int | None = None, adapter: AdapterRef | None = None):
+        """Start drafting from prompt ids; the stream yields token ids as they are decoded."""
+        limit = self.settings.max_new_tokens_limit
+        if max_new_tokens is None:
+            max_new_tokens = min(self.settings.max_new_tokens, limit)
+        if not 1 <= max_new_tokens <= limit:
+            raise ValueError(f"max_new_tokens must be between 1 and {limit}, got {max_new_tokens}")
+        weights = self.adapters.get(adapter) if adapter is not None else None
+        return self.engine.submit(prompt, max_new_tokens, weights)
+
+    def text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
     def draft(
         self,
@@ -81,7 +114,7 @@ class Drafter:
         adapter: AdapterRef | None = None,
     ) -> DraftResult:
         """Draft a reply to one email following the tenant's instructions, with the tenant's
-        adapter if it has one (loaded on first use, then kept), else with the bare base model."""
+        adapter if it has one, else with the bare base model."""
         return self.draft_many(instructions, [email], max_new_tokens=max_new_tokens, adapter=adapter)[0]
 
     def draft_many(
@@ -92,38 +125,44 @@ class Drafter:
         max_new_tokens: int | None = None,
         adapter: AdapterRef | None = None,
     ) -> list[DraftResult]:
-        """Draft replies to several emails of one tenant in one batch (latency is the batch's)."""
-        started = time.perf_counter()
-        limit = self.settings.max_new_tokens_limit
-        if max_new_tokens is None:
-            max_new_tokens = min(self.settings.max_new_tokens, limit)
-        if not 1 <= max_new_tokens <= limit:
-            raise ValueError(f"max_new_tokens must be between 1 and {limit}, got {max_new_tokens}")
-        prompts = []
-        for email in emails:
-            messages = build_messages(instructions, email, quoted_history_chars=self.settings.quoted_history_chars)
-            messages = fit_messages(self.tokenizer, messages, self.settings.max_prompt_tokens)
-            prompts.append(prompt_token_ids(self.tokenizer, messages))
-        with self._lock:
-            if adapter is not None:
-                self.model = attach(self.model, adapter)
-            # With adapters loaded, a tenant without one drafts on the bare base weights.
-            bare = adapter is None and isinstance(self.model, PeftModel)
-            with self.model.disable_adapter() if bare else nullcontext():
-                outputs = generate_greedy(
-                    self.model, prompts, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids, pad_id=self.pad_id
-                )
-        latency_ms = (time.perf_counter() - started) * 1000
-        return [
-            DraftResult(
-                text=self.tokenizer.decode(new_ids, skip_special_tokens=True).strip(),
-                tokens_generated=len(new_ids),
-                prompt_tokens=len(prompt),
-                latency_ms=latency_ms,
-                finish_reason="stop" if new_ids and new_ids[-1] in self.stop_ids else "length",
-            )
-            for prompt, new_ids in zip(prompts, outputs, strict=True)
-        ]
+        """Draft replies to several emails of one tenant; they are decoded side by side."""
+        prompts = [self.prompt(instructions, email) for email in emails]
+        streams: list[TokenStream] = []
+        try:
+            for prompt in prompts:
+                streams.append(self.submit(prompt, max_new_tokens=max_new_tokens, adapter=adapter))
+        except Overloaded:
+            for stream in streams:
+                stream.cancel()
+            raise
+        return [self.result(prompt, stream) for prompt, stream in zip(prompts, streams, strict=True)]
+
+    def result(self, prompt: list[int], stream: TokenStream) -> DraftResult:
+        """Wait for a stream to end and describe the draft it produced."""
+        tokens = stream.result()
+        return DraftResult(
+            text=self.text(tokens),
+            tokens_generated=len(tokens),
+            prompt_tokens=len(prompt),
+            latency_ms=(stream.finished_at - stream.submitted_at) * 1000,
+            finish_reason=stream.finish_reason,
+        )
+
+
+class IncrementalText:
+    """A growing list of token ids as text deltas: each call returns the text the new tokens
+    added (a token that ends inside a multi-byte character waits for the next one)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.sent = ""
+
+    def delta(self, tokens: list[int]) -> str:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+        if text.endswith("\ufffd") or not text.startswith(self.sent):
+            return ""
+        new, self.sent = text[len(self.sent) :], text
+        return new
 
 
 _drafter: Drafter | None = None

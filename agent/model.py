@@ -38,7 +38,7 @@ class LoadedModel:
 def load_base_model(settings: Settings) -> LoadedModel:
     """Load the configured base model in eval mode, on the GPU if there is one, else the CPU."""
     source = model_source(settings)
-    dtype = getattr(torch, settings.model_dtype)
+    dtype = resolve_dtype(settings.model_dtype)
     on_gpu = torch.cuda.is_available()
     kwargs: dict = {"dtype": dtype, "local_files_only": True}
     if settings.load_in_4bit:
@@ -56,6 +56,16 @@ def load_base_model(settings: Settings) -> LoadedModel:
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id(settings), fingerprint=fingerprint(source))
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """ "auto" is bfloat16 where the hardware computes in it natively (a GPU, or a CPU with
+    AVX-512 BF16 or AMX), else float32. Without native support, bf16 matmuls on the CPU are
+    several times slower than float32 (measured on a 2-core AVX2 EPYC: 17 vs 126 GFLOP/s)."""
+    if name != "auto":
+        return getattr(torch, name)
+    native = torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native else torch.float32
 
 
 def load_tokenizer(settings: Settings) -> PreTrainedTokenizerBase:

@@ -4,9 +4,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import BaseModel
 
-from api.routes import admin, drafts, health, review, training
+from api.routes import admin, completions, drafts, health, review, training
 from api.web import PREFIX, create_web_app
-from core.errors import DomainError
+from core.errors import DomainError, Overloaded
 from core.settings import get_settings
 
 
@@ -22,6 +22,7 @@ ERRORS = {
         404: "No such object in the key's tenant",
         409: "Conflicts with what is stored",
         413: "The email or the request is too large; the message gives the limit",
+        503: "Too many drafts in progress: retry after the Retry-After header's seconds",
     }.items()
 }
 
@@ -36,7 +37,8 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(DomainError)
     def domain_error(_request: Request, error: DomainError) -> JSONResponse:
-        return JSONResponse({"detail": error.message}, status_code=error.status_code)
+        headers = {"Retry-After": str(error.retry_after_s)} if isinstance(error, Overloaded) else None
+        return JSONResponse({"detail": error.message}, status_code=error.status_code, headers=headers)
 
     max_bytes = get_settings().max_request_bytes
 
@@ -48,7 +50,7 @@ def create_app() -> FastAPI:
         return await call_next(request)
 
     app.include_router(health.router)
-    for module in (drafts, review, training, admin):
+    for module in (drafts, completions, review, training, admin):
         app.include_router(module.router, responses=ERRORS)
 
     @app.get("/", include_in_schema=False)

@@ -1,6 +1,7 @@
 """Dependencies shared by the routes: the request's session, the caller's key, the drafter."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Annotated
 
 from fastapi import Depends, Security
@@ -14,10 +15,20 @@ from core.settings import Settings, get_settings
 from feedback.models import ApiKey, Role
 from feedback.service import authenticate
 
+Sessions = Callable[[], AbstractContextManager[Session]]
 
-def get_db() -> Iterator[Session]:
+
+def get_sessions() -> Sessions:
+    """Where sessions come from: requests, and work that outlives one (a streamed draft)."""
+    return session_scope
+
+
+SessionsDep = Annotated[Sessions, Depends(get_sessions)]
+
+
+def get_db(sessions: SessionsDep) -> Iterator[Session]:
     """One session per request, committed once at the end of a successful request."""
-    with session_scope() as session:
+    with sessions() as session:
         yield session
 
 

@@ -1,7 +1,7 @@
 """Request and response bodies, with the examples shown in the OpenAPI docs."""
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -185,3 +185,56 @@ class AuditReason(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"reason": "reviewers report worse drafts since v3"}]})
 
     reason: Annotated[NonEmpty, StringConstraints(max_length=2_000)]
+
+
+# The OpenAI-compatible endpoint: the fields OpenAI's chat completions API defines that draftloop
+# uses; others a client sends are ignored.
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"model": "champion", "messages": [{"role": "user", "content": EXAMPLE_EMAIL["body"]}]}]
+        }
+    )
+
+    model: str = Field(description="base, champion, or v<N>: an adapter version of your tenant")
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+    temperature: float | None = Field(None, description="Only 0: decoding is greedy")
+    n: int | None = Field(None, description="Only 1")
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[dict]
+    usage: dict
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

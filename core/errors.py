@@ -31,3 +31,13 @@ class Unauthorized(DomainError):
 
 class Forbidden(DomainError):
     status_code = 403
+
+
+class Overloaded(DomainError):
+    """Too much work in progress: the caller should retry after `retry_after_s` seconds."""
+
+    status_code = 503
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

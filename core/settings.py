@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     # folder, or a model name already in the local Hugging Face cache. Never downloaded.
     base_model: str = EMBEDDED_BASE_MODEL
     model_cache_dir: Path = Path("var/models")
-    model_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    model_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 where the hardware has it
     load_in_4bit: bool = False  # NF4 base weights for drafting, on a GPU only
 
     # Generation limits
@@ -32,6 +32,14 @@ class Settings(BaseSettings):
     max_email_chars: int = Field(20_000, ge=1)
     quoted_history_chars: int = Field(2_000, ge=0)
     max_prompt_tokens: int = Field(1_536, ge=64)
+
+    # Serving: drafts in progress share one decode batch; more wait in a bounded queue, and past
+    # it a request is refused (503 with Retry-After). Adapters stay loaded, least recently used
+    # evicted past either bound.
+    max_batch: int = Field(16, ge=1)
+    max_queue: int = Field(64, ge=1)
+    adapter_cache_count: int = Field(32, ge=1)
+    adapter_cache_mb: int = Field(2048, ge=1)
 
     # The reviewer's pages: the session cookie is signed with this key (empty: a random key kept
     # in <var_dir>/secret_key, shared by the processes on this machine) and sent only over HTTPS

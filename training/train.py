@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
+from agent.model import resolve_dtype
 from core.errors import Invalid
 
 Progress = Callable[[int, int, float | None], None]  # step, total steps, latest loss
@@ -36,7 +37,7 @@ class TrainConfig:
     batch_size: int = 8
     max_length: int = 768
     quantization: Literal["nf4", "none"] = "nf4"  # "none": plain LoRA on unquantized weights
-    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bfloat16 where the hardware has it
     gradient_checkpointing: bool = False
     seed: int = 0
 
@@ -68,7 +69,7 @@ class TrainConfig:
                 ("batch_size", 1 <= self.batch_size <= 256, "between 1 and 256"),
                 ("max_length", 32 <= self.max_length <= 8192, "between 32 and 8192"),
                 ("quantization", self.quantization in ("nf4", "none"), "'nf4' or 'none'"),
-                ("compute_dtype", self.compute_dtype in ("bfloat16", "float32"), "'bfloat16' or 'float32'"),
+                ("compute_dtype", self.compute_dtype in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
             ]
             if not ok
         ]
@@ -89,7 +90,7 @@ class TrainResult:
 
 def load_training_base(source: str, config: TrainConfig) -> PreTrainedModel:
     """The base model for training: 4-bit NF4 (QLoRA) by default, plain weights for LoRA."""
-    dtype = getattr(torch, config.compute_dtype)
+    dtype = resolve_dtype(config.compute_dtype)
     kwargs: dict = {"dtype": dtype, "local_files_only": True}
     if config.quantization == "nf4":
         from transformers import BitsAndBytesConfig
@@ -172,7 +173,7 @@ def train_adapter(
             completion_only_loss=True,
             train_sampling_strategy="group_by_length",  # less padding per batch
             gradient_checkpointing=config.gradient_checkpointing,
-            bf16=config.compute_dtype == "bfloat16",
+            bf16=resolve_dtype(config.compute_dtype) == torch.bfloat16,
             use_cpu=not on_gpu,
             logging_steps=1,
             save_strategy="no",

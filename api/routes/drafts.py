@@ -1,10 +1,16 @@
+import asyncio
+import json
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Query, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 
-from agent.drafting import Drafter
+from agent.adapters import AdapterRef
+from agent.drafting import Drafter, DraftResult, IncrementalText
 from agent.prompt import IncomingEmail
-from api.deps import AgentKey, AnyKey, DrafterDep, SessionDep, SettingsDep
+from api.deps import AgentKey, AnyKey, DrafterDep, SessionDep, SessionsDep, SettingsDep
 from api.schemas import DraftBatchRequest, DraftOut, DraftPage, DraftRequest, EmailIn
 from core.errors import Invalid, TooLarge
 from core.settings import Settings
@@ -15,10 +21,19 @@ from training import registry
 router = APIRouter(prefix="/v1/drafts", tags=["drafts"])
 
 
-def _draft_and_store(
-    emails: list[EmailIn], max_new_tokens: int | None, key: ApiKey, session, drafter: Drafter, settings: Settings
-) -> list[Draft]:
-    """Draft replies with the tenant's champion adapter (or the base model) and store them."""
+@dataclass(frozen=True)
+class _Job:
+    """What drafting for one key needs, read from the database before the model runs."""
+
+    tenant_id: int
+    key_id: int
+    instructions: str
+    adapter: AdapterRef | None
+    adapter_id: int | None
+    max_new_tokens: int
+
+
+def _job(emails: list[EmailIn], max_new_tokens: int | None, key: ApiKey, session, drafter: Drafter, settings: Settings):
     for email in emails:
         if len(email.body) > settings.max_email_chars:
             raise TooLarge(f"an email body has {len(email.body)} characters; the limit is {settings.max_email_chars}")
@@ -27,34 +42,42 @@ def _draft_and_store(
         raise Invalid(f"max_new_tokens is {max_new_tokens}; the limit is {settings.max_new_tokens_limit}")
     champion = registry.champion(session, key.tenant_id)
     adapter = registry.serving_ref(settings, champion, drafter.fingerprint) if champion else None
+    adapter_id = champion.id if champion else None
+    return _Job(key.tenant_id, key.id, key.tenant.instructions, adapter, adapter_id, max_new_tokens)
+
+
+def _store(session, job: _Job, drafter: Drafter, email: EmailIn, result: DraftResult) -> Draft:
+    return service.record_draft(
+        session,
+        tenant_id=job.tenant_id,
+        created_by_key_id=job.key_id,
+        sender=email.sender,
+        subject=email.subject,
+        body=email.body,
+        draft_text=result.text,
+        base_model=drafter.model_id,
+        adapter_id=job.adapter_id,
+        generation={"max_new_tokens": job.max_new_tokens, "decoding": "greedy"},
+        prompt_tokens=result.prompt_tokens,
+        tokens_generated=result.tokens_generated,
+        finish_reason=result.finish_reason,
+        latency_ms=result.latency_ms,
+    )
+
+
+def _draft_and_store(emails: list[EmailIn], job: _Job, session, drafter: Drafter) -> list[Draft]:
+    """Draft replies with the tenant's champion adapter (or the base model) and store them."""
     incoming = [IncomingEmail(sender=e.sender, subject=e.subject, body=e.body) for e in emails]
-    results = drafter.draft_many(key.tenant.instructions, incoming, max_new_tokens=max_new_tokens, adapter=adapter)
-    return [
-        service.record_draft(
-            session,
-            tenant_id=key.tenant_id,
-            created_by_key_id=key.id,
-            sender=email.sender,
-            subject=email.subject,
-            body=email.body,
-            draft_text=result.text,
-            base_model=drafter.model_id,
-            adapter_id=champion.id if champion else None,
-            generation={"max_new_tokens": max_new_tokens, "decoding": "greedy"},
-            prompt_tokens=result.prompt_tokens,
-            tokens_generated=result.tokens_generated,
-            finish_reason=result.finish_reason,
-            latency_ms=result.latency_ms,
-        )
-        for email, result in zip(incoming, results, strict=True)
-    ]
+    results = drafter.draft_many(job.instructions, incoming, max_new_tokens=job.max_new_tokens, adapter=job.adapter)
+    return [_store(session, job, drafter, email, result) for email, result in zip(emails, results, strict=True)]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DraftOut, summary="Draft a reply")
 def create_draft(request: DraftRequest, key: AgentKey, session: SessionDep, drafter: DrafterDep, settings: SettingsDep):
     """Draft a reply to an incoming email with the tenant's champion adapter (or the base model),
     and store it for review."""
-    return _draft_and_store([request], request.max_new_tokens, key, session, drafter, settings)[0]
+    job = _job([request], request.max_new_tokens, key, session, drafter, settings)
+    return _draft_and_store([request], job, session, drafter)[0]
 
 
 @router.post(
@@ -63,8 +86,59 @@ def create_draft(request: DraftRequest, key: AgentKey, session: SessionDep, draf
 def create_drafts(
     request: DraftBatchRequest, key: AgentKey, session: SessionDep, drafter: DrafterDep, settings: SettingsDep
 ):
-    """Draft replies to up to 32 emails in one batched generation (a backlog, an inbox import)."""
-    return _draft_and_store(request.emails, request.max_new_tokens, key, session, drafter, settings)
+    """Draft replies to up to 32 emails, decoded side by side (a backlog, an inbox import)."""
+    job = _job(request.emails, request.max_new_tokens, key, session, drafter, settings)
+    return _draft_and_store(request.emails, job, session, drafter)
+
+
+_unfinished: set[asyncio.Task] = set()  # drafts whose client left: stored when they end
+
+
+@router.post(
+    "/stream",
+    summary="Draft a reply, streaming it as it is written",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"}},
+)
+async def stream_draft(
+    request: DraftRequest,
+    key: AgentKey,
+    session: SessionDep,
+    sessions: SessionsDep,
+    drafter: DrafterDep,
+    settings: SettingsDep,
+):
+    """Server-sent events: `token` events carry the reply's text as it is decoded
+    (`{"text": "..."}`), then one `draft` event carries the stored draft (as `GET /v1/drafts/{id}`
+    returns it). The draft is stored when decoding ends, also when the client has left early."""
+    job = await run_in_threadpool(_job, [request], request.max_new_tokens, key, session, drafter, settings)
+    incoming = IncomingEmail(sender=request.sender, subject=request.subject, body=request.body)
+    prompt = await run_in_threadpool(drafter.prompt, job.instructions, incoming)
+    if job.adapter is not None:
+        await run_in_threadpool(drafter.adapters.get, job.adapter)  # a cold load off the event loop
+    stream = drafter.submit(prompt, max_new_tokens=job.max_new_tokens, adapter=job.adapter)
+
+    def store() -> str:
+        result = drafter.result(prompt, stream)
+        with sessions() as store_session:
+            return DraftOut.model_validate(_store(store_session, job, drafter, request, result)).model_dump_json()
+
+    async def events():
+        text = IncrementalText(drafter.tokenizer)
+        storing = False
+        try:
+            async for _ in stream:
+                if delta := text.delta(stream.tokens):
+                    yield f"event: token\ndata: {json.dumps({'text': delta})}\n\n"
+            storing = True
+            yield f"event: draft\ndata: {await run_in_threadpool(store)}\n\n"
+        finally:
+            if not storing and stream.error is None:
+                task = asyncio.create_task(asyncio.to_thread(store))
+                _unfinished.add(task)
+                task.add_done_callback(_unfinished.discard)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 @router.get("/{draft_id}", response_model=DraftOut, summary="Get a draft and its correction")

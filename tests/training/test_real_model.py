@@ -29,7 +29,7 @@ def test_the_embedded_model_learns_the_house_style_on_a_slice(postgres_engine, m
         update={
             "var_dir": tmp_path,
             "adapter_dir": tmp_path / "adapters",
-            "model_dtype": "bfloat16",
+            "model_dtype": "auto",
             "gate_min_heldout": 4,
             "eval_draft_examples": 2,
             "eval_max_new_tokens": 24,

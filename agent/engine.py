@@ -1,0 +1,501 @@
+"""The serving engine: one base model, every tenant's adapter, continuous batching.
+
+Decoding one token reads every weight of the model once, so on a CPU it is bound by memory
+bandwidth. The engine stays close to that bound in two ways:
+
+- a hand-written Llama forward pass over the base weights (q/k/v and gate/up fused into one
+  matmul each, a preallocated KV cache, the LM head stored for a fast matrix-vector product)
+  removes most of the per-token framework overhead of `generate`;
+- every request in flight is decoded in the same step, whatever its tenant: the base weights are
+  read once per step for all rows, and each row adds its own LoRA adapter's low-rank update.
+
+Requests wait in a bounded queue; past its bound `submit` raises `Overloaded`. A worker thread
+admits queued requests between decode steps (prefilling each prompt), so a new request never
+waits for the current batch to finish. Greedy decoding only; the output matches `generate` with
+the same weights (checked in the tests).
+"""
+
+import asyncio
+import math
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from agent.adapters import INPUT_GROUPS, LoraWeights
+from core.errors import Overloaded
+
+
+class TokenStream:
+    """The tokens of one request as the engine produces them.
+
+    Iterate it in a thread (blocking), or with `async for` in the event loop it was created in;
+    `result()` waits for the end. The engine finishes every stream it accepts, with "stop",
+    "length", "cancelled" or an error."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.cancelled = False
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = threading.Event()
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            self._wake: asyncio.Event | None = asyncio.Event()
+        except RuntimeError:
+            self._loop = self._wake = None
+
+    # The engine's side
+    def _emit(self, token: int) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.tokens.append(token)
+        self._put(token)
+
+    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+        self.finish_reason, self.error, self.finished_at = reason, error, time.perf_counter()
+        self._done.set()
+        self._put(None)
+
+    def _put(self, item: int | None) -> None:
+        self._events.put(item)
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._wake.set)
+            except RuntimeError:  # the event loop has closed: nobody is listening any more
+                pass
+
+    # The consumer's side
+    def cancel(self) -> None:
+        """Stop generating at the next step (the stream then ends with "cancelled")."""
+        self.cancelled = True
+
+    def __iter__(self):
+        while (token := self._events.get()) is not None:
+            yield token
+        self._raise_error()
+
+    async def __aiter__(self):
+        while True:
+            try:
+                token = self._events.get_nowait()
+            except queue.Empty:
+                self._wake.clear()
+                if self._events.empty():
+                    await self._wake.wait()
+                continue
+            if token is None:
+                break
+            yield token
+        self._raise_error()
+
+    def result(self, timeout: float | None = None) -> list[int]:
+        if not self._done.wait(timeout):
+            raise TimeoutError("the draft did not finish in time")
+        self._raise_error()
+        return self.tokens
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+@dataclass
+class _Row:
+    stream: TokenStream
+    adapter: LoraWeights | None
+    max_new_tokens: int
+    length: int  # tokens in the KV cache
+    next_token: int  # generated, not yet in the cache
+
+
+@dataclass
+class _Request:
+    prompt: list[int]
+    max_new_tokens: int
+    adapter: LoraWeights | None
+    stream: TokenStream
+
+
+@dataclass
+class _LayerWeights:
+    qkv: torch.Tensor  # [q + k + v out, hidden]
+    o: torch.Tensor
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    down: torch.Tensor
+    input_norm: torch.Tensor
+    post_attention_norm: torch.Tensor
+
+
+@dataclass
+class _BatchLora:
+    """The adapters of the rows in a batch, stacked so that each layer needs one matmul per input
+    group plus one per projection, however many adapters there are."""
+
+    a: list[dict[str, torch.Tensor]]  # per layer and group: [in, columns of every adapter]
+    b: list[dict[str, torch.Tensor]]  # per layer and projection: [its columns of every adapter, out]
+    cols: dict[str, tuple[int, int]]  # a projection's columns in its group's stacked A
+    row_mask: dict[str, torch.Tensor | None] = field(default_factory=dict)  # per group: [rows, columns]
+
+
+class Engine:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        stop_ids: list[int],
+        max_batch: int,
+        max_queue: int,
+        max_length: int,
+        batch_window_s: float = 0.005,
+    ):
+        config = model.config
+        if config.model_type != "llama" or getattr(config, "attention_bias", False) or config.mlp_bias:
+            raise ValueError("the serving engine runs Llama-architecture models without biases")
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.eps = config.rms_norm_eps
+        self.dtype = model.dtype
+        self.device = model.device
+        self.stop_ids = set(stop_ids)
+        self.max_batch, self.max_length, self.batch_window_s = max_batch, max_length, batch_window_s
+
+        base = model.model
+        self.embed = base.embed_tokens.weight.detach()
+        self.lm_head_t = model.lm_head.weight.detach().t().contiguous()  # x @ W^T as one GEMV
+        self.final_norm = base.norm.weight.detach()
+        self.layers = []
+        for layer in base.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(
+                _LayerWeights(
+                    qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(),
+                    o=attn.o_proj.weight.detach(),
+                    gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
+                    down=mlp.down_proj.weight.detach(),
+                    input_norm=layer.input_layernorm.weight.detach(),
+                    post_attention_norm=layer.post_attention_layernorm.weight.detach(),
+                )
+            )
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.intermediate = config.intermediate_size
+        # RoPE from the model's own rotary module, so positions match generate's exactly.
+        positions = torch.arange(max_length, device=self.device)[None]
+        probe = torch.zeros(1, device=self.device, dtype=self.dtype)
+        cos, sin = base.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0], sin[0]  # [max_length, head_dim]
+        shape = (max_batch, self.num_kv_heads, max_length, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in base.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in base.layers]
+
+        self._queue: queue.Queue[_Request] = queue.Queue(maxsize=max_queue)
+        self._rows: list[_Row] = []
+        self._lora: _BatchLora | None = None
+        self._lora_key: tuple | None = None
+        self._stacks: OrderedDict[tuple[int, ...], _BatchLora] = OrderedDict()
+        self._durations: deque[float] = deque(maxlen=32)
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.steps = 0  # decode steps run, for the benchmarks
+
+    # Submitting
+    def submit(self, prompt: list[int], max_new_tokens: int, adapter: LoraWeights | None) -> TokenStream:
+        """Queue a prompt for greedy decoding; the returned stream yields the new tokens."""
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) + max_new_tokens > self.max_length:
+            raise ValueError(
+                f"{len(prompt)} prompt tokens + {max_new_tokens} new tokens exceed the engine's {self.max_length}"
+            )
+        stream = TokenStream()
+        self._start()
+        try:
+            self._queue.put_nowait(_Request(prompt, max_new_tokens, adapter, stream))
+        except queue.Full:
+            retry = max(1, math.ceil(sum(self._durations) / len(self._durations))) if self._durations else 1
+            raise Overloaded(
+                f"the drafting queue is full ({self._queue.maxsize} waiting, {self.max_batch} in progress); "
+                f"retry in {retry} s",
+                retry_after_s=retry,
+            ) from None
+        return stream
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="draft-engine", daemon=True)
+                self._thread.start()
+
+    # The worker thread
+    def _run(self) -> None:
+        while True:
+            if not self._rows:
+                self._admit(self._queue.get())  # idle: sleep until a request comes
+                deadline = time.perf_counter() + self.batch_window_s
+                while len(self._rows) < self.max_batch and (wait := deadline - time.perf_counter()) > 0:
+                    try:
+                        self._admit(self._queue.get(timeout=wait))
+                    except queue.Empty:
+                        break
+            while len(self._rows) < self.max_batch:
+                try:
+                    self._admit(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if self._rows:
+                try:
+                    self._step()
+                except Exception as error:  # finish every stream rather than leave clients waiting
+                    for row in self._rows:
+                        row.stream._finish("error", error)
+                    self._rows.clear()
+
+    def _admit(self, request: _Request) -> None:
+        if request.stream.cancelled:
+            request.stream._finish("cancelled")
+            return
+        slot = len(self._rows)
+        row = _Row(request.stream, request.adapter, request.max_new_tokens, length=0, next_token=-1)
+        self._rows.append(row)
+        try:
+            row.next_token = self._prefill(slot, request.prompt, request.adapter)
+            row.length = len(request.prompt)
+        except Exception as error:
+            self._rows.pop()
+            request.stream._finish("error", error)
+            return
+        self._emitted(slot)
+
+    def _emitted(self, slot: int) -> bool:
+        """Hand the row's new token to its stream; retire the row if it is done. True if retired."""
+        row = self._rows[slot]
+        row.stream._emit(row.next_token)
+        reason = (
+            "stop"
+            if row.next_token in self.stop_ids
+            else "length"
+            if len(row.stream.tokens) >= row.max_new_tokens
+            else "cancelled"
+            if row.stream.cancelled
+            else None
+        )
+        if reason is None:
+            return False
+        row.stream._finish(reason)
+        self._durations.append(row.stream.finished_at - row.stream.submitted_at)
+        self._retire(slot)
+        return True
+
+    def _retire(self, slot: int) -> None:
+        """Free a slot; the last row moves into it so that the rows stay contiguous in the cache."""
+        last = len(self._rows) - 1
+        if slot != last:
+            moved = self._rows[last]
+            for cache in (*self.k_cache, *self.v_cache):
+                cache[slot, :, : moved.length] = cache[last, :, : moved.length]
+            self._rows[slot] = moved
+        self._rows.pop()
+
+    # The model
+    @torch.inference_mode()
+    def _prefill(self, slot: int, prompt: list[int], adapter: LoraWeights | None) -> int:
+        tokens = torch.tensor(prompt, device=self.device)
+        n = len(prompt)
+        lora = self._batch_lora([adapter], rows=n)
+        cos, sin = self.cos[:n][None, None], self.sin[:n][None, None]
+
+        def attend(layer: int, q, k, v):
+            self.k_cache[layer][slot, :, :n] = k[0]
+            self.v_cache[layer][slot, :, :n] = v[0]
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        hidden = self._forward(tokens, lora, cos, sin, attend, batch=1, length=n)
+        return int(self._logits(hidden[-1:]).argmax(-1))
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        rows = self._rows
+        n = len(rows)
+        tokens = torch.tensor([row.next_token for row in rows], device=self.device)
+        positions = torch.tensor([row.length for row in rows], device=self.device)
+        span = max(row.length for row in rows) + 1
+        visible = torch.arange(span, device=self.device)[None] <= positions[:, None]  # [rows, span]
+        mask = visible[:, None, None, :]
+        slots = torch.arange(n, device=self.device)
+        lora = self._batch_lora([row.adapter for row in rows], rows=1)
+        cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]
+
+        def attend(layer: int, q, k, v):
+            k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
+            k_cache[slots, :, positions] = k[:, :, 0]
+            v_cache[slots, :, positions] = v[:, :, 0]
+            return F.scaled_dot_product_attention(
+                q, k_cache[:n, :, :span], v_cache[:n, :, :span], attn_mask=mask, enable_gqa=True
+            )
+
+        hidden = self._forward(tokens, lora, cos, sin, attend, batch=n, length=1)
+        next_tokens = self._logits(hidden).argmax(-1).tolist()
+        self.steps += 1
+        for row, token in zip(rows, next_tokens, strict=True):
+            row.length += 1
+            row.next_token = token
+        for slot in reversed(range(n)):  # reversed: retiring moves only rows already handled
+            self._emitted(slot)
+
+    def _forward(self, tokens, lora: _BatchLora | None, cos, sin, attend, *, batch: int, length: int):
+        """The decoder layers on `tokens` ([batch * length]); returns the final hidden states."""
+        x = F.embedding(tokens, self.embed)
+        for index, weights in enumerate(self.layers):
+            h = self._norm(x, weights.input_norm)
+            qkv = self._project(h, weights.qkv, lora, index, "attn_in")
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+            k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            attended = attend(index, q, k, v).transpose(1, 2).reshape(batch * length, self.q_size)
+            x = x + self._project(attended, weights.o, lora, index, "attn_out")
+            h = self._norm(x, weights.post_attention_norm)
+            gate, up = self._project(h, weights.gate_up, lora, index, "mlp_in").split(self.intermediate, dim=-1)
+            x = x + self._project(F.silu(gate) * up, weights.down, lora, index, "mlp_out")
+        return x
+
+    def _logits(self, hidden):
+        return self._norm(hidden, self.final_norm) @ self.lm_head_t
+
+    def _norm(self, x, weight):
+        """RMSNorm as Llama computes it: in float32, scaled in the model's dtype."""
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * x32.to(x.dtype)
+
+    def _project(self, x, weight, lora: _BatchLora | None, layer: int, group: str):
+        """x @ weight^T plus each row's own LoRA update for the projections of this input group."""
+        out = F.linear(x, weight)
+        if lora is None or group not in lora.a[layer]:
+            return out
+        xa = x @ lora.a[layer][group]
+        if (mask := lora.row_mask[group]) is not None:
+            xa = xa * mask
+        offset = 0
+        for proj in INPUT_GROUPS[group]:
+            size = self._out_size(proj)
+            if proj in lora.cols:
+                start, end = lora.cols[proj]
+                out[:, offset : offset + size].addmm_(xa[:, start:end], lora.b[layer][proj])
+            offset += size
+        return out
+
+    def _out_size(self, proj: str) -> int:
+        return {
+            "q_proj": self.q_size,
+            "k_proj": self.kv_size,
+            "v_proj": self.kv_size,
+            "o_proj": self.q_size,
+            "gate_proj": self.intermediate,
+            "up_proj": self.intermediate,
+            "down_proj": self.embed.shape[1],
+        }[proj]
+
+    def _batch_lora(self, adapters: list[LoraWeights | None], rows: int) -> _BatchLora | None:
+        """The stacked adapters of a batch, one entry of `adapters` per sequence of `rows` positions.
+
+        Rebuilt only when the batch's composition changes (a request joins or leaves), not every
+        step; a batch of one adapter needs no copy and no mask."""
+        key = (tuple(a.id if a else None for a in adapters), rows)
+        if key == self._lora_key:
+            return self._lora
+        present = sorted({a.id: a for a in adapters if a is not None}.values(), key=lambda a: a.id)
+        lora = None
+        if len(present) == 1:
+            lora = _BatchLora(a=present[0].a, b=present[0].b, cols=present[0].cols)
+        elif present:
+            ids = tuple(a.id for a in present)
+            if ids not in self._stacks:
+                self._stacks[ids] = _stack(present)
+                if len(self._stacks) > 2:  # stacks are large: keep the current and the previous
+                    self._stacks.popitem(last=False)
+            stacked = self._stacks[ids]
+            lora = _BatchLora(a=stacked.a, b=stacked.b, cols=stacked.cols)
+        if lora is not None:
+            uniform = len(present) == 1 and None not in key[0]
+            for group, members in INPUT_GROUPS.items():
+                if uniform or group not in lora.a[0]:
+                    lora.row_mask[group] = None
+                    continue
+                mask = torch.zeros(len(adapters), lora.a[0][group].shape[1], dtype=self.dtype, device=self.device)
+                for row, adapter in enumerate(adapters):
+                    for proj in (p for p in members if adapter is not None and p in adapter.cols):
+                        start, end = _adapter_cols(lora, present, adapter, proj)
+                        mask[row, start:end] = 1
+                lora.row_mask[group] = mask.repeat_interleave(rows, dim=0)
+        self._lora, self._lora_key = lora, key
+        return lora
+
+
+def _rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _stack(adapters: list[LoraWeights]) -> _BatchLora:
+    """Adapters side by side: in each group's A, the columns of projection p of every adapter
+    are contiguous (adapter order), so each projection's update is still a single matmul."""
+    projections = [p for members in INPUT_GROUPS.values() for p in members if any(p in a.cols for a in adapters)]
+    cols: dict[str, tuple[int, int]] = {}
+    for members in INPUT_GROUPS.values():
+        start = 0
+        for proj in (p for p in members if p in projections):
+            width = sum(_width(a, proj) for a in adapters)
+            cols[proj] = (start, start + width)
+            start += width
+    a_layers, b_layers = [], []
+    for layer in range(len(adapters[0].a)):
+        a_layers.append({})
+        b_layers.append({})
+        for group, members in INPUT_GROUPS.items():
+            parts = []
+            for proj in (p for p in members if p in projections):
+                for adapter in adapters:
+                    if proj in adapter.cols:
+                        start, end = adapter.cols[proj]
+                        parts.append(adapter.a[layer][group][:, start:end])
+                        b_layers[layer].setdefault(proj, []).append(adapter.b[layer][proj])
+            if parts:
+                a_layers[layer][group] = torch.cat(parts, dim=1)
+        b_layers[layer] = {proj: torch.cat(parts) for proj, parts in b_layers[layer].items()}
+    return _BatchLora(a=a_layers, b=b_layers, cols=cols)
+
+
+def _width(adapter: LoraWeights, proj: str) -> int:
+    if proj not in adapter.cols:
+        return 0
+    start, end = adapter.cols[proj]
+    return end - start
+
+
+def _adapter_cols(lora: _BatchLora, present: list[LoraWeights], adapter: LoraWeights, proj: str) -> tuple[int, int]:
+    """Where one adapter's columns for a projection sit in the batch's stacked A."""
+    start = lora.cols[proj][0]
+    for other in present:
+        if other.id == adapter.id:
+            return start, start + _width(other, proj)
+        start += _width(other, proj)
+    raise KeyError(adapter.id)

@@ -1,0 +1,123 @@
+"""An OpenAI-compatible chat completions endpoint, so OpenAI SDK clients can draft with a tenant's
+adapters: `model` is `base`, `champion` or `v<N>` (an adapter version of the key's tenant).
+Greedy decoding only. Completions are answered, not stored: drafts for review go through
+/v1/drafts."""
+
+import json
+import time
+import uuid
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+
+from agent.adapters import AdapterRef
+from agent.drafting import Drafter, IncrementalText
+from agent.prompt import prompt_token_ids
+from api.deps import AgentKey, DrafterDep, SessionDep, SettingsDep
+from api.schemas import ChatCompletion, ChatCompletionRequest, ModelList
+from core.errors import Invalid, NotFound, TooLarge
+from core.settings import Settings
+from feedback.models import ApiKey
+from training import registry
+
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+
+
+def _adapter(model: str, key: ApiKey, session, drafter: Drafter, settings: Settings) -> AdapterRef | None:
+    if model == "base":
+        return None
+    if model == "champion":
+        adapter = registry.champion(session, key.tenant_id)
+        if adapter is None:
+            raise NotFound("this tenant has no champion adapter yet; use model 'base'")
+    elif model.startswith("v") and model[1:].isdigit():
+        adapter = registry.get_adapter(session, key.tenant_id, version=int(model[1:]))
+    else:
+        raise NotFound(f"unknown model {model!r}: use 'base', 'champion' or 'v<N>' (GET /v1/models lists them)")
+    return registry.serving_ref(settings, adapter, drafter.fingerprint)
+
+
+def _prepare(request: ChatCompletionRequest, key: ApiKey, session, drafter: Drafter, settings: Settings):
+    """The prompt ids, the adapter and the token budget of a request, or a clear error."""
+    if request.temperature not in (None, 0) or (request.n or 1) != 1:
+        raise Invalid("draftloop decodes greedily: send temperature 0 (or none) and n 1 (or none)")
+    limit = settings.max_new_tokens_limit
+    max_new_tokens = request.max_completion_tokens or request.max_tokens or settings.max_new_tokens
+    if max_new_tokens > limit:
+        raise Invalid(f"max_tokens is {max_new_tokens}; the limit is {limit}")
+    messages = [{"role": m.role, "content": m.text} for m in request.messages]
+    if messages[0]["role"] != "system":  # the tenant's instructions, unless the client sends its own
+        messages.insert(0, {"role": "system", "content": key.tenant.instructions})
+    prompt = prompt_token_ids(drafter.tokenizer, messages)
+    if len(prompt) > settings.max_prompt_tokens:
+        raise TooLarge(f"the messages are {len(prompt)} tokens; the limit is {settings.max_prompt_tokens}")
+    adapter = _adapter(request.model, key, session, drafter, settings)
+    if adapter is not None:
+        drafter.adapters.get(adapter)  # a cold load here, off the event loop
+    return prompt, adapter, max_new_tokens
+
+
+@router.get("/models", response_model=ModelList, summary="The models this key can draft with")
+def list_models(key: AgentKey, session: SessionDep):
+    versions = [f"v{a.version}" for a in registry.list_adapters(session, key.tenant_id)]
+    has_champion = registry.champion(session, key.tenant_id) is not None
+    ids = ["base", *(["champion"] if has_champion else []), *versions]
+    return ModelList(data=[{"id": name, "owned_by": key.tenant.slug} for name in ids])
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    summary="Chat completions (OpenAI-compatible)",
+    responses={200: {"content": {"text/event-stream": {}}, "description": "With stream: true, chunks as SSE"}},
+)
+async def chat_completions(
+    request: ChatCompletionRequest, key: AgentKey, session: SessionDep, drafter: DrafterDep, settings: SettingsDep
+):
+    prompt, adapter, max_new_tokens = await run_in_threadpool(_prepare, request, key, session, drafter, settings)
+    stream = drafter.submit(prompt, max_new_tokens=max_new_tokens, adapter=adapter)
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if not request.stream:
+        result = await run_in_threadpool(drafter.result, prompt, stream)
+        return ChatCompletion(
+            id=completion_id,
+            created=created,
+            model=request.model,
+            choices=[
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": result.finish_reason,
+                }
+            ],
+            usage={
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.tokens_generated,
+                "total_tokens": result.prompt_tokens + result.tokens_generated,
+            },
+        )
+
+    def chunk(delta: dict, finish_reason: str | None = None) -> str:
+        body = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": request.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
+        return f"data: {json.dumps(body)}\n\n"
+
+    async def events():
+        text = IncrementalText(drafter.tokenizer)
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            async for _ in stream:
+                if delta := text.delta(stream.tokens):
+                    yield chunk({"content": delta})
+            yield chunk({}, stream.finish_reason)
+            yield "data: [DONE]\n\n"
+        finally:
+            stream.cancel()  # the client left: stop decoding (a no-op once the stream has ended)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

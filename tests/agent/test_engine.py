@@ -1,0 +1,147 @@
+"""The serving engine against the plain Hugging Face path: the same greedy tokens for the base
+model and for every adapter, however requests of different tenants share a batch."""
+
+import asyncio
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaForCausalLM
+
+from agent.adapters import AdapterCache, AdapterRef, LoraWeights, attach
+from agent.drafting import IncrementalText, generate_greedy, stop_token_ids
+from agent.engine import Engine
+from agent.prompt import IncomingEmail, build_messages, prompt_token_ids
+from core.errors import Overloaded
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, tmp_path_factory) -> list[AdapterRef]:
+    """Three random adapters for the tiny model: two on every projection, one on q and v only."""
+    folder = tmp_path_factory.mktemp("engine-adapters")
+    refs = []
+    for index, (targets, rank) in enumerate([(ALL_LINEAR, 4), (ALL_LINEAR, 8), (["q_proj", "v_proj"], 4)]):
+        torch.manual_seed(100 + index)
+        peft_model = get_peft_model(
+            LlamaForCausalLM(tiny_model.model.config), LoraConfig(r=rank, lora_alpha=16, target_modules=targets)
+        )
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:  # trained adapters have non-zero B; fresh ones would change nothing
+                torch.nn.init.normal_(parameter, std=0.2)
+        peft_model.save_pretrained(folder / str(index))
+        refs.append(AdapterRef(index + 1, folder / str(index)))
+    return refs
+
+
+def prompts(tokenizer, count: int) -> list[list[int]]:
+    bodies = ["Where is order 1182?", "Can I return a helmet after 40 days?", "Thanks!", "My brakes squeal " * 5]
+    return [
+        prompt_token_ids(
+            tokenizer, build_messages("Be brief.", IncomingEmail("a@example.com", "Hi", body), quoted_history_chars=500)
+        )
+        for body in (bodies * count)[:count]
+    ]
+
+
+def engine_for(loaded, **overrides) -> Engine:
+    options = {"max_batch": 8, "max_queue": 16, "max_length": 512} | overrides
+    return Engine(loaded.model, stop_ids=stop_token_ids(loaded.model, loaded.tokenizer), **options)
+
+
+def plain(model, tokenizer, prompt: list[int], max_new_tokens: int) -> list[int]:
+    stops = stop_token_ids(model, tokenizer)
+    return generate_greedy(model, [prompt], max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=stops[0])[0]
+
+
+def test_concurrent_requests_decode_as_generate_does(tiny_model):
+    engine = engine_for(tiny_model)
+    requests = list(zip(prompts(tiny_model.tokenizer, 6), [5, 17, 9, 30, 1, 12], strict=True))
+    streams = [engine.submit(prompt, n, None) for prompt, n in requests]  # joined and left at different steps
+    for (prompt, n), stream in zip(requests, streams, strict=True):
+        assert stream.result(timeout=60) == plain(tiny_model.model, tiny_model.tokenizer, prompt, n)
+        assert stream.finish_reason == "length"
+    assert engine.steps < sum(n for _, n in requests)  # rows really shared decode steps
+
+
+def test_mixed_adapters_in_one_batch_match_peft(tiny_model, tiny_base_dir, adapters):
+    engine = engine_for(tiny_model)
+    config = tiny_model.model.config
+    weights = [LoraWeights.load(ref, config.num_hidden_layers, torch.float32, torch.device("cpu")) for ref in adapters]
+    choices = [0, 1, 2, None, 1, 0, None, 2]  # three adapters and the bare base, interleaved
+    requests = list(zip(prompts(tiny_model.tokenizer, 8), choices, [8, 14, 6, 11, 9, 14, 3, 10], strict=True))
+    streams = [engine.submit(p, n, weights[c] if c is not None else None) for p, c, n in requests]
+
+    reference = LlamaForCausalLM.from_pretrained(tiny_base_dir).eval()  # PEFT modifies the model it wraps
+    for (prompt, choice, n), stream in zip(requests, streams, strict=True):
+        expected = plain(tiny_model.model, tiny_model.tokenizer, prompt, n)
+        if choice is not None:
+            reference = attach(reference, adapters[choice])
+            with_adapter = plain(reference, tiny_model.tokenizer, prompt, n)
+            assert with_adapter != expected  # the adapter matters
+            expected = with_adapter
+        assert stream.result(timeout=60) == expected, (choice, n)
+
+
+def test_the_embedded_model_decodes_as_generate_does(embedded_model, tokenizer):
+    engine = engine_for(embedded_model, max_batch=2, max_length=1024)
+    prompt = prompts(tokenizer, 1)[0]
+    stream = engine.submit(prompt, 48, None)
+    assert stream.result(timeout=120) == plain(embedded_model.model, tokenizer, prompt, 48)
+
+
+def test_a_full_queue_refuses_with_a_retry_hint(tiny_model):
+    engine = engine_for(tiny_model, max_batch=1, max_queue=1)
+    prompt = prompts(tiny_model.tokenizer, 1)[0]
+    running = engine.submit(prompt, 400, None)
+    while running.first_token_at is None:  # admitted: the queue is empty again
+        pass
+    waiting = engine.submit(prompt, 4, None)
+    with pytest.raises(Overloaded, match="queue is full") as refused:
+        engine.submit(prompt, 4, None)
+    assert refused.value.retry_after_s >= 1
+    running.cancel()
+    assert running.result(timeout=30) and running.finish_reason == "cancelled"
+    assert len(waiting.result(timeout=30)) == 4  # the queued request still runs
+
+
+def test_tokens_stream_to_an_event_loop(tiny_model):
+    engine = engine_for(tiny_model)
+    prompt = prompts(tiny_model.tokenizer, 1)[0]
+
+    async def consume() -> list[int]:
+        stream = engine.submit(prompt, 10, None)
+        return [token async for token in stream]
+
+    assert asyncio.run(consume()) == plain(tiny_model.model, tiny_model.tokenizer, prompt, 10)
+
+
+def test_adapter_cache_evicts_the_least_recently_used(tiny_model, adapters):
+    layers = tiny_model.model.config.num_hidden_layers
+    cache = AdapterCache(
+        max_count=2, max_bytes=2**30, num_layers=layers, dtype=torch.float32, device=torch.device("cpu")
+    )
+    first = cache.get(adapters[0])
+    cache.get(adapters[1])
+    assert cache.get(adapters[0]) is first and cache.loads == 2  # cached: not loaded again
+    cache.get(adapters[2])  # evicts adapters[1], the least recently used
+    assert 1 in cache and 2 not in cache and 3 in cache
+    cache.get(adapters[1])
+    assert cache.loads == 4 and 1 not in cache  # loaded again on demand
+
+    small = AdapterCache(
+        max_count=10, max_bytes=first.nbytes, num_layers=layers, dtype=torch.float32, device=torch.device("cpu")
+    )
+    small.get(adapters[0])
+    small.get(adapters[1])
+    assert 1 not in small and 2 in small and small.nbytes <= max(first.nbytes, small.get(adapters[1]).nbytes)
+
+
+def test_incremental_text_never_splits_a_character(tokenizer):
+    text = "Thanks, Zoë! Your wheel is ready 🚲 — collect any time."
+    tokens = tokenizer(text, add_special_tokens=False).input_ids
+    incremental = IncrementalText(tokenizer)
+    deltas = [incremental.delta(tokens[: i + 1]) for i in range(len(tokens))]
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in delta for delta in deltas)
