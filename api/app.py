@@ -36,9 +36,12 @@ def create_app() -> FastAPI:
     )
 
     @app.exception_handler(DomainError)
-    def domain_error(_request: Request, error: DomainError) -> JSONResponse:
+    def domain_error(request: Request, error: DomainError) -> JSONResponse:
         headers = {"Retry-After": str(error.retry_after_s)} if isinstance(error, Overloaded) else None
-        return JSONResponse({"detail": error.message}, status_code=error.status_code, headers=headers)
+        body = {"detail": error.message}
+        if request.url.path in completions.PATHS:  # the error shape OpenAI clients read
+            body = {"error": {"message": error.message, "type": type(error).__name__, "code": error.status_code}}
+        return JSONResponse(body, status_code=error.status_code, headers=headers)
 
     max_bytes = get_settings().max_request_bytes
 

@@ -1,7 +1,9 @@
 """Small factory functions for test data."""
 
 import uuid
+from pathlib import Path
 
+import torch
 from sqlalchemy.orm import Session
 
 from feedback import service
@@ -46,3 +48,18 @@ def make_correction(
         heldout_fraction=0.2,
     )
     return correction
+
+
+def random_lora(model_config, folder: Path, *, rank: int = 4, targets=None, seed: int = 0) -> Path:
+    """A PEFT LoRA adapter for a model of this config, with random (non-zero) B matrices."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    targets = targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(LlamaForCausalLM(model_config), LoraConfig(r=rank, lora_alpha=16, target_modules=targets))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # trained adapters have non-zero B; fresh ones would change nothing
+            torch.nn.init.normal_(parameter, std=0.2)
+    model.save_pretrained(folder)
+    return folder

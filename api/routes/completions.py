@@ -22,6 +22,7 @@ from feedback.models import ApiKey
 from training import registry
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+PATHS = ("/v1/models", "/v1/chat/completions")  # errors here take OpenAI's shape
 
 
 def _adapter(model: str, key: ApiKey, session, drafter: Drafter, settings: Settings) -> AdapterRef | None:

@@ -5,7 +5,6 @@ import asyncio
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
 from agent.adapters import AdapterCache, AdapterRef, LoraWeights, attach
@@ -13,26 +12,19 @@ from agent.drafting import IncrementalText, generate_greedy, stop_token_ids
 from agent.engine import Engine
 from agent.prompt import IncomingEmail, build_messages, prompt_token_ids
 from core.errors import Overloaded
-
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from tests.factories import random_lora
 
 
 @pytest.fixture(scope="module")
 def adapters(tiny_model, tmp_path_factory) -> list[AdapterRef]:
     """Three random adapters for the tiny model: two on every projection, one on q and v only."""
     folder = tmp_path_factory.mktemp("engine-adapters")
-    refs = []
-    for index, (targets, rank) in enumerate([(ALL_LINEAR, 4), (ALL_LINEAR, 8), (["q_proj", "v_proj"], 4)]):
-        torch.manual_seed(100 + index)
-        peft_model = get_peft_model(
-            LlamaForCausalLM(tiny_model.model.config), LoraConfig(r=rank, lora_alpha=16, target_modules=targets)
-        )
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:  # trained adapters have non-zero B; fresh ones would change nothing
-                torch.nn.init.normal_(parameter, std=0.2)
-        peft_model.save_pretrained(folder / str(index))
-        refs.append(AdapterRef(index + 1, folder / str(index)))
-    return refs
+    config = tiny_model.model.config
+    shapes = [(None, 4), (None, 8), (["q_proj", "v_proj"], 4)]
+    return [
+        AdapterRef(i + 1, random_lora(config, folder / str(i), rank=rank, targets=targets, seed=100 + i))
+        for i, (targets, rank) in enumerate(shapes)
+    ]
 
 
 def prompts(tokenizer, count: int) -> list[list[int]]:

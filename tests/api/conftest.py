@@ -1,10 +1,11 @@
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from api.deps import drafter, get_db
+from api.deps import drafter, get_sessions
 from core.db import committing
 from feedback.models import Role
 from tests.factories import make_key, make_tenant
@@ -15,11 +16,12 @@ def client(session, tiny_drafter) -> Iterator[TestClient]:
     """The real app on the test database (PostgreSQL, then SQLite) with the tiny model."""
     app = create_app()
 
-    def test_db():
+    @contextmanager
+    def test_sessions():
         with committing(session):
             yield session
 
-    app.dependency_overrides[get_db] = test_db
+    app.dependency_overrides[get_sessions] = lambda: test_sessions
     app.dependency_overrides[drafter] = lambda: tiny_drafter
     with TestClient(app) as test_client:
         yield test_client
