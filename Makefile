@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install browser demo test serve bench lint
+.PHONY: install browser demo test serve bench bench-serving lint
 
 install: $(VENV)/.installed
 
@@ -32,9 +32,12 @@ serve: install
 	$(VENV)/bin/draftloop db upgrade
 	trap 'kill 0' EXIT; $(VENV)/bin/draftloop worker & $(VENV)/bin/draftloop beat & $(VENV)/bin/draftloop serve
 
-bench: install
-	$(PY) -m bench.draft_latency
+bench: bench-serving
 	$(PY) -m bench.train_sample
+
+bench-serving: install
+	$(PY) -m bench.decode
+	$(PY) -m bench.serving
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

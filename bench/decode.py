@@ -1,0 +1,196 @@
+"""Single-stream decode of the embedded model: the engine against plain `generate`, against the
+memory-bandwidth ceiling measured in the same run; adapter load and switch times.
+
+- bandwidth: the best of several passes reading a 1 GiB tensor (torch sum, all threads);
+- ceiling: bandwidth / bytes of weights read per decoded token (every projection of every layer
+  plus the LM head, in the serving dtype);
+- decode tokens/s: 128 new tokens after a sample email's prompt, timed from the first new token to
+  the last (prefill reported apart), median of 5; base model and with a rank-16 adapter on every
+  projection; the same prompt through `generate` (same weights and dtype; through PEFT for the
+  adapter), which is also checked to produce the same tokens;
+- adapter load (cold: read and prepared) and switch (cached: a batch whose adapter changed).
+
+Run: .venv/bin/python -m bench.decode   (about 5 minutes on 2 CPU cores)
+"""
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from agent.adapters import AdapterCache, AdapterRef, attach
+from agent.drafting import Drafter, generate_greedy
+from agent.model import load_base_model
+from agent.prompt import IncomingEmail
+from bench.report import save
+from core.settings import Settings
+from feedback.samples import load_sample_tenant
+
+RUNS = 5
+NEW_TOKENS = 128
+
+
+def bandwidth_gb_s() -> float:
+    data = torch.ones(2**28, dtype=torch.float32)  # 1 GiB
+    best = float("inf")
+    for _ in range(7):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return data.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_token(model) -> int:
+    """Every weight a decode step reads. The embedding table is read one row at a time, but
+    SmolLM2 ties it to the LM head, which is read whole (tied weights are listed once)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.config.tie_word_embeddings:
+        embed = model.get_input_embeddings().weight
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+def random_adapter(model, folder: Path, seed: int = 0) -> AdapterRef:
+    """A rank-16 adapter on every projection, shaped as training makes them (values are random)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules=targets)
+    shell = get_peft_model(AutoModelForCausalLM.from_config(model.config), lora)
+    for name, parameter in shell.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.01)
+    shell.save_pretrained(folder)
+    return AdapterRef(1, folder)
+
+
+def time_engine(drafter: Drafter, prompt: list[int], adapter) -> dict:
+    drafter.engine.stop_ids = set()  # always NEW_TOKENS tokens, for timing
+    runs = []
+    for _ in range(RUNS + 1):  # the first is a warm-up
+        stream = drafter.submit(prompt, max_new_tokens=NEW_TOKENS, adapter=adapter)
+        stream.result()
+        runs.append(stream)
+    runs = runs[1:]
+    decode = statistics.median((s.finished_at - s.first_token_at) / (NEW_TOKENS - 1) for s in runs)
+    prefill = statistics.median(s.first_token_at - s.submitted_at for s in runs)
+    return {"decode_tokens_per_s": round(1 / decode, 1), "prefill_s": round(prefill, 3)}
+
+
+def time_generate(model, prompt: list[int], pad_id: int) -> dict:
+    """Plain generate, decode only: a 1-token generate gives the prefill, subtracted."""
+
+    def run(n: int) -> float:
+        started = time.perf_counter()
+        model.generate(
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
+        return time.perf_counter() - started
+
+    run(4)
+    prefill = statistics.median(run(1) for _ in range(RUNS))
+    whole = statistics.median(run(NEW_TOKENS) for _ in range(RUNS))
+    return {"decode_tokens_per_s": round((NEW_TOKENS - 1) / (whole - prefill), 1), "prefill_s": round(prefill, 3)}
+
+
+def same_tokens(drafter: Drafter, model, prompt: list[int], adapter) -> bool:
+    """The engine's greedy draft (with its real stop tokens) against generate's."""
+    stops = sorted(drafter.stop_ids)
+    drafter.engine.stop_ids = set(stops)
+    ours = drafter.submit(prompt, max_new_tokens=NEW_TOKENS, adapter=adapter).result()
+    theirs = generate_greedy(model, [prompt], max_new_tokens=NEW_TOKENS, stop_ids=stops, pad_id=stops[0])[0]
+    return ours == theirs
+
+
+def adapter_timings(drafter: Drafter, folder: Path, count: int = 8) -> dict:
+    """Cold load of `count` adapters, then switches between them once cached: a single stream
+    moving to another tenant's adapter, and an 8-tenant batch whose composition changed."""
+    import shutil
+
+    refs = []
+    for i in range(count):
+        shutil.copytree(folder, folder.parent / f"copy-{i}")
+        refs.append(AdapterRef(100 + i, folder.parent / f"copy-{i}"))
+    engine = drafter.engine
+    model_shape = {"num_layers": engine.num_layers, "dtype": engine.dtype, "device": engine.device}
+    cold = []
+    for ref in refs:
+        cache = AdapterCache(max_count=count, max_bytes=2**40, **model_shape)
+        started = time.perf_counter()
+        cache.get(ref)
+        cold.append(time.perf_counter() - started)
+    weights = [drafter.adapters.get(ref) for ref in refs]
+    single, mixed = [], []
+    for i in range(200):
+        started = time.perf_counter()
+        engine._batch_lora([weights[i % count]], rows=1)
+        single.append(time.perf_counter() - started)
+        rows = [weights[(i + j) % count] for j in range(count)] + ([weights[0]] if i % 2 else [])
+        started = time.perf_counter()
+        engine._batch_lora(rows, rows=1)  # every other time a row joins: a new composition
+        mixed.append(time.perf_counter() - started)
+    return {
+        "adapter_mb": round(weights[0].nbytes / 2**20, 1),
+        "cold_load_ms": _percentiles(cold),
+        "cached_switch_single_stream_ms": _percentiles(single),
+        "cached_switch_8_tenant_batch_ms": _percentiles(mixed),
+    }
+
+
+def _percentiles(seconds: list[float]) -> dict:
+    ms = sorted(s * 1000 for s in seconds)
+    return {"p50": round(statistics.median(ms), 3), "p95": round(ms[int(0.95 * (len(ms) - 1))], 3)}
+
+
+def main() -> None:
+    sample = load_sample_tenant()
+    email = sample.emails[1]
+    figures: dict = {"bandwidth_gb_s": round(bandwidth_gb_s(), 1), "new_tokens": NEW_TOKENS}
+    settings = Settings()  # the serving defaults: dtype "auto"
+    loaded = load_base_model(settings)
+    drafter = Drafter(loaded, settings)
+    prompt = drafter.prompt(sample.instructions, IncomingEmail(email.sender, email.subject, email.body))
+    weights = weight_bytes_per_token(loaded.model)
+    ceiling = figures["bandwidth_gb_s"] * 1e9 / weights
+    figures |= {
+        "dtype": str(loaded.model.dtype).removeprefix("torch."),
+        "prompt_tokens": len(prompt),
+        "weight_mb_read_per_token": round(weights / 1e6, 1),
+        "ceiling_tokens_per_s": round(ceiling, 1),
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        ref = random_adapter(loaded.model, Path(scratch) / "adapter")
+        model = loaded.model
+        for name, adapter in (("base", None), ("adapter", ref)):
+            if adapter is not None:
+                model = attach(model, adapter)
+            engine = time_engine(drafter, prompt, adapter)
+            plain = time_generate(model, prompt, pad_id=sorted(drafter.stop_ids)[0])
+            figures[name] = {
+                "engine": engine,
+                "generate": plain,
+                "speedup": round(engine["decode_tokens_per_s"] / plain["decode_tokens_per_s"], 2),
+                "share_of_ceiling": round(engine["decode_tokens_per_s"] / ceiling, 2),
+                "same_tokens_as_generate": same_tokens(drafter, model, prompt, adapter),
+            }
+            print(name, figures[name], flush=True)
+        figures["adapters"] = adapter_timings(drafter, Path(scratch) / "adapter")
+    figures["targets"] = {
+        "speedup_vs_generate >= 2": figures["base"]["speedup"],
+        "share_of_ceiling >= 0.6": figures["base"]["share_of_ceiling"],
+        "cached_switch_p95_ms <= 20": figures["adapters"]["cached_switch_8_tenant_batch_ms"]["p95"],
+    }
+    save("decode", figures)
+
+
+if __name__ == "__main__":
+    main()
