@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from agent.adapters import AdapterCache, AdapterRef
-from agent.engine import Engine, TokenStream
+from agent.engine import Engine, TokenStream, in_fresh_thread
 from agent.model import LoadedModel, load_base_model
 from agent.prompt import IncomingEmail, build_messages, fit_messages, prompt_token_ids
 from core.errors import Overloaded
@@ -70,20 +70,20 @@ class Drafter:
         self.fingerprint = loaded.fingerprint
         self.settings = settings
         self.stop_ids = stop_token_ids(loaded.model, loaded.tokenizer)
-        self.engine = Engine(
-            loaded.model,
-            stop_ids=self.stop_ids,
-            max_batch=settings.max_batch,
-            max_queue=settings.max_queue,
-            max_length=settings.max_prompt_tokens + settings.max_new_tokens_limit,
-        )
-        config = loaded.model.config
         self.adapters = AdapterCache(
             settings.adapter_cache_count,
             settings.adapter_cache_mb * 2**20,
-            num_layers=config.num_hidden_layers,
+            num_layers=loaded.model.config.num_hidden_layers,
             dtype=loaded.model.dtype,
             device=loaded.model.device,
+        )
+        self.engine = Engine(
+            loaded.model,
+            stop_ids=self.stop_ids,
+            adapters=self.adapters,
+            max_batch=settings.max_batch,
+            max_queue=settings.max_queue,
+            max_length=settings.max_prompt_tokens + settings.max_new_tokens_limit,
         )
 
     def prompt(self, instructions: str, email: IncomingEmail) -> list[int]:
@@ -99,8 +99,7 @@ class Drafter:
             max_new_tokens = min(self.settings.max_new_tokens, limit)
         if not 1 <= max_new_tokens <= limit:
             raise ValueError(f"max_new_tokens must be between 1 and {limit}, got {max_new_tokens}")
-        weights = self.adapters.get(adapter) if adapter is not None else None
-        return self.engine.submit(prompt, max_new_tokens, weights)
+        return self.engine.submit(prompt, max_new_tokens, adapter)
 
     def text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
@@ -175,5 +174,5 @@ def get_drafter(settings: Settings | None = None) -> Drafter:
     with _drafter_lock:
         if _drafter is None:
             settings = settings or get_settings()
-            _drafter = Drafter(load_base_model(settings), settings)
+            _drafter = in_fresh_thread(lambda: Drafter(load_base_model(settings), settings))
         return _drafter

@@ -22,6 +22,7 @@ import torch
 
 from agent.adapters import AdapterCache, AdapterRef, attach
 from agent.drafting import Drafter, generate_greedy
+from agent.engine import in_fresh_thread
 from agent.model import load_base_model
 from agent.prompt import IncomingEmail
 from bench.report import save
@@ -107,7 +108,9 @@ def same_tokens(drafter: Drafter, model, prompt: list[int], adapter) -> bool:
     stops = sorted(drafter.stop_ids)
     drafter.engine.stop_ids = set(stops)
     ours = drafter.submit(prompt, max_new_tokens=NEW_TOKENS, adapter=adapter).result()
-    theirs = generate_greedy(model, [prompt], max_new_tokens=NEW_TOKENS, stop_ids=stops, pad_id=stops[0])[0]
+    theirs = in_fresh_thread(
+        lambda: generate_greedy(model, [prompt], max_new_tokens=NEW_TOKENS, stop_ids=stops, pad_id=stops[0])[0]
+    )
     return ours == theirs
 
 
@@ -156,8 +159,9 @@ def main() -> None:
     email = sample.emails[1]
     figures: dict = {"bandwidth_gb_s": round(bandwidth_gb_s(), 1), "new_tokens": NEW_TOKENS}
     settings = Settings()  # the serving defaults: dtype "auto"
-    loaded = load_base_model(settings)
-    drafter = Drafter(loaded, settings)
+    # Torch work outside the engine runs in threads that end (see in_fresh_thread): as in a server.
+    loaded = in_fresh_thread(load_base_model, settings)
+    drafter = in_fresh_thread(Drafter, loaded, settings)
     prompt = drafter.prompt(sample.instructions, IncomingEmail(email.sender, email.subject, email.body))
     weights = weight_bytes_per_token(loaded.model)
     ceiling = figures["bandwidth_gb_s"] * 1e9 / weights
@@ -168,13 +172,13 @@ def main() -> None:
         "ceiling_tokens_per_s": round(ceiling, 1),
     }
     with tempfile.TemporaryDirectory() as scratch:
-        ref = random_adapter(loaded.model, Path(scratch) / "adapter")
+        ref = in_fresh_thread(random_adapter, loaded.model, Path(scratch) / "adapter")
         model = loaded.model
         for name, adapter in (("base", None), ("adapter", ref)):
             if adapter is not None:
-                model = attach(model, adapter)
+                model = in_fresh_thread(attach, model, adapter)
             engine = time_engine(drafter, prompt, adapter)
-            plain = time_generate(model, prompt, pad_id=sorted(drafter.stop_ids)[0])
+            plain = in_fresh_thread(time_generate, model, prompt, sorted(drafter.stop_ids)[0])
             figures[name] = {
                 "engine": engine,
                 "generate": plain,
@@ -183,7 +187,7 @@ def main() -> None:
                 "same_tokens_as_generate": same_tokens(drafter, model, prompt, adapter),
             }
             print(name, figures[name], flush=True)
-        figures["adapters"] = adapter_timings(drafter, Path(scratch) / "adapter")
+        figures["adapters"] = in_fresh_thread(adapter_timings, drafter, Path(scratch) / "adapter")
     figures["targets"] = {
         "speedup_vs_generate >= 2": figures["base"]["speedup"],
         "share_of_ceiling >= 0.6": figures["base"]["share_of_ceiling"],

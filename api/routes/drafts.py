@@ -114,8 +114,6 @@ async def stream_draft(
     job = await run_in_threadpool(_job, [request], request.max_new_tokens, key, session, drafter, settings)
     incoming = IncomingEmail(sender=request.sender, subject=request.subject, body=request.body)
     prompt = await run_in_threadpool(drafter.prompt, job.instructions, incoming)
-    if job.adapter is not None:
-        await run_in_threadpool(drafter.adapters.get, job.adapter)  # a cold load off the event loop
     stream = drafter.submit(prompt, max_new_tokens=job.max_new_tokens, adapter=job.adapter)
 
     def store() -> str:

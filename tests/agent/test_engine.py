@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from agent.adapters import AdapterCache, AdapterRef, LoraWeights, attach
+from agent.adapters import AdapterCache, AdapterRef, attach
 from agent.drafting import IncrementalText, generate_greedy, stop_token_ids
 from agent.engine import Engine
 from agent.prompt import IncomingEmail, build_messages, prompt_token_ids
@@ -39,7 +39,9 @@ def prompts(tokenizer, count: int) -> list[list[int]]:
 
 def engine_for(loaded, **overrides) -> Engine:
     options = {"max_batch": 8, "max_queue": 16, "max_length": 512} | overrides
-    return Engine(loaded.model, stop_ids=stop_token_ids(loaded.model, loaded.tokenizer), **options)
+    model = loaded.model
+    cache = AdapterCache(4, 2**30, num_layers=model.config.num_hidden_layers, dtype=model.dtype, device=model.device)
+    return Engine(model, stop_ids=stop_token_ids(model, loaded.tokenizer), adapters=cache, **options)
 
 
 def plain(model, tokenizer, prompt: list[int], max_new_tokens: int) -> list[int]:
@@ -59,11 +61,9 @@ def test_concurrent_requests_decode_as_generate_does(tiny_model):
 
 def test_mixed_adapters_in_one_batch_match_peft(tiny_model, tiny_base_dir, adapters):
     engine = engine_for(tiny_model)
-    config = tiny_model.model.config
-    weights = [LoraWeights.load(ref, config.num_hidden_layers, torch.float32, torch.device("cpu")) for ref in adapters]
     choices = [0, 1, 2, None, 1, 0, None, 2]  # three adapters and the bare base, interleaved
     requests = list(zip(prompts(tiny_model.tokenizer, 8), choices, [8, 14, 6, 11, 9, 14, 3, 10], strict=True))
-    streams = [engine.submit(p, n, weights[c] if c is not None else None) for p, c, n in requests]
+    streams = [engine.submit(p, n, adapters[c] if c is not None else None) for p, c, n in requests]
 
     reference = LlamaForCausalLM.from_pretrained(tiny_base_dir).eval()  # PEFT modifies the model it wraps
     for (prompt, choice, n), stream in zip(requests, streams, strict=True):
