@@ -53,7 +53,9 @@ def _prepare(request: ChatCompletionRequest, key: ApiKey, session, drafter: Draf
     prompt = prompt_token_ids(drafter.tokenizer, messages)
     if len(prompt) > settings.max_prompt_tokens:
         raise TooLarge(f"the messages are {len(prompt)} tokens; the limit is {settings.max_prompt_tokens}")
-    return prompt, _adapter(request.model, key, session, drafter, settings), max_new_tokens
+    adapter = _adapter(request.model, key, session, drafter, settings)
+    session.commit()  # nothing is held while the model works (see drafts._draft_and_store)
+    return prompt, adapter, max_new_tokens
 
 
 @router.get("/models", response_model=ModelList, summary="The models this key can draft with")

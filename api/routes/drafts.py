@@ -66,7 +66,12 @@ def _store(session, job: _Job, drafter: Drafter, email: EmailIn, result: DraftRe
 
 
 def _draft_and_store(emails: list[EmailIn], job: _Job, session, drafter: Drafter) -> list[Draft]:
-    """Draft replies with the tenant's champion adapter (or the base model) and store them."""
+    """Draft replies with the tenant's champion adapter (or the base model) and store them.
+
+    The reading transaction ends before the model works: a request must not hold a pooled
+    connection, or on SQLite a read snapshot that a later write could not upgrade, for the
+    seconds a draft takes (with it, concurrent drafts on SQLite failed with "database is locked")."""
+    session.commit()
     incoming = [IncomingEmail(sender=e.sender, subject=e.subject, body=e.body) for e in emails]
     results = drafter.draft_many(job.instructions, incoming, max_new_tokens=job.max_new_tokens, adapter=job.adapter)
     return [_store(session, job, drafter, email, result) for email, result in zip(emails, results, strict=True)]

@@ -4,6 +4,7 @@ import json
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import httpx
@@ -56,10 +57,11 @@ def test_streaming_checks_the_request_first(client, keys):
 
 
 @pytest.fixture
-def live(postgres_engine, tiny_drafter):
-    """The app served by uvicorn on a free port (a real client can leave mid-stream), on committed
-    PostgreSQL data; yields (base URL, agent key headers, sessionmaker) and deletes the tenant."""
-    factory = sessionmaker(bind=postgres_engine, expire_on_commit=False)
+def live(engine, tiny_drafter):
+    """The app served by uvicorn on a free port (a real client can leave mid-stream; requests
+    really run concurrently), on committed data in PostgreSQL, then SQLite; yields (base URL,
+    agent key headers, sessionmaker, tenant id) and deletes the tenant."""
+    factory = sessionmaker(bind=engine, expire_on_commit=False)
 
     @contextmanager
     def sessions():
@@ -101,6 +103,21 @@ def test_the_whole_draft_is_stored_when_the_client_leaves_early(live):
         time.sleep(0.1)
     assert draft.tokens_generated == 600 and draft.finish_reason == "length"  # decoded to the end
     assert draft.draft_text.startswith(json.loads(first.removeprefix("data: "))["text"].strip())
+
+
+def test_concurrent_drafts_are_all_stored(live):
+    """Drafts decode together while their requests wait; none may hold the database meanwhile."""
+    url, headers, factory, tenant_id = live
+    emails = [EMAIL | {"body": f"When does order {1000 + i} ship?", "max_new_tokens": 40} for i in range(8)]
+
+    def post(email: dict) -> httpx.Response:
+        return httpx.post(f"{url}/v1/drafts", json=email, headers=headers, timeout=60)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(post, emails))
+    assert [r.status_code for r in responses] == [201] * 8, [r.text for r in responses if r.status_code != 201]
+    with factory() as session:
+        assert session.query(Draft).filter_by(tenant_id=tenant_id).count() == 8
 
 
 def _draft_of(factory, tenant_id: int) -> Draft | None:
