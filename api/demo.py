@@ -115,7 +115,7 @@ def run_demo() -> None:
         )
         run = _wait_for_run(client, admin)
         typer.echo(f"   run {run['id']} queued by {run['trigger']}; the worker trains it with QLoRA:")
-        run = _follow(client, admin, run["id"], started)
+        run = _follow(client, admin, run["id"], started, timeout=settings.run_time_limit_s)
 
         typer.secho(f"\n4. The gate: {run['status']}", bold=True)
         if run["report"]:
@@ -170,7 +170,7 @@ def _wait_for_run(client, headers, timeout=120) -> dict:
     raise RuntimeError(f"no run was queued within {timeout}s: is Redis up, and did beat start? See {DEMO_DIR}/")
 
 
-def _follow(client, headers, run_id: int, started: float, timeout=1800) -> dict:
+def _follow(client, headers, run_id: int, started: float, timeout: float) -> dict:
     """Print the run's progress until the gate has decided."""
     deadline, last = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
