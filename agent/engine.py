@@ -234,10 +234,6 @@ class Engine:
             ) from None
         return stream
 
-    @property
-    def queued(self) -> int:
-        return self._queue.qsize()
-
     def _start(self) -> None:
         with self._start_lock:
             if self._thread is None:
@@ -287,8 +283,8 @@ class Engine:
             return
         self._emitted(slot)
 
-    def _emitted(self, slot: int) -> bool:
-        """Hand the row's new token to its stream; retire the row if it is done. True if retired."""
+    def _emitted(self, slot: int) -> None:
+        """Hand the row's new token to its stream; retire the row if it is done."""
         row = self._rows[slot]
         row.stream._emit(row.next_token)
         reason = (
@@ -300,12 +296,10 @@ class Engine:
             if row.stream.cancelled
             else None
         )
-        if reason is None:
-            return False
-        row.stream._finish(reason)
-        self._durations.append(row.stream.finished_at - row.stream.submitted_at)
-        self._retire(slot)
-        return True
+        if reason is not None:
+            row.stream._finish(reason)
+            self._durations.append(row.stream.finished_at - row.stream.submitted_at)
+            self._retire(slot)
 
     def _retire(self, slot: int) -> None:
         """Free a slot; the last row moves into it so that the rows stay contiguous in the cache."""
