@@ -34,8 +34,8 @@ from core.errors import Overloaded
 class TokenStream:
     """The tokens of one request as the engine produces them.
 
-    Iterate it in a thread (blocking), or with `async for` in the event loop it was created in;
-    `result()` waits for the end. The engine finishes every stream it accepts, with "stop",
+    Iterate it with `async for` in the event loop it was created in; `result()` waits for the
+    end (in any thread). The engine finishes every stream it accepts, with "stop",
     "length", "cancelled" or an error."""
 
     def __init__(self) -> None:
@@ -78,11 +78,6 @@ class TokenStream:
     def cancel(self) -> None:
         """Stop generating at the next step (the stream then ends with "cancelled")."""
         self.cancelled = True
-
-    def __iter__(self):
-        while (token := self._events.get()) is not None:
-            yield token
-        self._raise_error()
 
     async def __aiter__(self):
         while True:
@@ -193,6 +188,15 @@ class Engine:
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.intermediate = config.intermediate_size
+        self.out_sizes = {  # of each adaptable projection, for its slice of a fused output
+            "q_proj": self.q_size,
+            "k_proj": self.kv_size,
+            "v_proj": self.kv_size,
+            "o_proj": self.q_size,
+            "gate_proj": self.intermediate,
+            "up_proj": self.intermediate,
+            "down_proj": config.hidden_size,
+        }
         # RoPE from the model's own rotary module, so positions match generate's exactly.
         positions = torch.arange(max_length, device=self.device)[None]
         probe = torch.zeros(1, device=self.device, dtype=self.dtype)
@@ -397,23 +401,12 @@ class Engine:
             xa = xa * mask
         offset = 0
         for proj in INPUT_GROUPS[group]:
-            size = self._out_size(proj)
+            size = self.out_sizes[proj]
             if proj in lora.cols:
                 start, end = lora.cols[proj]
                 out[:, offset : offset + size].addmm_(xa[:, start:end], lora.b[layer][proj])
             offset += size
         return out
-
-    def _out_size(self, proj: str) -> int:
-        return {
-            "q_proj": self.q_size,
-            "k_proj": self.kv_size,
-            "v_proj": self.kv_size,
-            "o_proj": self.q_size,
-            "gate_proj": self.intermediate,
-            "up_proj": self.intermediate,
-            "down_proj": self.embed.shape[1],
-        }[proj]
 
     def _batch_lora(self, adapters: list[LoraWeights | None], rows: int) -> _BatchLora | None:
         """The stacked adapters of a batch, one entry of `adapters` per sequence of `rows` positions.
