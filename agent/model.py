@@ -44,11 +44,7 @@ def load_base_model(settings: Settings) -> LoadedModel:
     if settings.load_in_4bit:
         if not on_gpu:
             raise ValueError("load_in_4bit needs a GPU; set DRAFTLOOP_LOAD_IN_4BIT=false on a CPU machine")
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
-        )
+        kwargs["quantization_config"] = nf4_quantization_config(dtype)
         kwargs["device_map"] = {"": 0}
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if not settings.load_in_4bit:
@@ -56,6 +52,13 @@ def load_base_model(settings: Settings) -> LoadedModel:
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id(settings), fingerprint=fingerprint(source))
+
+
+def nf4_quantization_config(compute_dtype: torch.dtype):
+    """The one 4-bit setting, for QLoRA training and 4-bit drafting alike."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
 
 
 def resolve_dtype(name: str) -> torch.dtype:

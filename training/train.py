@@ -16,8 +16,9 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
-from agent.model import resolve_dtype
+from agent.model import nf4_quantization_config, resolve_dtype
 from core.errors import Invalid
+from training import qlora
 
 Progress = Callable[[int, int, float | None], None]  # step, total steps, latest loss
 
@@ -28,7 +29,9 @@ class TrainConfig:
 
     rank: int = 16
     alpha: int = 32
-    dropout: float = 0.05
+    # 0: the LoRA update can be merged into each step's weights (training/qlora.py); dropout on
+    # the LoRA input alone was 16% of a CPU step (py-spy) and cannot be merged.
+    dropout: float = 0.0
     # Measured on the sample tenant (held-out NLL vs the base): q/k/v/o at 2e-4 for 3 epochs
     # -16%; every linear layer of the blocks at 2e-3: -28% after 3 epochs and -27.6% after 2.
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -37,6 +40,10 @@ class TrainConfig:
     batch_size: int = 8
     max_length: int = 768
     quantization: Literal["nf4", "none"] = "nf4"  # "none": plain LoRA on unquantized weights
+    # How the frozen NF4 weights are applied: dequantized once per run (fast, the memory of the
+    # unquantized weights) or by bitsandbytes on every forward and backward; auto: dequantized
+    # when that fits in half of the free memory.
+    nf4_weights: Literal["auto", "dequantized", "bitsandbytes"] = "auto"
     compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bfloat16 where the hardware has it
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -69,6 +76,11 @@ class TrainConfig:
                 ("batch_size", 1 <= self.batch_size <= 256, "between 1 and 256"),
                 ("max_length", 32 <= self.max_length <= 8192, "between 32 and 8192"),
                 ("quantization", self.quantization in ("nf4", "none"), "'nf4' or 'none'"),
+                (
+                    "nf4_weights",
+                    self.nf4_weights in ("auto", "dequantized", "bitsandbytes"),
+                    "auto, dequantized or bitsandbytes",
+                ),
                 ("compute_dtype", self.compute_dtype in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
             ]
             if not ok
@@ -89,18 +101,29 @@ class TrainResult:
 
 
 def load_training_base(source: str, config: TrainConfig) -> PreTrainedModel:
-    """The base model for training: 4-bit NF4 (QLoRA) by default, plain weights for LoRA."""
+    """The base model for training: 4-bit NF4 (QLoRA) by default, plain weights for LoRA.
+
+    The NF4 weights are always bitsandbytes' own quantization of the base; `nf4_weights` only
+    decides whether they are dequantized once or on every step (training/qlora.py)."""
     dtype = resolve_dtype(config.compute_dtype)
     kwargs: dict = {"dtype": dtype, "local_files_only": True}
     if config.quantization == "nf4":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
-        )
+        kwargs["quantization_config"] = nf4_quantization_config(dtype)
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": 0}
-    return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if config.quantization == "nf4":
+        qlora.keep_cpu_nf4_exact(model)
+        if nf4_weights(model, config) == "dequantized":
+            qlora.dequantize_once(model, dtype)
+    return model
+
+
+def nf4_weights(model: PreTrainedModel, config: TrainConfig) -> str:
+    if config.nf4_weights != "auto":
+        return config.nf4_weights
+    fits = qlora.dequantized_bytes(model, resolve_dtype(config.compute_dtype)) <= qlora.free_memory_bytes() / 2
+    return "dequantized" if fits else "bitsandbytes"
 
 
 def _completion_only_trainer():
@@ -116,10 +139,15 @@ def _completion_only_trainer():
     class CompletionOnlySFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             causal = model.get_base_model() if isinstance(model, PeftModel) else model
+            attention_mask = inputs.get("attention_mask")
+            if attention_mask is not None and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+                # Right padding only: causal attention alone never lets a real token see a pad,
+                # and without a mask SDPA skips the half above the diagonal.
+                attention_mask = None
             with self.accelerator.autocast():
                 hidden = causal.get_decoder()(
                     input_ids=inputs["input_ids"],
-                    attention_mask=inputs.get("attention_mask"),
+                    attention_mask=attention_mask,
                     position_ids=inputs.get("position_ids"),
                     use_cache=False,
                 ).last_hidden_state
@@ -191,6 +219,7 @@ def train_adapter(
             bias="none",
             task_type="CAUSAL_LM",
         )
+        torch.manual_seed(config.seed)  # the LoRA initialisation, drawn when the trainer wraps the model
         trainer = _completion_only_trainer()(
             model=model,
             args=args,
@@ -199,6 +228,15 @@ def train_adapter(
             peft_config=lora,
             callbacks=[_ReportProgress(progress, history)],
         )
+        # TRL keeps a 4-bit model's LoRA weights in bf16, which on a CPU without native bf16 is
+        # several times slower: they start from TRL's bf16-rounded values on either NF4 path
+        # (the same run, whichever applies the base) and train in the compute dtype.
+        compute_dtype = resolve_dtype(config.compute_dtype)
+        for parameter in trainer.model.parameters():
+            if parameter.requires_grad:
+                start = parameter.data.to(torch.bfloat16) if config.quantization == "nf4" else parameter.data
+                parameter.data = start.to(compute_dtype)
+        qlora.merge_lora_forward(trainer.model)
         train_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
         progress(0, math.ceil(len(rows) / config.batch_size) * math.ceil(config.epochs), None)
         started = time.perf_counter()
