@@ -12,12 +12,18 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+# The CPU features that decide which dtype computes fast (bf16 only with AVX-512 BF16 or AMX).
+FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
@@ -26,6 +32,8 @@ def machine() -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {
         "cpu": cpu,
+        "cpu_flags": [flag for flag in FLAGS if flag in flags],
+        "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}) or torch.cuda.is_available(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_gib": round(memory_gib, 1),

@@ -1,15 +1,23 @@
-"""Training on the sample tenant with the real embedded model, side by side:
+"""Training on the sample tenant with the real embedded model, against the compute ceiling
+measured in the same run.
 
-- reference: the plain TRL + PEFT loop (SFTTrainer's own loss, NF4 with float32 compute,
-  gradient checkpointing on, r=16 q/k/v/o, lr 2e-4, batch 4), timed over a few steps;
-- qlora: draftloop's default (NF4 base, bf16 compute, completion-only LM head), full run,
-  evaluated and gated against the bare base model;
-- lora: the same with plain bf16 weights (no quantization), full run, evaluated;
-- shuffled: the default trained on replies shuffled across emails: a deliberately bad
-  candidate, gated against the promoted one.
+The ceiling: a matrix product in the compute dtype (2048 x 2048, best of three rounds), timed in
+each variant's process before and after it trains, over the FLOPs a trained token needs: about
+4 per body weight (the forward pass, and the backward pass to the activations through the
+frozen base) plus 4 per LM-head weight for the reply tokens (the only ones through the head).
+Attention and the LoRA products are not counted: the ceiling is one no run can reach.
 
-Each variant runs in its own process, so its peak memory is its own.
-Run: .venv/bin/python -m bench.train_sample   (about 20-25 minutes on 2 CPU cores)
+Variants, each in its own process (its peak RSS is its own):
+- reference: the plain TRL + PEFT loop (SFTTrainer's own loss, NF4 through bitsandbytes,
+  r=16 on q/k/v/o with dropout 0.05, lr 2e-4, batch 4), timed over a few steps;
+- bitsandbytes: draftloop's recipe with the NF4 weights applied by bitsandbytes on every step
+  (`nf4_weights=bitsandbytes`, the previous default), timed over a few steps;
+- lora: plain LoRA on unquantized weights (`quantization=none`), timed over a few steps;
+- qlora: the default, a full run: train, evaluate against the base model, gate;
+- shuffled: the default on replies shuffled across emails, a deliberately bad candidate gated
+  against the promoted one (a full run; not in the default list: `python -m bench.train_sample shuffled`).
+
+Run: .venv/bin/python -m bench.train_sample [variant ...]   (default: reference bitsandbytes lora qlora)
 """
 
 import json
@@ -22,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REFERENCE_STEPS = 6
+TIMED_STEPS = 4
 # Spawned children import this module again: they find the folder in the environment.
 WORK = Path(os.environ.setdefault("DRAFTLOOP_BENCH_DIR", tempfile.mkdtemp(prefix="draftloop-bench-")))
 os.environ.update(
@@ -53,42 +61,103 @@ def load_history() -> int:
         return tenant.id
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def gemm_gflops(dtype) -> float:
+    """The cores' matrix-product speed in the compute dtype: best of three rounds of ten."""
+    import torch
+
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        best = min(best, (time.perf_counter() - started) / 10)
+    return 2 * 2048**3 / best / 1e9
 
 
-def reference(tenant_id: int) -> dict:
-    """The plain loop: TRL's SFTTrainer as it comes, over a few steps, for tokens/s."""
-    from datasets import Dataset
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+def model_flops_per_token(reply_share: float) -> float:
+    """4 FLOPs per body weight per token, plus 4 per LM-head weight on the reply's share of tokens."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from agent.model import load_tokenizer, model_source
+    from agent.model import model_source
+    from core.settings import get_settings
+
+    config = AutoConfig.from_pretrained(model_source(get_settings()), local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    body = sum(p.numel() for p in model.model.layers.parameters())
+    head = model.get_output_embeddings().weight.numel()
+    return 4 * body + 4 * head * reply_share
+
+
+def measured(train) -> dict:
+    """Run `train` (returning trained tokens, reply tokens, steps, seconds) between two timings of
+    the ceiling, and report its throughput as a share of it."""
+    from agent.model import resolve_dtype
+    from core.settings import get_settings
+
+    dtype = resolve_dtype(get_settings().model_dtype)
+    before = gemm_gflops(dtype)
+    figures = train()
+    after = gemm_gflops(dtype)
+    gflops = (before + after) / 2
+    flops = model_flops_per_token(figures["reply_tokens"] / figures["trained_tokens"])
+    ceiling = gflops * 1e9 / flops
+    tokens_per_s = figures["trained_tokens"] / figures["seconds"]
+    return figures | {
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "gemm_gflops_before_after": [round(before, 1), round(after, 1)],
+        "ceiling_tokens_per_s": round(ceiling, 1),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "share_of_ceiling": round(tokens_per_s / ceiling, 3),
+        "seconds_per_step": round(figures["seconds"] / figures["steps"], 2),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+
+
+def train_rows(tenant_id: int) -> list[dict]:
+    from agent.model import load_tokenizer
     from core.db import session_scope
     from core.settings import get_settings
     from feedback.models import Split, Tenant
     from training.dataset import build_dataset
-    from training.train import TrainConfig, load_training_base
+    from training.train import TrainConfig
 
     settings = get_settings()
-    tokenizer = load_tokenizer(settings)
     with session_scope() as session:
         tenant = session.get(Tenant, tenant_id)
-        rows = build_dataset(
+        return build_dataset(
             session,
             tenant_id=tenant_id,
             instructions=tenant.instructions,
             split=Split.train,
-            tokenizer=tokenizer,
+            tokenizer=load_tokenizer(settings),
             settings=settings,
-            max_length=768,
+            max_length=TrainConfig().max_length,
         ).rows
-    model = load_training_base(model_source(settings), TrainConfig(compute_dtype="float32"))
+
+
+def reference(tenant_id: int) -> dict:
+    """The plain loop: TRL's SFTTrainer as it comes, over a few steps."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from agent.model import load_tokenizer, model_source
+    from core.settings import get_settings
+    from training.train import TrainConfig, load_training_base
+
+    settings = get_settings()
+    tokenizer, rows = load_tokenizer(settings), train_rows(tenant_id)
+    model = load_training_base(model_source(settings), TrainConfig(nf4_weights="bitsandbytes"))
     args = SFTConfig(
         output_dir=str(WORK / "reference"),
         per_device_train_batch_size=4,
         learning_rate=2e-4,
-        max_steps=REFERENCE_STEPS,
+        max_steps=TIMED_STEPS + 1,
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -98,19 +167,60 @@ def reference(tenant_id: int) -> dict:
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=lora
     )
-    tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
-    started = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - started
-    tokens_seen = tokens / len(rows) * 4 * REFERENCE_STEPS
-    return {
-        "steps_timed": REFERENCE_STEPS,
-        "batch_size": 4,
-        "seconds_per_step": round(seconds / REFERENCE_STEPS, 2),
-        "tokens_per_s": round(tokens_seen / seconds, 1),
-        "full_run_estimate_s": round(tokens * 3 / (tokens_seen / seconds)),
-        "peak_rss_mib": round(_peak_rss_mib()),
-    }
+    counts = {"tokens": 0, "reply": 0, "started": None}
+
+    class Count(TrainerCallback):  # the first step is a warm-up, not timed
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                counts.update(tokens=0, reply=0, started=time.perf_counter())
+
+    original = trainer.compute_loss
+
+    def counting_loss(model, inputs, *args, **kwargs):
+        counts["tokens"] += int(inputs["attention_mask"].sum())
+        counts["reply"] += int((inputs["labels"] != -100).sum())
+        return original(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = counting_loss
+    trainer.add_callback(Count())
+
+    def train():
+        trainer.train()
+        seconds = time.perf_counter() - counts["started"]
+        return {
+            "steps": TIMED_STEPS,
+            "batch_size": 4,
+            "trained_tokens": counts["tokens"],
+            "reply_tokens": counts["reply"],
+            "seconds": seconds,
+        }
+
+    return measured(train)
+
+
+def timed_steps(tenant_id: int, overrides: dict) -> dict:
+    """draftloop's training over a few steps of the sample's train rows (longest batch first)."""
+    from agent.model import load_tokenizer, model_source
+    from core.settings import get_settings
+    from training.train import TrainConfig, load_training_base, train_adapter
+
+    settings = get_settings()
+    rows = train_rows(tenant_id)
+    config = TrainConfig.with_overrides(overrides)
+    config = TrainConfig.with_overrides(overrides | {"epochs": TIMED_STEPS * config.batch_size / len(rows)})
+
+    def train():
+        model = load_training_base(model_source(settings), config)
+        result = train_adapter(model, load_tokenizer(settings), rows, config, WORK / "timed")
+        return {
+            "steps": result.steps,
+            "batch_size": config.batch_size,
+            "trained_tokens": result.trained_tokens,
+            "reply_tokens": result.reply_tokens,
+            "seconds": result.seconds,
+        }
+
+    return measured(train) | {"overrides": overrides}
 
 
 def pipeline_run(tenant_id: int, overrides: dict, shuffle: bool) -> dict:
@@ -138,20 +248,30 @@ def pipeline_run(tenant_id: int, overrides: dict, shuffle: bool) -> dict:
         training.pipeline.build_dataset = shuffled
     with session_scope() as session:
         run_id = create_run(session, tenant_id, trigger="bench", requested_by="bench", overrides=overrides).id
-    started = time.perf_counter()
-    status = execute_run(run_id, get_settings(), echo=lambda line: print(line, flush=True))
-    with session_scope() as session:
-        run = session.get(TrainingRun, run_id)
-        report, reason = run.report, run.decision_reason
-    return {
-        "status": status,
-        "reason": reason,
-        "run_seconds": round(time.perf_counter() - started),
-        "training": report["training"] if report else None,
-        "heldout": report["summary"] if report else None,
-        "seconds_per_step": round(report["training"]["seconds"] / report["training"]["steps"], 2) if report else None,
-        "peak_rss_mib": round(_peak_rss_mib()),
-        "report": report.get("path") if report else None,
+    outcome = {}
+
+    def train():
+        started = time.perf_counter()
+        outcome["status"] = execute_run(run_id, get_settings(), echo=lambda line: print(line, flush=True))
+        outcome["run_seconds"] = round(time.perf_counter() - started)
+        with session_scope() as session:
+            run = session.get(TrainingRun, run_id)
+            outcome["report"], outcome["reason"] = run.report, run.decision_reason
+        training = outcome["report"]["training"]
+        return {key: training[key] for key in ("steps", "trained_tokens", "reply_tokens", "seconds")}
+
+    figures = measured(train)
+    report = outcome["report"]
+    return figures | {
+        "status": outcome["status"],
+        "reason": outcome["reason"],
+        "run_seconds": outcome["run_seconds"],
+        "heldout": report["summary"],
+        "heldout_nll_change_vs_base": round(
+            report["summary"]["candidate"]["nll"] / report["summary"]["base"]["nll"] - 1, 3
+        ),
+        "config": report["training"]["config"],
+        "report": report["path"],
     }
 
 
@@ -160,28 +280,32 @@ def _in_child(name: str, *args) -> dict:
         return pool.apply(globals()[name], args)
 
 
+VARIANTS = {
+    "reference": ("reference",),
+    "bitsandbytes": ("timed_steps", {"nf4_weights": "bitsandbytes"}),
+    "lora": ("timed_steps", {"quantization": "none"}),
+    "qlora": ("pipeline_run", {}, False),
+    "shuffled": ("pipeline_run", {}, True),
+}
+
+
 def main() -> None:
     from bench.report import save
 
-    variants = sys.argv[1:] or ["reference", "qlora", "lora", "shuffled"]
+    names = sys.argv[1:] or ["reference", "bitsandbytes", "lora", "qlora"]
     tenant_id = load_history()
     figures: dict = {"work_dir": str(WORK)}
-    if "reference" in variants:
-        figures["reference"] = _in_child("reference", tenant_id)
-        print("reference:", figures["reference"], flush=True)
-    if "qlora" in variants:
-        figures["qlora"] = _in_child("pipeline_run", tenant_id, {}, False)
-    if "lora" in variants:
-        figures["lora"] = _in_child("pipeline_run", tenant_id, {"quantization": "none"}, False)
-    if "shuffled" in variants:
-        figures["shuffled"] = _in_child("pipeline_run", tenant_id, {}, True)
-    if "qlora" in figures and "reference" in figures:
-        ours, ref = figures["qlora"]["training"], figures["reference"]
-        figures["speedup_tokens_per_s_vs_reference"] = round(ours["tokens_per_s"] / ref["tokens_per_s"], 2)
-        heldout = figures["qlora"]["heldout"]
-        figures["heldout_nll_change_vs_base"] = round(heldout["candidate"]["nll"] / heldout["base"]["nll"] - 1, 3)
+    for name in names:
+        function, *args = VARIANTS[name]
+        figures[name] = _in_child(function, tenant_id, *args)
+        shown = {k: v for k, v in figures[name].items() if k not in ("heldout", "config", "reason")}
+        print(f"{name}: {json.dumps(shown)}", flush=True)
+    if "qlora" in figures:
+        for other in ("reference", "bitsandbytes"):
+            if other in figures:
+                ratio = figures["qlora"]["tokens_per_s"] / figures[other]["tokens_per_s"]
+                figures[f"qlora_speedup_vs_{other}"] = round(ratio, 2)
     save("train_sample", figures)
-    print(json.dumps({k: v for k, v in figures.items() if k != "work_dir"}, indent=2)[:4000])
 
 
 if __name__ == "__main__":

@@ -213,7 +213,7 @@ def _execute(run_id, tenant_id, instructions, config: TrainConfig, settings, ses
             candidate_id = candidate.id
     echo(
         f"run {run_id}: trained {result.steps} steps in {result.seconds:.0f}s "
-        f"({result.train_tokens * config.epochs / result.seconds:.0f} tokens/s); evaluating on held-out"
+        f"({result.trained_tokens / result.seconds:.0f} tokens/s); evaluating on held-out"
     )
     plots.loss_curve(result.loss_history, run_dir(settings, run_id) / "loss.png", f"run {run_id} training loss")
 
@@ -224,8 +224,9 @@ def _execute(run_id, tenant_id, instructions, config: TrainConfig, settings, ses
         "dropped": train.dropped,
         "steps": result.steps,
         "seconds": round(result.seconds, 1),
-        "train_tokens_per_epoch": result.train_tokens,
-        "tokens_per_s": round(result.train_tokens * config.epochs / result.seconds, 1),
+        "trained_tokens": result.trained_tokens,
+        "reply_tokens": result.reply_tokens,
+        "tokens_per_s": round(result.trained_tokens / result.seconds, 1),
         "config": config.as_dict(),
     }
     decision = report["decision"]

@@ -96,7 +96,8 @@ class TrainConfig:
 class TrainResult:
     steps: int
     seconds: float
-    train_tokens: int  # prompt + completion tokens processed per epoch
+    trained_tokens: int  # prompt + completion tokens of every step (padding not counted)
+    reply_tokens: int  # of which completion tokens: the only ones through the LM head
     loss_history: list[dict] = field(default_factory=list)  # [{"step", "loss", "epoch"}]
 
 
@@ -137,9 +138,14 @@ def _completion_only_trainer():
     from trl import SFTTrainer
 
     class CompletionOnlySFTTrainer(SFTTrainer):
+        trained_tokens = reply_tokens = 0
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             causal = model.get_base_model() if isinstance(model, PeftModel) else model
             attention_mask = inputs.get("attention_mask")
+            self.trained_tokens += (
+                int(attention_mask.sum()) if attention_mask is not None else inputs["input_ids"].numel()
+            )
             if attention_mask is not None and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
                 # Right padding only: causal attention alone never lets a real token see a pad,
                 # and without a mask SDPA skips the half above the diagonal.
@@ -154,6 +160,7 @@ def _completion_only_trainer():
                 targets = inputs["labels"][:, 1:]
                 mask = targets != -100
                 logits = causal.get_output_embeddings()(hidden[:, :-1][mask])
+            self.reply_tokens += int(mask.sum())
             loss = torch.nn.functional.cross_entropy(logits.float(), targets[mask], reduction="sum")
             loss = loss / mask.sum().clamp(min=1)
             return (loss, None) if return_outputs else loss
@@ -237,10 +244,15 @@ def train_adapter(
                 start = parameter.data.to(torch.bfloat16) if config.quantization == "nf4" else parameter.data
                 parameter.data = start.to(compute_dtype)
         qlora.merge_lora_forward(trainer.model)
-        train_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
         progress(0, math.ceil(len(rows) / config.batch_size) * math.ceil(config.epochs), None)
         started = time.perf_counter()
         output = trainer.train()
         seconds = time.perf_counter() - started
         trainer.model.save_pretrained(out_dir)
-    return TrainResult(steps=output.global_step, seconds=seconds, train_tokens=train_tokens, loss_history=history)
+    return TrainResult(
+        steps=output.global_step,
+        seconds=seconds,
+        trained_tokens=trainer.trained_tokens,
+        reply_tokens=trainer.reply_tokens,
+        loss_history=history,
+    )
