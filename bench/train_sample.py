@@ -15,7 +15,8 @@ Variants, each in its own process (its peak RSS is its own):
 - lora: plain LoRA on unquantized weights (`quantization=none`), timed over a few steps;
 - qlora: the default, a full run: train, evaluate against the base model, gate;
 - shuffled: the default on replies shuffled across emails, a deliberately bad candidate gated
-  against the promoted one (a full run; not in the default list: `python -m bench.train_sample shuffled`).
+  against the promoted one (a full run; not in the default list: `python -m bench.train_sample shuffled`);
+- demo: `draftloop demo` as a new user runs it, its wall time and phases (`python -m bench.train_sample demo`).
 
 Run: .venv/bin/python -m bench.train_sample [variant ...]   (default: reference bitsandbytes lora qlora)
 """
@@ -275,6 +276,17 @@ def pipeline_run(tenant_id: int, overrides: dict, shuffle: bool) -> dict:
     }
 
 
+def demo(tenant_id: int) -> dict:
+    """The main job, end to end, in its own processes; the demo saves its phases' seconds."""
+    import subprocess
+
+    started = time.perf_counter()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DRAFTLOOP_")}  # the demo's own
+    subprocess.run([sys.executable, "-m", "api.cli", "demo"], check=True, env=env)
+    phases = json.loads(Path("var/demo/phases.json").read_text())
+    return {"wall_s": round(time.perf_counter() - started, 1), "phases_s": phases}
+
+
 def _in_child(name: str, *args) -> dict:
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(globals()[name], args)
@@ -286,6 +298,7 @@ VARIANTS = {
     "lora": ("timed_steps", {"quantization": "none"}),
     "qlora": ("pipeline_run", {}, False),
     "shuffled": ("pipeline_run", {}, True),
+    "demo": ("demo",),
 }
 
 
