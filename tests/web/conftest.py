@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import uvicorn
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -183,7 +184,9 @@ class Browser:
         return self.find(css).text
 
     def wait(self, condition, timeout: float = 10):
-        return WebDriverWait(self.driver, timeout).until(condition)
+        """Until condition holds; an element replaced by the next page while it is read is read again."""
+        ignored = (NoSuchElementException, StaleElementReferenceException)
+        return WebDriverWait(self.driver, timeout, ignored_exceptions=ignored).until(condition)
 
     def wait_for_path(self, path: str) -> None:
         self.wait(lambda d: d.current_url == self.base_url + path)
