@@ -176,8 +176,9 @@ def run_demo() -> None:
         typer.echo(f"   the reviewer's pages: DRAFTLOOP_VAR_DIR={DEMO_DIR} draftloop serve, then open")
         typer.echo(f"   http://127.0.0.1:8000/web/ and sign in with the demo's admin key {keys[Role.admin]}")
         typer.echo(f"   (or its reviewer key {keys[Role.reviewer]}, which sees the queue but not the dashboard)")
-        typer.echo(f"\nThe whole loop took {time.perf_counter() - started:.0f}s: " + _phases(phases))
-        (DEMO_DIR / "phases.json").write_text(json.dumps(phases | {"total": round(time.perf_counter() - started, 1)}))
+        total = round(time.perf_counter() - started, 1)
+        typer.echo(f"\nThe whole loop took {total:.0f}s: " + _phases(phases))
+        (DEMO_DIR / "phases.json").write_text(json.dumps(phases | {"total": total}))
     finally:
         for process in (beat, worker):
             process.terminate()
@@ -209,7 +210,7 @@ def _follow(client, headers, run_id: int, started: float, timeout: float, mark) 
         run = client.get(f"/v1/runs/{run_id}", headers=headers).json()
         shown = (run["status"], run["step"])
         if shown != last:
-            if run["status"] != "running" and (last or ("",))[0] == "running":
+            if last is not None and last[0] == "running" and run["status"] != "running":
                 mark("training (with the worker's model load)")
             last = shown
             loss = f"  loss {run['loss']:.3f}" if run["loss"] is not None else ""

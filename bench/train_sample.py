@@ -21,6 +21,7 @@ Variants, each in its own process (its peak RSS is its own):
 Run: .venv/bin/python -m bench.train_sample [variant ...]   (default: reference bitsandbytes lora qlora)
 """
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -208,7 +209,7 @@ def timed_steps(tenant_id: int, overrides: dict) -> dict:
     settings = get_settings()
     rows = train_rows(tenant_id)
     config = TrainConfig.with_overrides(overrides)
-    config = TrainConfig.with_overrides(overrides | {"epochs": TIMED_STEPS * config.batch_size / len(rows)})
+    config = dataclasses.replace(config, epochs=TIMED_STEPS * config.batch_size / len(rows))
 
     def train():
         model = load_training_base(model_source(settings), config)

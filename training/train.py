@@ -115,12 +115,12 @@ def load_training_base(source: str, config: TrainConfig) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if config.quantization == "nf4":
         qlora.keep_cpu_nf4_exact(model)
-        if nf4_weights(model, config) == "dequantized":
+        if _nf4_path(model, config) == "dequantized":
             qlora.dequantize_once(model, dtype)
     return model
 
 
-def nf4_weights(model: PreTrainedModel, config: TrainConfig) -> str:
+def _nf4_path(model: PreTrainedModel, config: TrainConfig) -> str:
     if config.nf4_weights != "auto":
         return config.nf4_weights
     fits = qlora.dequantized_bytes(model, resolve_dtype(config.compute_dtype)) <= qlora.free_memory_bytes() / 2
