@@ -1,7 +1,8 @@
 """Drafting replies: the tenant's prompt, greedy decoding, stop at the end of the turn; with the
-tenant's adapter when it has one. `generate_greedy` is the plain Hugging Face path (evaluation
-uses it, and the tests hold the engine's drafts to it)."""
+tenant's adapter when it has one. `generate_greedy` is the plain Hugging Face path (the tests
+and the decoding benchmark hold the engine's drafts to it)."""
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from agent.adapters import AdapterCache, AdapterRef
 from agent.engine import Engine, TokenStream, in_fresh_thread
 from agent.model import LoadedModel, load_base_model
 from agent.prompt import IncomingEmail, build_messages, fit_messages, prompt_token_ids
+from agent.repetition import RepetitionGuard
 from core.errors import Overloaded
 from core.settings import Settings, get_settings
 
@@ -22,7 +24,7 @@ class DraftResult:
     tokens_generated: int  # including the end-of-turn token when there is one
     prompt_tokens: int
     latency_ms: float  # from submission to the last token, including any wait in the queue
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "repetition" (a cycle the guard stopped)
 
 
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -69,6 +71,11 @@ class Drafter:
         self.model_id = loaded.model_id
         self.fingerprint = loaded.fingerprint
         self.settings = settings
+        self.guard = RepetitionGuard(
+            repetition_penalty=settings.repetition_penalty,
+            no_repeat_ngram_size=settings.no_repeat_ngram_size,
+            stop_cycles=settings.stop_repeating_cycles,
+        )
         self.stop_ids = stop_token_ids(loaded.model, loaded.tokenizer)
         self.adapters = AdapterCache(
             settings.adapter_cache_count,
@@ -92,14 +99,30 @@ class Drafter:
         messages = fit_messages(self.tokenizer, messages, self.settings.max_prompt_tokens)
         return prompt_token_ids(self.tokenizer, messages)
 
-    def submit(self, prompt: list[int], *, max_new_tokens: int | None = None, adapter: AdapterRef | None = None):
+    def guard_with(self, **overrides) -> RepetitionGuard:
+        """The server's repetition guard with a request's own settings (None: the server's)."""
+        return dataclasses.replace(self.guard, **{k: v for k, v in overrides.items() if v is not None})
+
+    def submit(
+        self,
+        prompt: list[int],
+        *,
+        max_new_tokens: int | None = None,
+        adapter: AdapterRef | None = None,
+        guard: RepetitionGuard | None = None,
+    ):
         """Start drafting from prompt ids; the stream yields token ids as they are decoded."""
         limit = self.settings.max_new_tokens_limit
         if max_new_tokens is None:
             max_new_tokens = min(self.settings.max_new_tokens, limit)
         if not 1 <= max_new_tokens <= limit:
             raise ValueError(f"max_new_tokens must be between 1 and {limit}, got {max_new_tokens}")
-        return self.engine.submit(prompt, max_new_tokens, adapter)
+        return self.engine.submit(prompt, max_new_tokens, adapter, guard or self.guard)
+
+    def close(self) -> None:
+        """Finish the drafts in progress and stop the engine's thread (for one-off drafting,
+        such as an evaluation inside a training worker)."""
+        self.engine.close()
 
     def text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
@@ -111,10 +134,11 @@ class Drafter:
         *,
         max_new_tokens: int | None = None,
         adapter: AdapterRef | None = None,
+        guard: RepetitionGuard | None = None,
     ) -> DraftResult:
         """Draft a reply to one email following the tenant's instructions, with the tenant's
         adapter if it has one, else with the bare base model."""
-        return self.draft_many(instructions, [email], max_new_tokens=max_new_tokens, adapter=adapter)[0]
+        return self.draft_many(instructions, [email], max_new_tokens=max_new_tokens, adapter=adapter, guard=guard)[0]
 
     def draft_many(
         self,
@@ -123,13 +147,14 @@ class Drafter:
         *,
         max_new_tokens: int | None = None,
         adapter: AdapterRef | None = None,
+        guard: RepetitionGuard | None = None,
     ) -> list[DraftResult]:
         """Draft replies to several emails of one tenant; they are decoded side by side."""
         prompts = [self.prompt(instructions, email) for email in emails]
         streams: list[TokenStream] = []
         try:
             for prompt in prompts:
-                streams.append(self.submit(prompt, max_new_tokens=max_new_tokens, adapter=adapter))
+                streams.append(self.submit(prompt, max_new_tokens=max_new_tokens, adapter=adapter, guard=guard))
         except Overloaded:
             for stream in streams:
                 stream.cancel()

@@ -11,8 +11,9 @@ bandwidth. The engine stays close to that bound in two ways:
 
 Requests wait in a bounded queue; past its bound `submit` raises `Overloaded`. A worker thread
 admits queued requests between decode steps (prefilling each prompt), so a new request never
-waits for the current batch to finish. Greedy decoding only; the output matches `generate` with
-the same weights (checked in the tests).
+waits for the current batch to finish. Greedy decoding only, with each row's own repetition
+guard (agent/repetition.py); the output matches `generate` with the same weights and the same
+`repetition_penalty` / `no_repeat_ngram_size` (checked in the tests).
 """
 
 import asyncio
@@ -28,15 +29,20 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from agent.adapters import INPUT_GROUPS, AdapterCache, AdapterRef, LoraWeights
+from agent.repetition import RepetitionGuard, RowPenalties, cycle_start
 from core.errors import Overloaded
+
+PLAIN_GREEDY = RepetitionGuard()
+_CLOSE = object()  # queued by Engine.close: the worker thread ends once its rows are done
 
 
 class TokenStream:
     """The tokens of one request as the engine produces them.
 
     Iterate it with `async for` in the event loop it was created in; `result()` waits for the
-    end (in any thread). The engine finishes every stream it accepts, with "stop",
-    "length", "cancelled" or an error."""
+    end (in any thread). The engine finishes every stream it accepts, with "stop", "length",
+    "repetition" (a cycle stopped by the guard; the tokens end after its first copy),
+    "cancelled" or an error."""
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
@@ -111,6 +117,8 @@ class _Row:
     max_new_tokens: int
     length: int  # tokens in the KV cache
     next_token: int  # generated, not yet in the cache
+    guard: RepetitionGuard
+    penalties: RowPenalties | None = None  # when the guard adjusts logits
 
 
 @dataclass
@@ -118,6 +126,7 @@ class _Request:
     prompt: list[int]
     max_new_tokens: int
     adapter: AdapterRef | None
+    guard: RepetitionGuard
     stream: TokenStream
 
 
@@ -217,7 +226,13 @@ class Engine:
         self.steps = 0  # decode steps run, for the benchmarks
 
     # Submitting
-    def submit(self, prompt: list[int], max_new_tokens: int, adapter: AdapterRef | None) -> TokenStream:
+    def submit(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        adapter: AdapterRef | None,
+        guard: RepetitionGuard = PLAIN_GREEDY,
+    ) -> TokenStream:
         """Queue a prompt for greedy decoding; the returned stream yields the new tokens."""
         if not prompt:
             raise ValueError("the prompt is empty")
@@ -228,7 +243,7 @@ class Engine:
         stream = TokenStream()
         self._start()
         try:
-            self._queue.put_nowait(_Request(prompt, max_new_tokens, adapter, stream))
+            self._queue.put_nowait(_Request(prompt, max_new_tokens, adapter, guard, stream))
         except queue.Full:
             retry = max(1, math.ceil(sum(self._durations) / len(self._durations))) if self._durations else 1
             raise Overloaded(
@@ -244,22 +259,38 @@ class Engine:
                 self._thread = threading.Thread(target=self._run, name="draft-engine", daemon=True)
                 self._thread.start()
 
+    def close(self) -> None:
+        """Finish the requests already submitted, then end the worker thread (and with it its
+        OpenMP team, which would otherwise slow the process's later torch work: in_fresh_thread)."""
+        with self._start_lock:
+            if self._thread is not None:
+                self._queue.put(_CLOSE)
+                self._thread.join()
+                self._thread = None
+
     # The worker thread
     def _run(self) -> None:
-        while True:
-            if not self._rows:
-                self._admit(self._queue.get())  # idle: sleep until a request comes
+        closing = False
+        while not closing or self._rows:
+            waiting: list[_Request] = []
+            if not self._rows and not closing:
+                waiting.append(self._queue.get())  # idle: sleep until a request comes
                 deadline = time.perf_counter() + self.batch_window_s
-                while len(self._rows) < self.max_batch and (wait := deadline - time.perf_counter()) > 0:
+                while len(waiting) < self.max_batch and (wait := deadline - time.perf_counter()) > 0:
                     try:
-                        self._admit(self._queue.get(timeout=wait))
+                        waiting.append(self._queue.get(timeout=wait))
                     except queue.Empty:
                         break
-            while len(self._rows) < self.max_batch:
+            while len(self._rows) + len(waiting) < self.max_batch:
                 try:
-                    self._admit(self._queue.get_nowait())
+                    waiting.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            for request in waiting:
+                if request is _CLOSE:
+                    closing = True
+                else:
+                    self._admit(request)
             if self._rows:
                 try:
                     self._step()
@@ -268,18 +299,21 @@ class Engine:
                         row.stream._finish("error", error)
                     self._rows.clear()
 
+    @torch.inference_mode()
     def _admit(self, request: _Request) -> None:
         if request.stream.cancelled:
             request.stream._finish("cancelled")
             return
         slot = len(self._rows)
-        row = _Row(request.stream, None, request.max_new_tokens, length=0, next_token=-1)
+        row = _Row(request.stream, None, request.max_new_tokens, length=0, next_token=-1, guard=request.guard)
         self._rows.append(row)
         try:
             # Loaded here, on the engine's thread: see in_fresh_thread for why no other thread
             # should run parallel torch work in a serving process.
             row.adapter = self.adapters.get(request.adapter) if request.adapter is not None else None
-            row.next_token = self._prefill(slot, request.prompt, row.adapter)
+            if request.guard.processes_logits:
+                row.penalties = RowPenalties(request.guard, request.prompt, self.lm_head.full.shape[0], self.device)
+            row.next_token = self._choose(self._prefill(slot, request.prompt, row.adapter), [row])[0]
             row.length = len(request.prompt)
         except Exception as error:
             self._rows.pop()
@@ -291,15 +325,20 @@ class Engine:
         """Hand the row's new token to its stream; retire the row if it is done."""
         row = self._rows[slot]
         row.stream._emit(row.next_token)
+        tokens = row.stream.tokens
         reason = (
             "stop"
             if row.next_token in self.stop_ids
+            else "repetition"
+            if row.guard.stop_cycles and (start := cycle_start(tokens)) is not None
             else "length"
-            if len(row.stream.tokens) >= row.max_new_tokens
+            if len(tokens) >= row.max_new_tokens
             else "cancelled"
             if row.stream.cancelled
             else None
         )
+        if reason == "repetition":
+            del tokens[start:]
         if reason is not None:
             row.stream._finish(reason)
             self._durations.append(row.stream.finished_at - row.stream.submitted_at)
@@ -317,7 +356,8 @@ class Engine:
 
     # The model
     @torch.inference_mode()
-    def _prefill(self, slot: int, prompt: list[int], adapter: LoraWeights | None) -> int:
+    def _prefill(self, slot: int, prompt: list[int], adapter: LoraWeights | None) -> torch.Tensor:
+        """Fill the slot's cache with the prompt; returns the logits after it ([1, vocab])."""
         tokens = torch.tensor(prompt, device=self.device)
         n = len(prompt)
         lora = self._batch_lora([adapter], rows=n)
@@ -329,7 +369,7 @@ class Engine:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
         hidden = self._forward(tokens, lora, cos, sin, attend, batch=1, length=n)
-        return int(self._logits(hidden[-1:]).argmax(-1))
+        return self._logits(hidden[-1:])
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -353,13 +393,27 @@ class Engine:
             )
 
         hidden = self._forward(tokens, lora, cos, sin, attend, batch=n, length=1)
-        next_tokens = self._logits(hidden).argmax(-1).tolist()
+        next_tokens = self._choose(self._logits(hidden), rows)
         self.steps += 1
         for row, token in zip(rows, next_tokens, strict=True):
             row.length += 1
             row.next_token = token
         for slot in reversed(range(n)):  # reversed: retiring moves only rows already handled
             self._emitted(slot)
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        """Each row's greedy token ([rows, vocab] logits), after its own repetition penalties
+        (in float32, as `generate` applies its logits processors)."""
+        penalised = [(i, row.penalties) for i, row in enumerate(rows) if row.penalties is not None]
+        if penalised:
+            logits = logits.float()
+            for i, penalties in penalised:
+                penalties.apply(logits[i])
+        tokens = logits.argmax(-1).tolist()
+        for i, penalties in penalised:
+            penalties.push(tokens[i])
+        return tokens
 
     def _forward(self, tokens, lora: _BatchLora | None, cos, sin, attend, *, batch: int, length: int):
         """The decoder layers on `tokens` ([batch * length]); returns the final hidden states.

@@ -24,17 +24,29 @@ class EmailIn(BaseModel):
     body: NonEmpty = Field(description="The incoming email's text; quoted history is trimmed to a bound")
 
 
-class DraftRequest(EmailIn):
-    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_EMAIL | {"max_new_tokens": 200}]})
+class DecodingOptions(BaseModel):
+    """Per-request decoding settings; each defaults to the server's."""
 
     max_new_tokens: int | None = Field(None, ge=1, description="Defaults to the server's setting")
+    repetition_penalty: float | None = Field(
+        None, ge=1.0, le=2.0, description="As in transformers' generate: > 1 penalises tokens already seen"
+    )
+    no_repeat_ngram_size: int | None = Field(
+        None, ge=0, le=64, description="As in transformers' generate: no n-gram of this size occurs twice; 0: off"
+    )
+
+    def guard_overrides(self) -> dict:
+        return {"repetition_penalty": self.repetition_penalty, "no_repeat_ngram_size": self.no_repeat_ngram_size}
 
 
-class DraftBatchRequest(BaseModel):
+class DraftRequest(EmailIn, DecodingOptions):
+    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_EMAIL | {"max_new_tokens": 200}]})
+
+
+class DraftBatchRequest(DecodingOptions):
     model_config = ConfigDict(json_schema_extra={"examples": [{"emails": [EXAMPLE_EMAIL], "max_new_tokens": 200}]})
 
     emails: list[EmailIn] = Field(min_length=1, max_length=32, description="Up to 32 emails, drafted together")
-    max_new_tokens: int | None = Field(None, ge=1, description="Defaults to the server's setting")
 
 
 class CorrectionRequest(BaseModel):
@@ -216,6 +228,9 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     stream: bool = False
     temperature: float | None = Field(None, description="Only 0: decoding is greedy")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, ge=1.0, le=2.0, description="As vLLM's extra parameter")
     n: int | None = Field(None, description="Only 1")
 
 

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     max_email_chars: int = Field(20_000, ge=1)
     quoted_history_chars: int = Field(2_000, ge=0)
     max_prompt_tokens: int = Field(1_536, ge=64)
+    # The repetition guard (agent/repetition.py), per request where the API has a field for it;
+    # defaults chosen on held-out drafts (BENCHMARKS.md)
+    repetition_penalty: float = Field(1.0, ge=1.0, le=2.0)
+    no_repeat_ngram_size: int = Field(0, ge=0, le=64)
+    stop_repeating_cycles: bool = True
 
     # Serving: drafts in progress share one decode batch; more wait in a bounded queue, and past
     # it a request is refused (503 with Retry-After). Adapters stay loaded, least recently used

@@ -1,6 +1,8 @@
-"""Held-out evaluation: per-example NLL of the reviewers' final text, chrF of greedy drafts on a
-bounded sample, and the promotion gate with a paired bootstrap confidence interval."""
+"""Held-out evaluation: per-example NLL of the reviewers' final text; greedy drafts, decoded as
+the agent serves them, scored by chrF, by whether they loop, and by house-style fidelity; and
+the promotion gate with a paired bootstrap confidence interval and a rule against looping."""
 
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -8,7 +10,8 @@ import torch
 from sacrebleu.metrics import CHRF
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from agent.drafting import generate_greedy, stop_token_ids
+from agent.adapters import AdapterRef
+from agent.drafting import Drafter
 from agent.prompt import prompt_token_ids
 
 END_OF_TURN = "<|im_end|>"
@@ -48,18 +51,32 @@ def example_nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows
     return scores
 
 
+@dataclass(frozen=True)
+class HeldoutDraft:
+    text: str
+    finish_reason: str  # "stop", "length" or "repetition" (a cycle the guard stopped: it loops)
+
+    @property
+    def loops(self) -> bool:
+        return self.finish_reason == "repetition"
+
+
 def greedy_drafts(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict], max_new_tokens: int, batch_size=8
-) -> list[str]:
-    """Greedy drafts for the rows' prompts, as the agent drafts them, in batches."""
-    stop_ids = stop_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    drafts = []
-    for start in range(0, len(rows), batch_size):
-        prompts = [prompt_token_ids(tokenizer, row["prompt"]) for row in rows[start : start + batch_size]]
-        outputs = generate_greedy(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id)
-        drafts.extend(tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs)
-    return drafts
+    drafter: Drafter, rows: list[dict], adapters: dict[str, AdapterRef | None], max_new_tokens: int
+) -> dict[str, list[HeldoutDraft]]:
+    """Each model's greedy drafts for the rows' prompts, through the serving engine with the
+    server's repetition guard (its cycle stop always on, so that a loop is seen and counted).
+    Every model's drafts are decoded in the same batches."""
+    guard = drafter.guard_with(stop_cycles=True)
+    prompts = [prompt_token_ids(drafter.tokenizer, row["prompt"]) for row in rows]
+    streams = {
+        name: [drafter.submit(p, max_new_tokens=max_new_tokens, adapter=ref, guard=guard) for p in prompts]
+        for name, ref in adapters.items()
+    }
+    return {
+        name: [HeldoutDraft(drafter.text(s.result()), s.finish_reason) for s in model_streams]
+        for name, model_streams in streams.items()
+    }
 
 
 def example_chrf(drafts: list[str], references: list[str]) -> list[float]:
@@ -67,6 +84,69 @@ def example_chrf(drafts: list[str], references: list[str]) -> list[float]:
     return [
         metric.sentence_score(draft, [reference]).score for draft, reference in zip(drafts, references, strict=True)
     ]
+
+
+# House-style fidelity, with no per-tenant rules: does the draft open and close as the reviewer's
+# final text does, once what changes from email to email (numbers, and the names and words the
+# incoming email brings) is masked?
+OPENING_WORDS = 6  # the opening is the first line's first clause, at most this many words
+CLOSING_LINES = 3  # the closing is the reference's last short lines (a sign-off), at most this many
+CLOSING_LINE_WORDS = 5
+
+
+def _masker(email_text: str):
+    names = {w.casefold() for w in re.findall(r"[A-Z][\w'-]+", email_text)}
+
+    def mask(line: str) -> str:
+        line = re.sub(r"\w*\d[\w-]*", "<n>", line)
+        words = [
+            ("<name>" if w.casefold() in names else w.casefold()) for w in re.findall(r"<n>|[\w'-]+|[^\w\s]", line)
+        ]
+        return " ".join(words)
+
+    return mask
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _opening(lines: list[str]) -> str:
+    first = re.split(r"[,.!?:;]", lines[0])[0] if lines else ""
+    return " ".join(first.split()[:OPENING_WORDS])
+
+
+def _closing_count(reference_lines: list[str]) -> int:
+    count = 0
+    for line in reversed(reference_lines[1:]):
+        if count == CLOSING_LINES or len(line.split()) > CLOSING_LINE_WORDS:
+            break
+        count += 1
+    return max(count, 1)
+
+
+def style_match(draft: str, reference: str, email_text: str) -> dict[str, bool]:
+    """Whether the draft's opening and its closing lines equal the reference's, masked alike."""
+    mask = _masker(email_text)
+    ours, theirs = _lines(draft), _lines(reference)
+    k = _closing_count(theirs)
+    return {
+        "opening": bool(ours) and mask(_opening(ours)) == mask(_opening(theirs)),
+        "closing": len(ours) >= k and [mask(x) for x in ours[-k:]] == [mask(x) for x in theirs[-k:]],
+    }
+
+
+def score_drafts(drafts: list[HeldoutDraft], rows: list[dict]) -> dict[str, list]:
+    """Per example: chrF against the reviewer's text, whether it loops, opening and closing match."""
+    references = [row["completion"][0]["content"] for row in rows]
+    emails = [row["prompt"][-1]["content"] for row in rows]
+    styles = [style_match(d.text, r, e) for d, r, e in zip(drafts, references, emails, strict=True)]
+    return {
+        "chrf": example_chrf([d.text for d in drafts], references),
+        "loops": [d.loops for d in drafts],
+        "opening": [s["opening"] for s in styles],
+        "closing": [s["closing"] for s in styles],
+    }
 
 
 @dataclass(frozen=True)
@@ -79,6 +159,8 @@ class GateDecision:
     relative_improvement: float  # (champion - candidate) / champion, on mean NLL
     ci_low: float  # 95% paired bootstrap interval of the mean per-example NLL improvement
     ci_high: float
+    champion_loops: int = 0  # held-out drafts that loop, of the same drafted examples
+    candidate_loops: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -90,16 +172,20 @@ def decide(
     *,
     margin: float,
     min_examples: int,
+    champion_loops: int = 0,
+    candidate_loops: int = 0,
     resamples: int = 2000,
     seed: int = 0,
 ) -> GateDecision:
     """Promote only if the candidate's held-out NLL is lower than the champion's by at least
-    `margin` (relative) and the 95% bootstrap interval of the paired improvement excludes zero."""
+    `margin` (relative), the 95% bootstrap interval of the paired improvement excludes zero, and
+    its held-out drafts loop no more often than the champion's."""
     champion, candidate = np.asarray(champion_nll), np.asarray(candidate_nll)
     assert champion.shape == candidate.shape, "both must be scored on the same held-out rows"
     n = len(champion)
     if n == 0:
         return GateDecision(False, f"no held-out examples; at least {min_examples} are needed", 0, *[float("nan")] * 5)
+    loops = {"champion_loops": champion_loops, "candidate_loops": candidate_loops}
     improvement = champion - candidate
     means = np.random.default_rng(seed).choice(improvement, size=(resamples, n), replace=True).mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
@@ -110,6 +196,12 @@ def decide(
         promote, reason = False, f"held-out NLL improved by {relative:.1%}, below the {margin:.1%} margin"
     elif low <= 0:
         promote, reason = False, f"improvement not significant: 95% CI [{low:.4f}, {high:.4f}] includes zero"
+    elif candidate_loops > champion_loops:
+        promote, reason = (
+            False,
+            f"held-out NLL improved by {relative:.1%}, but {candidate_loops} of its held-out drafts loop "
+            f"against the champion's {champion_loops}",
+        )
     else:
         promote, reason = (
             True,
@@ -117,5 +209,5 @@ def decide(
             f"95% CI of the improvement [{low:.4f}, {high:.4f}]",
         )
     return GateDecision(
-        promote, reason, n, float(champion.mean()), float(candidate.mean()), relative, float(low), float(high)
+        promote, reason, n, float(champion.mean()), float(candidate.mean()), relative, float(low), float(high), **loops
     )

@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from agent.adapters import attach
+from agent.drafting import Drafter
 from agent.model import fingerprint, load_base_model, load_tokenizer, model_id, model_source
 from core.db import session_scope
 from core.errors import Conflict, NotFound
@@ -26,7 +27,7 @@ from feedback.models import Split, Tenant
 from feedback.service import get_tenant_by_slug
 from training import plots, registry
 from training.dataset import build_dataset, record_snapshot
-from training.evaluate import decide, example_chrf, example_nll, greedy_drafts
+from training.evaluate import decide, example_nll, greedy_drafts, score_drafts
 from training.models import (
     ACTIVE_RUN_STATUSES,
     Adapter,
@@ -247,22 +248,26 @@ def evaluate_run(run_id, tenant_id, candidate_id, rows, settings: Settings, sess
             "champion": current.version if current else None,
             "champion_id": current.id if current else None,
         }
-    model = loaded.model
-    scores, drafts = {}, {}
     sample = rows[: settings.eval_draft_examples]
-    references = [row["completion"][0]["content"] for row in sample]
-    for name in ("base", "champion", "candidate"):
-        if name == "champion" and "champion" not in refs:
-            continue  # the bare base model is the champion
+    names = ["base", *(["champion"] if "champion" in refs else []), "candidate"]
+    started = time.perf_counter()
+    # The engine reads the base weights now, before PEFT wraps the model for the NLL below.
+    drafter = Drafter(loaded, settings.model_copy(update={"max_queue": max(settings.max_queue, 3 * len(sample))}))
+    try:
+        drafts = greedy_drafts(drafter, sample, {name: refs.get(name) for name in names}, settings.eval_max_new_tokens)
+    finally:
+        drafter.close()
+    echo(f"  drafted {len(sample)} held-out emails with each model ({time.perf_counter() - started:.0f}s)")
+    model, scores = loaded.model, {}
+    for name in names:  # the base goes first, before any adapter is attached
         started = time.perf_counter()
-        if name != "base":  # the base goes first, before any adapter is attached
+        if name != "base":
             model = attach(model, refs[name])
-        nll = example_nll(model, loaded.tokenizer, rows)
-        drafts[name] = greedy_drafts(model, loaded.tokenizer, sample, settings.eval_max_new_tokens)
-        scores[name] = {"nll": nll, "chrf": example_chrf(drafts[name], references)}
+        scores[name] = {"nll": example_nll(model, loaded.tokenizer, rows), **score_drafts(drafts[name], sample)}
         echo(
-            f"  {name}: held-out NLL {sum(nll) / len(nll):.3f}, chrF {_mean(scores[name]['chrf']):.1f} "
-            f"({time.perf_counter() - started:.0f}s)"
+            f"  {name}: held-out NLL {_mean(scores[name]['nll']):.3f}, chrF {_mean(scores[name]['chrf']):.1f}, "
+            f"loops {sum(scores[name]['loops'])}/{len(sample)}, opening {_mean(scores[name]['opening']):.0%}, "
+            f"closing {_mean(scores[name]['closing']):.0%} ({time.perf_counter() - started:.0f}s)"
         )
     champion_name = "champion" if "champion" in scores else "base"
     decision = decide(
@@ -270,6 +275,8 @@ def evaluate_run(run_id, tenant_id, candidate_id, rows, settings: Settings, sess
         scores["candidate"]["nll"],
         margin=settings.gate_margin,
         min_examples=settings.gate_min_heldout,
+        champion_loops=sum(scores[champion_name]["loops"]),
+        candidate_loops=sum(scores["candidate"]["loops"]),
     )
     folder = run_dir(settings, run_id)
     plots.champion_vs_candidate(
@@ -282,13 +289,16 @@ def evaluate_run(run_id, tenant_id, candidate_id, rows, settings: Settings, sess
         "run_id": run_id,
         "versions": versions,
         "heldout_examples": len(rows),
-        "summary": {
-            name: {"nll": round(_mean(s["nll"]), 4), "chrf": round(_mean(s["chrf"]), 2)} for name, s in scores.items()
-        },
+        "drafted_examples": len(sample),
+        "summary": {name: _summary(s) for name, s in scores.items()},
         "per_example": scores,
         "drafts": [
-            {"reference": reference, **{name: drafts[name][i] for name in drafts}}
-            for i, reference in enumerate(references)
+            {
+                "reference": row["completion"][0]["content"],
+                **{name: drafts[name][i].text for name in drafts},
+                "finish_reasons": {name: drafts[name][i].finish_reason for name in drafts},
+            }
+            for i, row in enumerate(sample)
         ],
         "decision": decision.as_dict(),
     }
@@ -296,6 +306,20 @@ def evaluate_run(run_id, tenant_id, candidate_id, rows, settings: Settings, sess
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
+
+
+def _summary(scores: dict[str, list]) -> dict[str, float]:
+    """A model's totals: mean NLL and chrF; the share of drafts that loop, open and close as the
+    reviewers' texts do, and do both ("style")."""
+    style = [o and c for o, c in zip(scores["opening"], scores["closing"], strict=True)]
+    return {
+        "nll": round(_mean(scores["nll"]), 4),
+        "chrf": round(_mean(scores["chrf"]), 2),
+        "loop_rate": round(_mean(scores["loops"]), 3),
+        "opening": round(_mean(scores["opening"]), 3),
+        "closing": round(_mean(scores["closing"]), 3),
+        "style": round(_mean(style), 3),
+    }
 
 
 def _finish(run_id, status, reason, report, settings, sessions: Sessions, echo: Echo, candidate_id=None):

@@ -1,7 +1,8 @@
 """An OpenAI-compatible chat completions endpoint, so OpenAI SDK clients can draft with a tenant's
 adapters: `model` is `base`, `champion` or `v<N>` (an adapter version of the key's tenant).
-Greedy decoding only. Completions are answered, not stored: drafts for review go through
-/v1/drafts."""
+Greedy decoding only, with OpenAI's frequency and presence penalties and vLLM's
+repetition_penalty; a draft the repetition guard stopped finishes with "stop". Completions are
+answered, not stored: drafts for review go through /v1/drafts."""
 
 import json
 import time
@@ -55,7 +56,16 @@ def _prepare(request: ChatCompletionRequest, key: ApiKey, session, drafter: Draf
         raise TooLarge(f"the messages are {len(prompt)} tokens; the limit is {settings.max_prompt_tokens}")
     adapter = _adapter(request.model, key, session, drafter, settings)
     session.commit()  # nothing is held while the model works (see drafts._draft_and_store)
-    return prompt, adapter, max_new_tokens
+    guard = drafter.guard_with(
+        frequency_penalty=request.frequency_penalty,
+        presence_penalty=request.presence_penalty,
+        repetition_penalty=request.repetition_penalty,
+    )
+    return prompt, adapter, max_new_tokens, guard
+
+
+def _finish_reason(reason: str) -> str:
+    return "stop" if reason == "repetition" else reason  # OpenAI's values
 
 
 @router.get("/models", response_model=ModelList, summary="The models this key can draft with")
@@ -75,8 +85,8 @@ def list_models(key: AgentKey, session: SessionDep):
 async def chat_completions(
     request: ChatCompletionRequest, key: AgentKey, session: SessionDep, drafter: DrafterDep, settings: SettingsDep
 ):
-    prompt, adapter, max_new_tokens = await run_in_threadpool(_prepare, request, key, session, drafter, settings)
-    stream = drafter.submit(prompt, max_new_tokens=max_new_tokens, adapter=adapter)
+    prompt, adapter, max_new_tokens, guard = await run_in_threadpool(_prepare, request, key, session, drafter, settings)
+    stream = drafter.submit(prompt, max_new_tokens=max_new_tokens, adapter=adapter, guard=guard)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if not request.stream:
         result = await run_in_threadpool(drafter.result, prompt, stream)
@@ -88,7 +98,7 @@ async def chat_completions(
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": result.text},
-                    "finish_reason": result.finish_reason,
+                    "finish_reason": _finish_reason(result.finish_reason),
                 }
             ],
             usage={
@@ -115,7 +125,7 @@ async def chat_completions(
             async for _ in stream:
                 if delta := text.delta(stream.tokens):
                     yield chunk({"content": delta})
-            yield chunk({}, stream.finish_reason)
+            yield chunk({}, _finish_reason(stream.finish_reason))
             yield "data: [DONE]\n\n"
         finally:
             stream.cancel()  # the client left: stop decoding (a no-op once the stream has ended)

@@ -1,4 +1,5 @@
 import asyncio
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Annotated
@@ -10,8 +11,9 @@ from fastapi.responses import StreamingResponse
 from agent.adapters import AdapterRef
 from agent.drafting import Drafter, DraftResult, IncrementalText
 from agent.prompt import IncomingEmail
+from agent.repetition import RepetitionGuard
 from api.deps import AgentKey, AnyKey, DrafterDep, SessionDep, SessionsDep, SettingsDep
-from api.schemas import DraftBatchRequest, DraftOut, DraftPage, DraftRequest, EmailIn
+from api.schemas import DecodingOptions, DraftBatchRequest, DraftOut, DraftPage, DraftRequest, EmailIn
 from core.errors import Invalid, TooLarge
 from core.settings import Settings
 from feedback import service
@@ -31,19 +33,21 @@ class _Job:
     adapter: AdapterRef | None
     adapter_id: int | None
     max_new_tokens: int
+    guard: RepetitionGuard
 
 
-def _job(emails: list[EmailIn], max_new_tokens: int | None, key: ApiKey, session, drafter: Drafter, settings: Settings):
+def _job(emails: list[EmailIn], options: DecodingOptions, key: ApiKey, session, drafter: Drafter, settings: Settings):
     for email in emails:
         if len(email.body) > settings.max_email_chars:
             raise TooLarge(f"an email body has {len(email.body)} characters; the limit is {settings.max_email_chars}")
-    max_new_tokens = max_new_tokens or settings.max_new_tokens
+    max_new_tokens = options.max_new_tokens or settings.max_new_tokens
     if max_new_tokens > settings.max_new_tokens_limit:
         raise Invalid(f"max_new_tokens is {max_new_tokens}; the limit is {settings.max_new_tokens_limit}")
     champion = registry.champion(session, key.tenant_id)
     adapter = registry.serving_ref(settings, champion, drafter.fingerprint) if champion else None
     adapter_id = champion.id if champion else None
-    return _Job(key.tenant_id, key.id, key.tenant.instructions, adapter, adapter_id, max_new_tokens)
+    guard = drafter.guard_with(**options.guard_overrides())
+    return _Job(key.tenant_id, key.id, key.tenant.instructions, adapter, adapter_id, max_new_tokens, guard)
 
 
 def _store(session, job: _Job, drafter: Drafter, email: EmailIn, result: DraftResult) -> Draft:
@@ -57,7 +61,7 @@ def _store(session, job: _Job, drafter: Drafter, email: EmailIn, result: DraftRe
         draft_text=result.text,
         base_model=drafter.model_id,
         adapter_id=job.adapter_id,
-        generation={"max_new_tokens": job.max_new_tokens, "decoding": "greedy"},
+        generation={"max_new_tokens": job.max_new_tokens, "decoding": "greedy", **dataclasses.asdict(job.guard)},
         prompt_tokens=result.prompt_tokens,
         tokens_generated=result.tokens_generated,
         finish_reason=result.finish_reason,
@@ -73,7 +77,9 @@ def _draft_and_store(emails: list[EmailIn], job: _Job, session, drafter: Drafter
     seconds a draft takes (with it, concurrent drafts on SQLite failed with "database is locked")."""
     session.commit()
     incoming = [IncomingEmail(sender=e.sender, subject=e.subject, body=e.body) for e in emails]
-    results = drafter.draft_many(job.instructions, incoming, max_new_tokens=job.max_new_tokens, adapter=job.adapter)
+    results = drafter.draft_many(
+        job.instructions, incoming, max_new_tokens=job.max_new_tokens, adapter=job.adapter, guard=job.guard
+    )
     return [_store(session, job, drafter, email, result) for email, result in zip(emails, results, strict=True)]
 
 
@@ -81,7 +87,7 @@ def _draft_and_store(emails: list[EmailIn], job: _Job, session, drafter: Drafter
 def create_draft(request: DraftRequest, key: AgentKey, session: SessionDep, drafter: DrafterDep, settings: SettingsDep):
     """Draft a reply to an incoming email with the tenant's champion adapter (or the base model),
     and store it for review."""
-    job = _job([request], request.max_new_tokens, key, session, drafter, settings)
+    job = _job([request], request, key, session, drafter, settings)
     return _draft_and_store([request], job, session, drafter)[0]
 
 
@@ -92,7 +98,7 @@ def create_drafts(
     request: DraftBatchRequest, key: AgentKey, session: SessionDep, drafter: DrafterDep, settings: SettingsDep
 ):
     """Draft replies to up to 32 emails, decoded side by side (a backlog, an inbox import)."""
-    job = _job(request.emails, request.max_new_tokens, key, session, drafter, settings)
+    job = _job(request.emails, request, key, session, drafter, settings)
     return _draft_and_store(request.emails, job, session, drafter)
 
 
@@ -116,10 +122,10 @@ async def stream_draft(
     """Server-sent events: `token` events carry the reply's text as it is decoded
     (`{"text": "..."}`), then one `draft` event carries the stored draft (as `GET /v1/drafts/{id}`
     returns it). The draft is stored when decoding ends, also when the client has left early."""
-    job = await run_in_threadpool(_job, [request], request.max_new_tokens, key, session, drafter, settings)
+    job = await run_in_threadpool(_job, [request], request, key, session, drafter, settings)
     incoming = IncomingEmail(sender=request.sender, subject=request.subject, body=request.body)
     prompt = await run_in_threadpool(drafter.prompt, job.instructions, incoming)
-    stream = drafter.submit(prompt, max_new_tokens=job.max_new_tokens, adapter=job.adapter)
+    stream = drafter.submit(prompt, max_new_tokens=job.max_new_tokens, adapter=job.adapter, guard=job.guard)
 
     def store() -> str:
         result = drafter.result(prompt, stream)

@@ -7,24 +7,11 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from agent.adapters import AdapterCache, AdapterRef, attach
+from agent.adapters import AdapterCache, attach
 from agent.drafting import IncrementalText, generate_greedy, stop_token_ids
 from agent.engine import Engine
 from agent.prompt import IncomingEmail, build_messages, prompt_token_ids
 from core.errors import Overloaded
-from tests.factories import random_lora
-
-
-@pytest.fixture(scope="module")
-def adapters(tiny_model, tmp_path_factory) -> list[AdapterRef]:
-    """Three random adapters for the tiny model: two on every projection, one on q and v only."""
-    folder = tmp_path_factory.mktemp("engine-adapters")
-    config = tiny_model.model.config
-    shapes = [(None, 4), (None, 8), (["q_proj", "v_proj"], 4)]
-    return [
-        AdapterRef(i + 1, random_lora(config, folder / str(i), rank=rank, targets=targets, seed=100 + i))
-        for i, (targets, rank) in enumerate(shapes)
-    ]
 
 
 def prompts(tokenizer, count: int) -> list[list[int]]:

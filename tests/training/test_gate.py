@@ -1,6 +1,6 @@
 import numpy as np
 
-from training.evaluate import decide
+from training.evaluate import decide, style_match
 
 RNG = np.random.default_rng(0)
 CHAMPION = list(2.0 + RNG.normal(0, 0.2, 40))
@@ -27,3 +27,24 @@ def test_too_few_heldout_examples_is_rejected():
     decision = decide(CHAMPION[:5], [x - 1 for x in CHAMPION[:5]], margin=0.02, min_examples=10)
     assert not decision.promote and "at least 10" in decision.reason
     assert not decide([], [], margin=0.02, min_examples=10).promote
+
+
+def test_a_candidate_whose_drafts_loop_more_is_rejected_despite_a_better_nll():
+    better = [x - 0.5 for x in CHAMPION]
+    decision = decide(CHAMPION, better, margin=0.02, min_examples=10, champion_loops=1, candidate_loops=3)
+    assert not decision.promote and decision.ci_low > 0
+    assert "3 of its held-out drafts loop against the champion's 1" in decision.reason
+    assert decide(CHAMPION, better, margin=0.02, min_examples=10, champion_loops=3, candidate_loops=3).promote
+
+
+def test_style_fidelity_masks_names_and_numbers_the_email_brings():
+    email = "From: Callum Reid <callum@example.com>\nSubject: [NW-89670] order 204517\n\nWhere is my helmet?"
+    reference = "Hi Callum,\n\nThanks for getting in touch about ticket NW-89670.\n\nRide safe,\nMarta\nNorthwind Cycles"
+    same_style = "Hi Callum,\n\nIt ships on Monday.\n\nRide safe,\nMarta\nNorthwind Cycles"
+    assert style_match(same_style, reference, email) == {"opening": True, "closing": True}
+    other = "Hello Reid!\n\nIt ships on Monday.\n\nThanks,\nMarta\nNorthwind Cycles"
+    assert style_match(other, reference, email) == {"opening": False, "closing": False}
+    unnamed = "Hi Marta,\n\nIt ships.\n\nRide safe,\nMarta\nNorthwind Cycles"  # a name the email does not bring
+    assert style_match(unnamed, reference, email)["opening"] is False
+    numbers = style_match("Order 5 is fine.\nJeff", "Order 204517 is fine, sorry.\nJeff", email)
+    assert numbers == {"opening": True, "closing": True}

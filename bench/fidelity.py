@@ -1,0 +1,146 @@
+"""Does the loop learn a tenant's house style and a real person's replies? Each tenant is trained
+with the defaults through the real pipeline (train, evaluate, gate), in its own process.
+
+Tenants:
+- northwind-neutral: the sample shop's emails and replies, with instructions that say only who
+  the shop is, not how it writes (the replies' style must come from training): 130 emails, about
+  100 corrections in the train split. Its own house-style checks beside the generic ones: the
+  greeting by first name, the ticket line quoting the subject's ticket, the three-line sign-off.
+- enron-<mailbox>: the real replies of one person from ../shared/data/enron-replies, all of
+  the mailbox's pairs, split by the service's own hash (a fifth held out).
+
+Every held-out email is drafted by the base model and the candidate through the serving engine
+with the server's repetition guard. Figures per tenant: held-out NLL and chrF before and after,
+the share of drafts that loop, the generic style fidelity (opening, closing), the run's seconds.
+
+Run: .venv/bin/python -m bench.fidelity [tenant ...]
+     (default: northwind-neutral enron-dasovich-j enron-germany-c enron-beck-s)
+"""
+
+import json
+import multiprocessing
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ENRON = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "enron-replies" / "pairs.jsonl"
+NORTHWIND_EMAILS = 130
+NEUTRAL_INSTRUCTIONS = (
+    "You answer customer email for Northwind Cycles, a bicycle shop with an online store and a repair workshop."
+)
+SIGN_OFF = ["Ride safe,", "Marta", "Northwind Cycles Workshop"]
+DEFAULT_TENANTS = ["northwind-neutral", "enron-dasovich-j", "enron-germany-c", "enron-beck-s"]
+
+
+def _emails(tenant: str) -> tuple[str, list[dict]]:
+    """The tenant's instructions and its (sender, subject, body, reply) history."""
+    if tenant == "northwind-neutral":
+        from feedback.samples import load_sample_tenant
+
+        emails = load_sample_tenant().emails[:NORTHWIND_EMAILS]
+        history = [{"sender": e.sender, "subject": e.subject, "body": e.body, "reply": e.reply} for e in emails]
+        return NEUTRAL_INSTRUCTIONS, history
+    person = tenant.removeprefix("enron-")
+    pairs = [json.loads(line) for line in ENRON.read_text().splitlines() if line.strip()]
+    pairs = [p for p in pairs if p["person"] == person]
+    if not pairs:
+        raise SystemExit(f"no pairs for mailbox {person!r} in {ENRON}")
+    history = [
+        {"sender": p["incoming_from"], "subject": p["subject"], "body": p["incoming"], "reply": p["reply"]}
+        for p in pairs
+    ]
+    return f"You write the email replies of {person}, who works at Enron.", history
+
+
+def northwind_checks(drafts: list[dict], name: str) -> dict:
+    """The shop's house style in each held-out draft, read off the reviewer's own reply."""
+    results = {"greeting": [], "ticket_line": [], "sign_off": []}
+    for row in drafts:
+        reference = [line.strip() for line in row["reference"].splitlines() if line.strip()]
+        ours = [line.strip() for line in row[name].splitlines() if line.strip()]
+        ticket = re.search(r"NW-\d+", reference[1]).group(0)
+        results["greeting"].append(bool(ours) and ours[0] == reference[0])
+        results["ticket_line"].append(len(ours) > 1 and ticket in ours[1])
+        results["sign_off"].append(ours[-3:] == SIGN_OFF)
+    every = [all(checks) for checks in zip(*results.values(), strict=True)]
+    return {key: round(sum(v) / len(v), 3) for key, v in results.items()} | {"all_three": round(sum(every) / len(every), 3)}
+
+
+def run_tenant(tenant: str) -> dict:
+    """Store the tenant's history, run the pipeline with the defaults, and read its report."""
+    work = Path(tempfile.mkdtemp(prefix=f"draftloop-fidelity-{tenant}-"))
+    os.environ.update(
+        DRAFTLOOP_VAR_DIR=str(work),
+        DRAFTLOOP_DATABASE_URL=f"sqlite:///{work / 'bench.db'}",
+        DRAFTLOOP_MODEL_CACHE_DIR=str(Path("var/models").resolve()),
+        DRAFTLOOP_EVAL_DRAFT_EXAMPLES="100",  # every held-out email
+    )
+    from core.db import session_scope
+    from core.settings import get_settings
+    from feedback import service
+    from feedback.models import Role
+    from feedback.samples import SampleEmail, record_history
+    from migrations import upgrade
+    from training.models import TrainingRun
+    from training.pipeline import create_run, execute_run
+
+    settings = get_settings()
+    upgrade(settings.resolved_database_url)
+    instructions, history = _emails(tenant)
+    with session_scope() as session:
+        row = service.create_tenant(session, name=tenant, slug=tenant, instructions=instructions)
+        reviewer, _ = service.create_api_key(session, row, name="bench reviewer", role=Role.reviewer)
+        emails = [SampleEmail(id=str(i), **email) for i, email in enumerate(history)]
+        record_history(session, row.id, reviewer, emails, settings.heldout_fraction)
+        run_id = create_run(session, row.id, trigger="bench", requested_by="bench").id
+    started = time.perf_counter()
+    status = execute_run(run_id, settings, echo=lambda line: print(f"[{tenant}] {line}", flush=True))
+    seconds = time.perf_counter() - started
+    with session_scope() as session:
+        run = session.get(TrainingRun, run_id)
+        summary, reason, path = run.report["summary"], run.decision_reason, run.report["path"]
+    report = json.loads(Path(path).read_text())
+    training = report["training"]
+    figures = {
+        "status": status,
+        "reason": reason,
+        "train_rows": training["rows"],
+        "heldout_rows": report["heldout_examples"],
+        "drafted": report["drafted_examples"],
+        "run_seconds": round(seconds, 1),
+        "training_seconds": training["seconds"],
+        "trained_tokens": training["trained_tokens"],
+        "tokens_per_s": training["tokens_per_s"],
+        "selection": training.get("selection"),
+        "base": summary["base"],
+        "candidate": summary["candidate"],
+        "nll_change_vs_base": round(summary["candidate"]["nll"] / summary["base"]["nll"] - 1, 3),
+        "config": training["config"],
+        "report": path,
+    }
+    if tenant == "northwind-neutral":
+        figures["house_style"] = {name: northwind_checks(report["drafts"], name) for name in ("base", "candidate")}
+    return figures
+
+
+def main() -> None:
+    from bench.report import save
+
+    tenants = sys.argv[1:] or DEFAULT_TENANTS
+    figures: dict = {}
+    for tenant in tenants:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            figures[tenant] = pool.apply(run_tenant, (tenant,))
+        shown = {k: figures[tenant][k] for k in ("status", "run_seconds", "nll_change_vs_base", "candidate")}
+        print(f"{tenant}: {json.dumps(shown)}", flush=True)
+    enron = [f for name, f in figures.items() if name.startswith("enron-")]
+    if enron:
+        figures["enron_mean_nll_change_vs_base"] = round(sum(f["nll_change_vs_base"] for f in enron) / len(enron), 3)
+    save("fidelity" if tenants == DEFAULT_TENANTS else "fidelity-" + "-".join(tenants), figures)
+
+
+if __name__ == "__main__":
+    main()
