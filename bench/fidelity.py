@@ -65,8 +65,8 @@ def northwind_checks(drafts: list[dict], name: str) -> dict:
         results["greeting"].append(bool(ours) and ours[0] == reference[0])
         results["ticket_line"].append(len(ours) > 1 and ticket in ours[1])
         results["sign_off"].append(ours[-3:] == SIGN_OFF)
-    every = [all(checks) for checks in zip(*results.values(), strict=True)]
-    return {key: round(sum(v) / len(v), 3) for key, v in results.items()} | {"all_three": round(sum(every) / len(every), 3)}
+    results["all_three"] = [all(checks) for checks in zip(*results.values(), strict=True)]
+    return {key: round(sum(v) / len(v), 3) for key, v in results.items()}
 
 
 def run_tenant(tenant: str) -> dict:

@@ -39,7 +39,7 @@ def test_a_candidate_whose_drafts_loop_more_is_rejected_despite_a_better_nll():
 
 def test_style_fidelity_masks_names_and_numbers_the_email_brings():
     email = "From: Callum Reid <callum@example.com>\nSubject: [NW-89670] order 204517\n\nWhere is my helmet?"
-    reference = "Hi Callum,\n\nThanks for getting in touch about ticket NW-89670.\n\nRide safe,\nMarta\nNorthwind Cycles"
+    reference = "Hi Callum,\n\nThanks for your email about NW-89670.\n\nRide safe,\nMarta\nNorthwind Cycles"
     same_style = "Hi Callum,\n\nIt ships on Monday.\n\nRide safe,\nMarta\nNorthwind Cycles"
     assert style_match(same_style, reference, email) == {"opening": True, "closing": True}
     other = "Hello Reid!\n\nIt ships on Monday.\n\nThanks,\nMarta\nNorthwind Cycles"
