@@ -12,6 +12,8 @@ Tenants:
 Every held-out email is drafted by the base model and the candidate through the serving engine
 with the server's repetition guard. Figures per tenant: held-out NLL and chrF before and after,
 the share of drafts that loop, the generic style fidelity (opening, closing), the run's seconds.
+Then the promoted adapter drafts the held-out emails again under each repetition guard of GUARDS
+(the measurement behind the server's default).
 
 Run: .venv/bin/python -m bench.fidelity [tenant ...]
      (default: northwind-neutral enron-dasovich-j enron-germany-c enron-beck-s)
@@ -33,6 +35,12 @@ NEUTRAL_INSTRUCTIONS = (
 )
 SIGN_OFF = ["Ride safe,", "Marta", "Northwind Cycles Workshop"]
 DEFAULT_TENANTS = ["northwind-neutral", "enron-dasovich-j", "enron-germany-c", "enron-beck-s"]
+GUARDS = {  # settings overrides; every guard here stops cycles (the evaluation always does)
+    "cycle stop only": {},
+    "repetition_penalty 1.1": {"repetition_penalty": 1.1},
+    "repetition_penalty 1.2": {"repetition_penalty": 1.2},
+    "no_repeat_ngram_size 6": {"no_repeat_ngram_size": 6},
+}
 
 
 def _emails(tenant: str) -> tuple[str, list[dict]]:
@@ -123,7 +131,62 @@ def run_tenant(tenant: str) -> dict:
     }
     if tenant == "northwind-neutral":
         figures["house_style"] = {name: northwind_checks(report["drafts"], name) for name in ("base", "candidate")}
+    if status == "promoted":
+        figures["guards"] = compare_guards(tenant, settings)
     return figures
+
+
+def compare_guards(tenant: str, settings) -> dict:
+    """The champion's held-out drafts under each guard of GUARDS: loops, style, chrF, tokens."""
+    from agent.drafting import Drafter
+    from agent.model import load_base_model
+    from core.db import session_scope
+    from feedback.models import Split
+    from feedback.service import get_tenant_by_slug
+    from training import registry
+    from training.dataset import build_dataset
+    from training.evaluate import greedy_drafts, score_drafts
+    from training.train import TrainConfig
+
+    loaded = load_base_model(settings)
+    with session_scope() as session:
+        row = get_tenant_by_slug(session, tenant)
+        rows = build_dataset(
+            session,
+            tenant_id=row.id,
+            instructions=row.instructions,
+            split=Split.heldout,
+            tokenizer=loaded.tokenizer,
+            settings=settings,
+            max_length=TrainConfig().max_length,
+        ).rows
+        ref = registry.serving_ref(settings, registry.champion(session, row.id), loaded.fingerprint)
+    results = {}
+    for name, overrides in GUARDS.items():
+        guarded = settings.model_copy(update=overrides | {"max_queue": len(rows) + 1})
+        drafter = Drafter(loaded, guarded)
+        started = time.perf_counter()
+        try:
+            drafts = greedy_drafts(drafter, rows, {"candidate": ref}, settings.eval_max_new_tokens)["candidate"]
+        finally:
+            drafter.close()
+        scores = score_drafts(drafts, rows)
+        report_rows = [
+            {"reference": r["completion"][0]["content"], "candidate": d.text} for r, d in zip(rows, drafts, strict=True)
+        ]
+        results[name] = {
+            "loop_rate": round(sum(scores["loops"]) / len(rows), 3),
+            "length_stops": sum(d.finish_reason == "length" for d in drafts),
+            "chrf": round(sum(scores["chrf"]) / len(rows), 2),
+            "style": round(
+                sum(o and c for o, c in zip(scores["opening"], scores["closing"], strict=True)) / len(rows), 3
+            ),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        if tenant == "northwind-neutral":
+            results[name]["house_style"] = northwind_checks(report_rows, "candidate")
+        print(f"[{tenant}] guard {name}: {json.dumps(results[name])}", flush=True)
+    return results
 
 
 def main() -> None:

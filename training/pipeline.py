@@ -5,7 +5,6 @@ Each phase commits on its own so progress is visible while the run goes on; the 
 changes only in the last transaction, so a crash at any point leaves it untouched."""
 
 import json
-import math
 import tempfile
 import time
 import traceback
@@ -178,7 +177,6 @@ def _execute(run_id, tenant_id, instructions, config: TrainConfig, settings, ses
 
     # Train a candidate ---------------------------------------------------------------------
     source = model_source(settings)
-    total = math.ceil(len(train.rows) / config.batch_size) * math.ceil(config.epochs)
     started = time.perf_counter()
 
     def progress(step: int, total_steps: int, loss: float | None) -> None:
@@ -192,7 +190,6 @@ def _execute(run_id, tenant_id, instructions, config: TrainConfig, settings, ses
             elapsed = time.perf_counter() - started
             echo(f"  step {step}/{total_steps}  loss {loss:.3f}  {elapsed:.0f}s")
 
-    progress(0, total, None)
     with tempfile.TemporaryDirectory(prefix="draftloop-adapter-") as scratch:
         result = train_adapter(
             load_training_base(source, config), tokenizer, train.rows, config, Path(scratch), progress
@@ -228,6 +225,7 @@ def _execute(run_id, tenant_id, instructions, config: TrainConfig, settings, ses
         "trained_tokens": result.trained_tokens,
         "reply_tokens": result.reply_tokens,
         "tokens_per_s": round(result.trained_tokens / result.seconds, 1),
+        "selection": result.selection,
         "config": config.as_dict(),
     }
     decision = report["decision"]

@@ -2,9 +2,16 @@
 
 Completion-only loss: rows are in the conversational prompt/completion format, so the labels
 are the reply plus the end-of-turn token, and the model learns to stop.
+
+Chosen by validation, never by the held-out set (which train_adapter never sees): a slice of
+the train rows is set aside; each learning rate tried trains the first steps of its schedule and
+the one with the lowest validation NLL trains in full; the adapter kept is the epoch with the
+lowest validation NLL, and training stops once an epoch makes it worse.
 """
 
 import dataclasses
+import hashlib
+import json
 import math
 import tempfile
 import time
@@ -36,7 +43,10 @@ class TrainConfig:
     # -16%; every linear layer of the blocks at 2e-3: -28% after 3 epochs and -27.6% after 2.
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     learning_rate: float = 2e-3
-    epochs: float = 2.0
+    # Tried beside learning_rate on the validation slice, within PROBE_BUDGET of one run's steps.
+    try_learning_rates: tuple[float, ...] = (1e-3,)
+    epochs: float = 3.0  # the most; the best epoch by validation NLL is kept
+    validation_fraction: float = 0.15  # of the train rows, by a hash of each row; 0: none
     batch_size: int = 8
     max_length: int = 768
     quantization: Literal["nf4", "none"] = "nf4"  # "none": plain LoRA on unquantized weights
@@ -55,8 +65,9 @@ class TrainConfig:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise Invalid(f"unknown training settings {unknown}; known: {sorted(known)}")
-        if "target_modules" in overrides:
-            overrides["target_modules"] = tuple(overrides["target_modules"])
+        for name in ("target_modules", "try_learning_rates"):
+            if name in overrides:
+                overrides[name] = tuple(overrides[name])
         try:
             config = cls(**overrides)
         except TypeError as error:
@@ -72,6 +83,12 @@ class TrainConfig:
                 ("alpha", self.alpha > 0, "positive"),
                 ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
                 ("learning_rate", 0 < self.learning_rate < 1, "in (0, 1)"),
+                (
+                    "try_learning_rates",
+                    len(self.try_learning_rates) <= 2 and all(0 < lr < 1 for lr in self.try_learning_rates),
+                    "at most two values in (0, 1)",
+                ),
+                ("validation_fraction", 0 <= self.validation_fraction <= 0.5, "in [0, 0.5]"),
                 ("epochs", 0 < self.epochs <= 50, "in (0, 50]"),
                 ("batch_size", 1 <= self.batch_size <= 256, "between 1 and 256"),
                 ("max_length", 32 <= self.max_length <= 8192, "between 32 and 8192"),
@@ -89,7 +106,10 @@ class TrainConfig:
             raise Invalid("; ".join(problems))
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"target_modules": list(self.target_modules)}
+        return dataclasses.asdict(self) | {
+            "target_modules": list(self.target_modules),
+            "try_learning_rates": list(self.try_learning_rates),
+        }
 
 
 @dataclass
@@ -98,7 +118,26 @@ class TrainResult:
     seconds: float
     trained_tokens: int  # prompt + completion tokens of every step (padding not counted)
     reply_tokens: int  # of which completion tokens: the only ones through the LM head
-    loss_history: list[dict] = field(default_factory=list)  # [{"step", "loss", "epoch"}]
+    loss_history: list[dict] = field(default_factory=list)  # [{"step", "loss", "epoch"}] of the kept run
+    selection: dict = field(default_factory=dict)  # what validation tried and chose
+
+
+PROBE_BUDGET = 0.5  # the learning rates tried share this fraction of one run's steps
+MIN_VALIDATION_ROWS = 8  # fewer train rows than this on either side: no validation slice
+
+
+def split_validation(rows: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+    """The train rows as (fit, validation), by a hash of each row's content: the same rows always
+    land on the same side, whatever else the split holds."""
+
+    def bucket(row: dict) -> float:
+        digest = hashlib.sha256(json.dumps(row, sort_keys=True).encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    validation = [row for row in rows if bucket(row) < fraction]
+    if len(validation) < MIN_VALIDATION_ROWS or len(rows) - len(validation) < MIN_VALIDATION_ROWS:
+        return rows, []
+    return [row for row in rows if bucket(row) >= fraction], validation
 
 
 def load_training_base(source: str, config: TrainConfig) -> PreTrainedModel:
@@ -168,14 +207,55 @@ def _completion_only_trainer():
     return CompletionOnlySFTTrainer
 
 
-class _ReportProgress(TrainerCallback):
-    def __init__(self, progress: Progress, history: list[dict]) -> None:
-        self.progress, self.history = progress, history
+class _Watch(TrainerCallback):
+    """Reports progress, scores the validation slice at each epoch's end (and at a probe's last
+    step), keeps the LoRA weights of the best epoch, and stops when an epoch made it worse."""
+
+    def __init__(self, progress, offset, total, validation, tokenizer, stop_after):
+        self.progress, self.offset, self.total = progress, offset, total
+        self.validation, self.tokenizer, self.stop_after = validation, tokenizer, stop_after
+        self.history: list[dict] = []
+        self.scores: list[dict] = []  # [{"step", "epoch", "validation_nll"}]
+        self.best: dict[str, torch.Tensor] | None = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.history.append({"step": state.global_step, "loss": round(logs["loss"], 4), "epoch": logs.get("epoch")})
-            self.progress(state.global_step, state.max_steps, logs["loss"])
+            self.progress(self.offset + state.global_step, self.total, logs["loss"])
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.stop_after is not None and state.global_step >= self.stop_after:
+            self._score(state, model)
+            control.should_training_stop = True
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if self.stop_after is None and self.validation:
+            worse = self._score(state, model)
+            control.should_training_stop = control.should_training_stop or worse
+
+    def _score(self, state, model) -> bool:
+        """Score the validation slice; True when it is worse than the best epoch so far."""
+        from training.evaluate import example_nll
+
+        if not self.validation:
+            return False
+        model.eval()
+        nll = sum(example_nll(model, self.tokenizer, self.validation)) / len(self.validation)
+        model.train()
+        best = min((s["validation_nll"] for s in self.scores), default=math.inf)
+        self.scores.append(
+            {"step": state.global_step, "epoch": round(state.epoch or 0, 2), "validation_nll": round(nll, 4)}
+        )
+        if nll < best:
+            self.best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return nll >= best
+
+    def restore_best(self, model) -> None:
+        if self.best is not None:
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if name in self.best:
+                        parameter.copy_(self.best[name])
 
 
 def train_adapter(
@@ -186,21 +266,60 @@ def train_adapter(
     out_dir: Path,
     progress: Progress = lambda step, total, loss: None,
 ) -> TrainResult:
-    """Train a LoRA adapter on prompt/completion rows and save it (PEFT format) to out_dir."""
+    """Train a LoRA adapter on prompt/completion rows and save it (PEFT format) to out_dir. The
+    learning rate and the epoch kept are chosen on a validation slice of these rows."""
+    if not rows:
+        raise Invalid("the training set is empty: there are no usable train-split corrections yet")
+    fit, validation = split_validation(rows, config.validation_fraction)
+    rates = [config.learning_rate, *config.try_learning_rates] if validation else [config.learning_rate]
+    steps = math.ceil(len(fit) / config.batch_size) * math.ceil(config.epochs)
+    probe_steps = max(1, int(steps * PROBE_BUDGET / len(rates))) if len(rates) > 1 else 0
+    total = probe_steps * len(rates) + steps
+    progress(0, total, None)
+    started, counted, tried = time.perf_counter(), [0, 0], []
+    for index, rate in enumerate(rates if probe_steps else []):
+        watch = _Watch(progress, index * probe_steps, total, validation, tokenizer, stop_after=probe_steps)
+        trainer = _fit(model, tokenizer, fit, config, rate, watch, counted)
+        tried.append(
+            {"learning_rate": rate, "steps": probe_steps, "validation_nll": watch.scores[-1]["validation_nll"]}
+        )
+        trainer.model.unload()  # the base model without this probe's LoRA layers
+    rate = min(tried, key=lambda t: t["validation_nll"])["learning_rate"] if tried else config.learning_rate
+    watch = _Watch(progress, probe_steps * len(rates), total, validation, tokenizer, stop_after=None)
+    trainer = _fit(model, tokenizer, fit, config, rate, watch, counted)
+    watch.restore_best(trainer.model)
+    trainer.model.save_pretrained(out_dir)
+    kept = min(watch.scores, key=lambda s: s["validation_nll"]) if watch.scores else None
+    return TrainResult(
+        steps=trainer.state.global_step,
+        seconds=time.perf_counter() - started,
+        trained_tokens=counted[0],
+        reply_tokens=counted[1],
+        loss_history=watch.history,
+        selection={
+            "fit_rows": len(fit),
+            "validation_rows": len(validation),
+            "learning_rates_tried": tried,
+            "learning_rate": rate,
+            "epochs_scored": watch.scores,
+            "kept": kept,
+        },
+    )
+
+
+def _fit(model, tokenizer, rows, config: TrainConfig, learning_rate: float, watch: _Watch, counted: list[int]):
+    """One TRL run over rows at this learning rate, watched by `watch`; returns its trainer.
+    `counted` accumulates the trained and reply tokens of every run."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig
 
-    if not rows:
-        raise Invalid("the training set is empty: there are no usable train-split corrections yet")
-    on_gpu = torch.cuda.is_available()
-    history: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="draftloop-train-") as scratch:
         args = SFTConfig(
             output_dir=scratch,
             num_train_epochs=config.epochs,
             per_device_train_batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
+            learning_rate=learning_rate,
             lr_scheduler_type="cosine",
             warmup_steps=0.05,
             weight_decay=0.0,
@@ -209,7 +328,7 @@ def train_adapter(
             train_sampling_strategy="group_by_length",  # less padding per batch
             gradient_checkpointing=config.gradient_checkpointing,
             bf16=resolve_dtype(config.compute_dtype) == torch.bfloat16,
-            use_cpu=not on_gpu,
+            use_cpu=not torch.cuda.is_available(),
             logging_steps=1,
             save_strategy="no",
             report_to="none",
@@ -233,7 +352,7 @@ def train_adapter(
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
             peft_config=lora,
-            callbacks=[_ReportProgress(progress, history)],
+            callbacks=[watch],
         )
         # TRL keeps a 4-bit model's LoRA weights in bf16, which on a CPU without native bf16 is
         # several times slower: they start from TRL's bf16-rounded values on either NF4 path
@@ -244,15 +363,7 @@ def train_adapter(
                 start = parameter.data.to(torch.bfloat16) if config.quantization == "nf4" else parameter.data
                 parameter.data = start.to(compute_dtype)
         qlora.merge_lora_forward(trainer.model)
-        progress(0, math.ceil(len(rows) / config.batch_size) * math.ceil(config.epochs), None)
-        started = time.perf_counter()
-        output = trainer.train()
-        seconds = time.perf_counter() - started
-        trainer.model.save_pretrained(out_dir)
-    return TrainResult(
-        steps=output.global_step,
-        seconds=seconds,
-        trained_tokens=trainer.trained_tokens,
-        reply_tokens=trainer.reply_tokens,
-        loss_history=history,
-    )
+        trainer.train()
+    counted[0] += trainer.trained_tokens
+    counted[1] += trainer.reply_tokens
+    return trainer
