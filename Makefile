@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install browser demo test serve bench bench-serving lint
+.PHONY: install browser demo test serve bench bench-serving bench-fidelity lint
 
 install: $(VENV)/.installed
 
@@ -32,8 +32,11 @@ serve: install
 	$(VENV)/bin/draftloop db upgrade
 	trap 'kill 0' EXIT; $(VENV)/bin/draftloop worker & $(VENV)/bin/draftloop beat & $(VENV)/bin/draftloop serve
 
-bench: bench-serving
+bench: bench-serving bench-fidelity
 	$(PY) -m bench.train_sample
+
+bench-fidelity: install
+	$(PY) -m bench.fidelity
 
 bench-serving: install
 	$(PY) -m bench.decode

@@ -146,7 +146,10 @@ def run_demo() -> None:
         if run["report"]:
             summary = run["report"]["summary"]
             for name, scores in summary.items():
-                typer.echo(f"   {name:<10} held-out NLL {scores['nll']:.3f}   chrF {scores['chrf']:.1f}")
+                typer.echo(
+                    f"   {name:<10} held-out NLL {scores['nll']:.3f}   chrF {scores['chrf']:.1f}   "
+                    f"drafts that loop {scores['loop_rate']:.0%}   house style {scores['style']:.0%}"
+                )
             typer.echo(f"   on {run['report']['heldout_examples']} held-out corrections; {run['decision_reason']}")
         else:
             typer.echo(f"   {run['decision_reason'] or run['error']}")

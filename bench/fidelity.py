@@ -16,7 +16,7 @@ Then the promoted adapter drafts the held-out emails again under each repetition
 (the measurement behind the server's default).
 
 Run: .venv/bin/python -m bench.fidelity [tenant ...]
-     (default: northwind-neutral enron-dasovich-j enron-germany-c enron-beck-s)
+     (default: northwind-neutral enron-dasovich-j enron-nemec-g enron-steffes-j)
 """
 
 import json
@@ -34,12 +34,11 @@ NEUTRAL_INSTRUCTIONS = (
     "You answer customer email for Northwind Cycles, a bicycle shop with an online store and a repair workshop."
 )
 SIGN_OFF = ["Ride safe,", "Marta", "Northwind Cycles Workshop"]
-DEFAULT_TENANTS = ["northwind-neutral", "enron-dasovich-j", "enron-germany-c", "enron-beck-s"]
+DEFAULT_TENANTS = ["northwind-neutral", "enron-dasovich-j", "enron-nemec-g", "enron-steffes-j"]
 GUARDS = {  # settings overrides; every guard here stops cycles (the evaluation always does)
     "cycle stop only": {},
     "repetition_penalty 1.1": {"repetition_penalty": 1.1},
     "repetition_penalty 1.2": {"repetition_penalty": 1.2},
-    "no_repeat_ngram_size 6": {"no_repeat_ngram_size": 6},
 }
 
 

@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = Field(1_536, ge=64)
     # The repetition guard (agent/repetition.py), per request where the API has a field for it;
     # defaults chosen on held-out drafts (BENCHMARKS.md)
-    repetition_penalty: float = Field(1.0, ge=1.0, le=2.0)
+    repetition_penalty: float = Field(1.1, ge=1.0, le=2.0)
     no_repeat_ngram_size: int = Field(0, ge=0, le=64)
     stop_repeating_cycles: bool = True
 
@@ -59,8 +59,8 @@ class Settings(BaseSettings):
     # Training and the promotion gate
     gate_margin: float = Field(0.02, ge=0.0)  # relative held-out NLL improvement needed to promote
     gate_min_heldout: int = Field(10, ge=1)
-    eval_draft_examples: int = Field(8, ge=0)  # held-out emails drafted for chrF and the report
-    eval_max_new_tokens: int = Field(192, ge=1)
+    eval_draft_examples: int = Field(32, ge=0)  # held-out emails drafted: chrF, loops, style, the loop rule
+    eval_max_new_tokens: int = Field(256, ge=1)  # as max_new_tokens: drafts as the agent drafts them
 
     # Scheduled retraining
     schedule_every_s: float = Field(600, gt=0)  # how often beat looks for tenants due a run

@@ -44,8 +44,8 @@ class TrainConfig:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     learning_rate: float = 2e-3
     # Tried beside learning_rate on the validation slice, within PROBE_BUDGET of one run's steps.
-    try_learning_rates: tuple[float, ...] = (1e-3,)
-    epochs: float = 3.0  # the most; the best epoch by validation NLL is kept
+    try_learning_rates: tuple[float, ...] = (4e-3,)
+    epochs: float = 2.0  # the most; the best epoch by validation NLL is kept
     validation_fraction: float = 0.15  # of the train rows, by a hash of each row; 0: none
     batch_size: int = 8
     max_length: int = 768
