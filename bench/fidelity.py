@@ -36,7 +36,7 @@ NEUTRAL_INSTRUCTIONS = (
 SIGN_OFF = ["Ride safe,", "Marta", "Northwind Cycles Workshop"]
 DEFAULT_TENANTS = ["northwind-neutral", "enron-dasovich-j", "enron-nemec-g", "enron-steffes-j"]
 GUARDS = {  # settings overrides; every guard here stops cycles (the evaluation always does)
-    "cycle stop only": {},
+    "cycle stop only": {"repetition_penalty": 1.0},
     "repetition_penalty 1.1": {"repetition_penalty": 1.1},
     "repetition_penalty 1.2": {"repetition_penalty": 1.2},
 }
