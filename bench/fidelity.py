@@ -39,6 +39,7 @@ GUARDS = {  # settings overrides; every guard here stops cycles (the evaluation 
     "cycle stop only": {"repetition_penalty": 1.0},
     "repetition_penalty 1.1": {"repetition_penalty": 1.1},
     "repetition_penalty 1.2": {"repetition_penalty": 1.2},
+    "repetition_penalty 1.1, no_repeat_ngram_size 10": {"repetition_penalty": 1.1, "no_repeat_ngram_size": 10},
 }
 
 
@@ -130,13 +131,12 @@ def run_tenant(tenant: str) -> dict:
     }
     if tenant == "northwind-neutral":
         figures["house_style"] = {name: northwind_checks(report["drafts"], name) for name in ("base", "candidate")}
-    if status == "promoted":
-        figures["guards"] = compare_guards(tenant, settings)
+    figures["guards"] = compare_guards(tenant, settings, report["versions"]["candidate"])
     return figures
 
 
-def compare_guards(tenant: str, settings) -> dict:
-    """The champion's held-out drafts under each guard of GUARDS: loops, style, chrF, tokens."""
+def compare_guards(tenant: str, settings, version: int) -> dict:
+    """The candidate's held-out drafts under each guard of GUARDS: loops, style, chrF, length stops."""
     from agent.drafting import Drafter
     from agent.model import load_base_model
     from core.db import session_scope
@@ -159,7 +159,8 @@ def compare_guards(tenant: str, settings) -> dict:
             settings=settings,
             max_length=TrainConfig().max_length,
         ).rows
-        ref = registry.serving_ref(settings, registry.champion(session, row.id), loaded.fingerprint)
+        adapter = registry.get_adapter(session, row.id, version=version)
+        ref = registry.serving_ref(settings, adapter, loaded.fingerprint)
     results = {}
     for name, overrides in GUARDS.items():
         guarded = settings.model_copy(update=overrides | {"max_queue": len(rows) + 1})

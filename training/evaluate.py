@@ -66,17 +66,17 @@ def greedy_drafts(
 ) -> dict[str, list[HeldoutDraft]]:
     """Each model's greedy drafts for the rows' prompts, through the serving engine with the
     server's repetition guard (its cycle stop always on, so that a loop is seen and counted).
-    Every model's drafts are decoded in the same batches."""
+
+    One model at a time: in bfloat16 a row's tokens can depend on which rows share its batch
+    (the products' rounding changes with their shape), so a model's drafts never depend on
+    another model's."""
     guard = drafter.guard_with(stop_cycles=True)
     prompts = [prompt_token_ids(drafter.tokenizer, row["prompt"]) for row in rows]
-    streams = {
-        name: [drafter.submit(p, max_new_tokens=max_new_tokens, adapter=ref, guard=guard) for p in prompts]
-        for name, ref in adapters.items()
-    }
-    return {
-        name: [HeldoutDraft(drafter.text(s.result()), s.finish_reason) for s in model_streams]
-        for name, model_streams in streams.items()
-    }
+    drafts = {}
+    for name, ref in adapters.items():
+        streams = [drafter.submit(p, max_new_tokens=max_new_tokens, adapter=ref, guard=guard) for p in prompts]
+        drafts[name] = [HeldoutDraft(drafter.text(s.result()), s.finish_reason) for s in streams]
+    return drafts
 
 
 def example_chrf(drafts: list[str], references: list[str]) -> list[float]:

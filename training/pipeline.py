@@ -250,7 +250,7 @@ def evaluate_run(run_id, tenant_id, candidate_id, rows, settings: Settings, sess
     names = ["base", *(["champion"] if "champion" in refs else []), "candidate"]
     started = time.perf_counter()
     # The engine reads the base weights now, before PEFT wraps the model for the NLL below.
-    drafter = Drafter(loaded, settings.model_copy(update={"max_queue": max(settings.max_queue, 3 * len(sample))}))
+    drafter = Drafter(loaded, settings.model_copy(update={"max_queue": max(settings.max_queue, len(sample))}))
     try:
         drafts = greedy_drafts(drafter, sample, {name: refs.get(name) for name in names}, settings.eval_max_new_tokens)
     finally:

@@ -1,5 +1,6 @@
 from sqlalchemy import func, select
 
+from agent.prompt import IncomingEmail
 from feedback.models import Draft
 
 EMAIL = {"sender": "Dana <dana@example.com>", "subject": "[NW-10001] Brakes", "body": "My brake squeals."}
@@ -91,3 +92,17 @@ def test_admin_updates_the_tenant_instructions(client, keys):
     response = client.patch("/v1/tenant", json={"instructions": "Sign every reply as Marta."}, headers=keys.admin)
     assert response.status_code == 200
     assert client.get("/v1/tenant", headers=keys.agent).json()["instructions"] == "Sign every reply as Marta."
+
+
+def test_a_draft_uses_and_records_the_request_s_repetition_guard(client, keys, tiny_drafter):
+    guard = {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2}
+    response = client.post("/v1/drafts", json=EMAIL | guard | {"max_new_tokens": 24}, headers=keys.agent)
+    assert response.status_code == 201, response.text
+    generation = response.json()["generation"]
+    assert generation["repetition_penalty"] == 1.5 and generation["no_repeat_ngram_size"] == 2
+    assert generation["stop_cycles"] is True  # the server's setting where the request says nothing
+    prompt = tiny_drafter.prompt(keys.tenant.instructions, IncomingEmail(**EMAIL))
+    stream = tiny_drafter.submit(prompt, max_new_tokens=24, guard=tiny_drafter.guard_with(**guard))
+    assert response.json()["draft_text"] == tiny_drafter.result(prompt, stream).text
+    refused = client.post("/v1/drafts", json=EMAIL | {"repetition_penalty": 0.5}, headers=keys.agent)
+    assert refused.status_code == 422 and "repetition_penalty" in refused.text
