@@ -87,12 +87,12 @@ def test_bad_requests_say_what_to_fix(sdk, client, keys):
 def test_openai_penalties_reach_the_engine(sdk, keys, tiny_drafter):
     messages = [{"role": "user", "content": QUESTION}]
     penalised = sdk.chat.completions.create(
-        model="base", messages=messages, max_tokens=24, presence_penalty=1.5, frequency_penalty=0.5
+        model="base", messages=messages, max_tokens=24, presence_penalty=-2.0, frequency_penalty=-1.0
     )
     prompt = prompt_token_ids(
         tiny_drafter.tokenizer, [{"role": "system", "content": keys.tenant.instructions}, *messages]
     )
-    guard = tiny_drafter.guard_with(presence_penalty=1.5, frequency_penalty=0.5)
+    guard = tiny_drafter.guard_with(presence_penalty=-2.0, frequency_penalty=-1.0)  # rewards repeats
     stream = tiny_drafter.submit(prompt, max_new_tokens=24, guard=guard)
     assert penalised.choices[0].message.content == tiny_drafter.result(prompt, stream).text
     assert penalised.choices[0].message.content != expected(tiny_drafter, keys.tenant.instructions, 24)

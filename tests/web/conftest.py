@@ -239,7 +239,7 @@ def _adapter(session: Session, tenant_id: int, version: int, run_id: int, nll: f
         base_model_fingerprint="0" * 64,
         training_run_id=run_id,
         config={},
-        metrics={"nll": nll, "chrf": chrf, "run_id": run_id},
+        metrics={"nll": nll, "chrf": chrf, "loop_rate": 0.25 / version, "style": 0.5 * version, "run_id": run_id},
     )
     session.add(adapter)
     session.flush()
@@ -250,7 +250,7 @@ def _finished_run(session: Session, tenant_id: int, status: RunStatus, reason: s
     run = create_run(session, tenant_id, trigger="schedule", requested_by="beat")
     run.status, run.decision_reason, run.finished_at = status, reason, utcnow()
     run.step, run.total_steps, run.loss = 12, 12, 1.234
-    run.report = {"summary": summary, "heldout_examples": 35}
+    run.report = {"summary": summary, "heldout_examples": 35, "drafted_examples": 32}
     session.flush()
     return run
 
@@ -268,7 +268,8 @@ def versions(shop, committed) -> Versions:
             decision = (RunStatus.rejected, "improvement not significant: 95% CI [-0.0100, 0.0300] includes zero")
             if version < 3:
                 decision = (RunStatus.promoted, f"held-out NLL {nll + 0.3:.3f} -> {nll:.3f} (14.3% better)")
-            summary = {"base": {"nll": 2.9, "chrf": 20.4}, "candidate": {"nll": nll, "chrf": chrf}}
+            style = {"loop_rate": 0.15, "opening": 0.75, "closing": 0.5}
+            summary = {"base": {"nll": 2.9, "chrf": 20.4}, "candidate": {"nll": nll, "chrf": chrf} | style}
             run = _finished_run(session, tenant_id, *decision, summary)
             adapter = _adapter(session, tenant_id, version, run.id, nll, chrf)
             verdict = registry.promote if version < 3 else registry.reject

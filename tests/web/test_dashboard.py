@@ -33,11 +33,14 @@ def test_dashboard_shows_versions_scores_run_and_review_stats(browser, versions,
     assert f"Run {versions.run_id}: rejected" in run
     assert "The gate: improvement not significant" in run
     assert browser.find("#run-progress").get_attribute("value") == "12"
+    scores = browser.text("table.scores")
+    assert "32 drafted" in scores and "candidate 1.790 38.9 15% 75% 50%" in scores  # loops, opening, closing
 
     rows = {
         row.find_element("css selector", "th").text: row.text for row in browser.find_all("table.versions tbody tr")
     }
     assert rows["v1"].split()[-4:] == ["2", "2", "50%", "0.5"]  # drafts, reviewed, accepted unedited, mean edit
+    assert rows["v1"].split()[-6:-4] == ["25%", "50%"]  # held-out drafts that loop, house style
     assert rows["v2"].split()[-4:] == ["2", "2", "100%", "0.0"]
     assert rows["base model"].split()[-4:] == ["3", "0", "–", "–"]
     browser.screenshot("dashboard")
