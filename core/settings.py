@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     # The repetition guard (agent/repetition.py), per request where the API has a field for it;
     # defaults chosen on held-out drafts (BENCHMARKS.md)
     repetition_penalty: float = Field(1.1, ge=1.0, le=2.0)
-    no_repeat_ngram_size: int = Field(0, ge=0, le=64)
+    no_repeat_ngram_size: int = Field(10, ge=0, le=64)
     stop_repeating_cycles: bool = True
 
     # Serving: drafts in progress share one decode batch; more wait in a bounded queue, and past
