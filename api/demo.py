@@ -39,9 +39,9 @@ def _env() -> dict[str, str]:
         "DRAFTLOOP_SWEEP_EVERY_S": "30",
         "DRAFTLOOP_MIN_NEW_CORRECTIONS": "30",
         "DRAFTLOOP_HELDOUT_FRACTION": str(HELDOUT_FRACTION),
-        # Fewer and shorter greedy drafts in the evaluation (they give chrF; the gate reads NLL).
+        # Fewer greedy drafts in the evaluation (chrF, loops and style; the gate reads NLL and loops),
+        # as long as the agent's so that they reach the sign-off.
         "DRAFTLOOP_EVAL_DRAFT_EXAMPLES": "4",
-        "DRAFTLOOP_EVAL_MAX_NEW_TOKENS": "160",
     }
 
 
@@ -157,7 +157,7 @@ def run_demo() -> None:
         if run["status"] == "promoted":
             typer.secho("\n5. Held-out emails drafted again, now with the promoted adapter", bold=True)
             emails = [{"sender": e.sender, "subject": e.subject, "body": e.body} for e in heldout[:SHOWN]]
-            after = client.post("/v1/drafts/batch", json={"emails": emails, "max_new_tokens": 192}, headers=agent)
+            after = client.post("/v1/drafts/batch", json={"emails": emails}, headers=agent)
             after.raise_for_status()
             for email, new in zip(heldout[:SHOWN], after.json(), strict=True):
                 typer.secho(f"\n--- {email.subject}  (from {email.sender})", fg="cyan", bold=True)

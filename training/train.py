@@ -288,6 +288,9 @@ def train_adapter(
     watch = _Watch(progress, probe_steps * len(rates), total, validation, tokenizer, stop_after=None)
     trainer = _fit(model, tokenizer, fit, config, rate, watch, counted)
     watch.restore_best(trainer.model)
+    done = probe_steps * len(rates) + trainer.state.global_step
+    if done < total:  # stopped early: the progress shown ends where training did
+        progress(done, done, None)
     trainer.model.save_pretrained(out_dir)
     kept = min(watch.scores, key=lambda s: s["validation_nll"]) if watch.scores else None
     return TrainResult(
