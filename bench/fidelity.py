@@ -131,35 +131,28 @@ def run_tenant(tenant: str) -> dict:
     }
     if tenant == "northwind-neutral":
         figures["house_style"] = {name: northwind_checks(report["drafts"], name) for name in ("base", "candidate")}
-    figures["guards"] = compare_guards(tenant, settings, report["versions"]["candidate"])
+    figures["guards"] = compare_guards(tenant, run_id, settings)
     return figures
 
 
-def compare_guards(tenant: str, settings, version: int) -> dict:
-    """The candidate's held-out drafts under each guard of GUARDS: loops, style, chrF, length stops."""
+def compare_guards(tenant: str, run_id: int, settings) -> dict:
+    """The run's candidate drafting the run's own held-out snapshot again under each guard of
+    GUARDS: loops, style, chrF, length stops."""
+    from sqlalchemy import select
+
     from agent.drafting import Drafter
     from agent.model import load_base_model
     from core.db import session_scope
-    from feedback.models import Split
-    from feedback.service import get_tenant_by_slug
     from training import registry
-    from training.dataset import build_dataset
     from training.evaluate import greedy_drafts, score_drafts
-    from training.train import TrainConfig
+    from training.models import Adapter, TrainingRun
+    from training.pipeline import export_snapshot
 
     loaded = load_base_model(settings)
     with session_scope() as session:
-        row = get_tenant_by_slug(session, tenant)
-        rows = build_dataset(
-            session,
-            tenant_id=row.id,
-            instructions=row.instructions,
-            split=Split.heldout,
-            tokenizer=loaded.tokenizer,
-            settings=settings,
-            max_length=TrainConfig().max_length,
-        ).rows
-        adapter = registry.get_adapter(session, row.id, version=version)
+        run = session.get(TrainingRun, run_id)
+        rows = [json.loads(line) for line in export_snapshot(session, run.heldout_snapshot_id, settings).splitlines()]
+        adapter = session.scalar(select(Adapter).where(Adapter.training_run_id == run_id))
         ref = registry.serving_ref(settings, adapter, loaded.fingerprint)
     results = {}
     for name, overrides in GUARDS.items():

@@ -185,7 +185,6 @@ def decide(
     n = len(champion)
     if n == 0:
         return GateDecision(False, f"no held-out examples; at least {min_examples} are needed", 0, *[float("nan")] * 5)
-    loops = {"champion_loops": champion_loops, "candidate_loops": candidate_loops}
     improvement = champion - candidate
     means = np.random.default_rng(seed).choice(improvement, size=(resamples, n), replace=True).mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
@@ -209,5 +208,14 @@ def decide(
             f"95% CI of the improvement [{low:.4f}, {high:.4f}]",
         )
     return GateDecision(
-        promote, reason, n, float(champion.mean()), float(candidate.mean()), relative, float(low), float(high), **loops
+        promote,
+        reason,
+        n,
+        float(champion.mean()),
+        float(candidate.mean()),
+        relative,
+        float(low),
+        float(high),
+        champion_loops,
+        candidate_loops,
     )

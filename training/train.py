@@ -229,9 +229,8 @@ class _Watch(TrainerCallback):
             control.should_training_stop = True
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        if self.stop_after is None and self.validation:
-            worse = self._score(state, model)
-            control.should_training_stop = control.should_training_stop or worse
+        if self.stop_after is None and self._score(state, model):
+            control.should_training_stop = True
 
     def _score(self, state, model) -> bool:
         """Score the validation slice; True when it is worse than the best epoch so far."""
