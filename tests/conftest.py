@@ -18,7 +18,9 @@ from core.settings import Settings
 from migrations import upgrade
 
 POSTGRES_SERVER = os.environ.get("DRAFTLOOP_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432")
-POSTGRES_URL = f"{POSTGRES_SERVER}/draftloop_test"
+# DRAFTLOOP_TEST_DATABASE lets two checkouts on one machine keep their own test databases.
+TEST_DATABASE = os.environ.get("DRAFTLOOP_TEST_DATABASE", "draftloop_test")
+POSTGRES_URL = f"{POSTGRES_SERVER}/{TEST_DATABASE}"
 # The app under test (readiness, get_engine) talks to the same test database; settings are
 # read on first use, after this line.
 os.environ["DRAFTLOOP_DATABASE_URL"] = POSTGRES_URL
@@ -29,8 +31,8 @@ os.environ.setdefault("DRAFTLOOP_REDIS_URL", "redis://127.0.0.1:6379/15")
 def _fresh_postgres() -> str:
     admin = create_engine(f"{POSTGRES_SERVER}/test", isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
-        connection.execute(text("DROP DATABASE IF EXISTS draftloop_test WITH (FORCE)"))
-        connection.execute(text("CREATE DATABASE draftloop_test"))
+        connection.execute(text(f"DROP DATABASE IF EXISTS {TEST_DATABASE} WITH (FORCE)"))
+        connection.execute(text(f"CREATE DATABASE {TEST_DATABASE}"))
     admin.dispose()
     return POSTGRES_URL
 
