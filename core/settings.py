@@ -53,8 +53,8 @@ class Settings(BaseSettings):
     adapter_cache_mb: int = Field(2048, ge=1)
 
     # The reviewer's pages: the session cookie is signed with this key (empty: a random key kept
-    # in <var_dir>/secret_key, shared by the processes on this machine) and sent only over HTTPS
-    # when secure_cookies is on.
+    # in <var_dir>/secret_key, shared by the processes on this machine). It is Secure on requests
+    # that came over HTTPS, and on every request when secure_cookies is on.
     secret_key: str = ""
     secure_cookies: bool = False
 
