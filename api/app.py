@@ -1,6 +1,8 @@
-"""The FastAPI application: routers, the one error handler, the request size limit."""
+"""The FastAPI application: routers, the error handlers, the request size limit."""
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import BaseModel
 
@@ -27,6 +29,16 @@ ERRORS = {
 }
 
 
+def _encodable(value):
+    if isinstance(value, str):
+        return value.encode(errors="backslashreplace").decode()
+    if isinstance(value, dict):
+        return {_encodable(k): _encodable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_encodable(v) for v in value]
+    return value
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="draftloop",
@@ -42,6 +54,11 @@ def create_app() -> FastAPI:
         if request.url.path in completions.PATHS:  # the error shape OpenAI clients read
             body = {"error": {"message": error.message, "type": type(error).__name__, "code": error.status_code}}
         return JSONResponse(body, status_code=error.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422 body; echoed input that is not valid Unicode (a lone surrogate) is escaped."""
+        return JSONResponse({"detail": _encodable(jsonable_encoder(error.errors()))}, status_code=422)
 
     max_bytes = get_settings().max_request_bytes
 

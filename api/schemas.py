@@ -1,13 +1,32 @@
-"""Request and response bodies, with the examples shown in the OpenAPI docs."""
+"""Request and response bodies, with the examples shown in the OpenAPI docs, and the types every
+input of the API and the pages is checked with at the edge."""
 
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from annotated_types import Interval
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from feedback.models import Role, Split, Verdict
+from training.train import TrainOverrides
 
-NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+# Every id and version column is a PostgreSQL `integer`: ids outside its range name nothing stored.
+Id = Annotated[int, Interval(ge=1, le=2**31 - 1)]
+
+
+def _storable(text: str) -> str:
+    if "\x00" in text:
+        raise ValueError("must not contain NUL characters (\\u0000)")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must not contain lone surrogates (\\ud800-\\udfff): send valid Unicode text") from None
+    return text
+
+
+# Any text a client sends: it must be storable (PostgreSQL refuses NUL) and encodable as UTF-8.
+Text = Annotated[str, AfterValidator(_storable)]
+NonEmpty = Annotated[Text, StringConstraints(strip_whitespace=True, min_length=1)]
 
 EXAMPLE_EMAIL = {
     "sender": "Dana Whitfield <dana@example.com>",
@@ -20,7 +39,7 @@ class EmailIn(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_EMAIL]})
 
     sender: Annotated[NonEmpty, StringConstraints(max_length=320)] = Field(description="The From of the incoming email")
-    subject: Annotated[str, StringConstraints(strip_whitespace=True, max_length=998)] = ""
+    subject: Annotated[Text, StringConstraints(strip_whitespace=True, max_length=998)] = ""
     body: NonEmpty = Field(description="The incoming email's text; quoted history is trimmed to a bound")
 
 
@@ -61,8 +80,8 @@ class CorrectionRequest(BaseModel):
     )
 
     verdict: Verdict
-    final_text: str | None = Field(None, max_length=50_000, description="Required for 'edited'")
-    reason: str | None = Field(None, max_length=2_000)
+    final_text: Text | None = Field(None, max_length=50_000, description="Required for 'edited'")
+    reason: Text | None = Field(None, max_length=2_000)
 
 
 class CorrectionOut(BaseModel):
@@ -142,7 +161,9 @@ class TenantUpdate(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"instructions": "You answer for Northwind ..."}]})
 
     name: Annotated[NonEmpty, StringConstraints(max_length=200)] | None = None
-    instructions: Annotated[str, StringConstraints(max_length=10_000)] | None = None
+    instructions: Annotated[Text, StringConstraints(max_length=10_000)] | None = Field(
+        None, description="The system prompt for drafting; it must leave half of the prompt budget to the email"
+    )
 
 
 class Health(BaseModel):
@@ -153,7 +174,7 @@ class Health(BaseModel):
 class RunRequest(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{}, {"overrides": {"epochs": 2, "learning_rate": 1e-3}}]})
 
-    overrides: dict = Field(default_factory=dict, description="Training settings to change for this run")
+    overrides: TrainOverrides = Field(default_factory=TrainOverrides, description="Training settings for this run")
 
 
 class RunOut(BaseModel):
@@ -203,12 +224,12 @@ class AuditReason(BaseModel):
 # uses; others a client sends are ignored.
 class ContentPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    content: Text | list[ContentPart]
 
     @property
     def text(self) -> str:
@@ -222,7 +243,10 @@ class ChatCompletionRequest(BaseModel):
         }
     )
 
-    model: str = Field(description="base, champion, or v<N>: an adapter version of your tenant")
+    model: str = Field(
+        pattern=r"^(base|champion|v[0-9]{1,9})$",
+        description="base, champion, or v<N>: an adapter version of your tenant (GET /v1/models lists them)",
+    )
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)

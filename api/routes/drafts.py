@@ -13,7 +13,7 @@ from agent.drafting import Drafter, DraftResult, IncrementalText
 from agent.prompt import IncomingEmail
 from agent.repetition import RepetitionGuard
 from api.deps import AgentKey, AnyKey, DrafterDep, SessionDep, SessionsDep, SettingsDep
-from api.schemas import DecodingOptions, DraftBatchRequest, DraftOut, DraftPage, DraftRequest, EmailIn
+from api.schemas import DecodingOptions, DraftBatchRequest, DraftOut, DraftPage, DraftRequest, EmailIn, Id
 from core.errors import Invalid, TooLarge
 from core.settings import Settings
 from feedback import service
@@ -151,7 +151,7 @@ async def stream_draft(
 
 
 @router.get("/{draft_id}", response_model=DraftOut, summary="Get a draft and its correction")
-def get_draft(draft_id: int, key: AnyKey, session: SessionDep):
+def get_draft(draft_id: Id, key: AnyKey, session: SessionDep):
     return service.get_draft(session, key.tenant_id, draft_id)
 
 
@@ -160,7 +160,7 @@ def list_drafts(
     key: AnyKey,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    before_id: Annotated[int | None, Query(description="next_before_id of the previous page")] = None,
+    before_id: Annotated[Id | None, Query(description="next_before_id of the previous page")] = None,
 ):
     drafts = service.list_drafts(session, key.tenant_id, limit=limit, before_id=before_id)
     return DraftPage(items=drafts, next_before_id=drafts[-1].id if len(drafts) == limit else None)

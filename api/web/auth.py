@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import RedirectResponse
 
 from api.deps import SessionDep
+from api.schemas import Text
 from api.web.templating import csrf_token, flash, render
 from core.errors import Forbidden, Unauthorized
 from core.settings import Settings
@@ -41,7 +42,7 @@ def secret_key(settings: Settings) -> str:
     return path.read_text().strip()
 
 
-def check_csrf(request: Request, csrf_token: Annotated[str, Form()] = "") -> None:
+def check_csrf(request: Request, csrf_token: Annotated[Text, Form()] = "") -> None:
     expected = request.session.get("csrf")
     if not expected or not secrets.compare_digest(csrf_token.encode(), expected.encode()):
         raise Forbidden("this form's security token is missing or out of date; reload the page and send it again")
@@ -79,7 +80,7 @@ def signin_form(request: Request):
 
 
 @router.post("/signin", name="signin", dependencies=[CSRF])
-def signin(request: Request, session: SessionDep, api_key: Annotated[str, Form()] = ""):
+def signin(request: Request, session: SessionDep, api_key: Annotated[Text, Form()] = ""):
     key = authenticate(session, api_key.strip())
     if key.role not in PAGE_ROLES:
         raise Unauthorized(f"a {key.role} key cannot sign in here; use a reviewer or admin key")

@@ -6,6 +6,7 @@ from fastapi import APIRouter, BackgroundTasks, Form, Request
 from fastapi.responses import RedirectResponse
 
 from api.deps import SessionDep
+from api.schemas import Id, Text
 from api.web.auth import CSRF, AdminPageKey
 from api.web.chart import versions_chart
 from api.web.templating import flash, render
@@ -17,7 +18,7 @@ from training.tasks import enqueue
 
 router = APIRouter(prefix="/dashboard")
 
-Reason = Annotated[str, Form(max_length=2_000)]
+Reason = Annotated[Text, Form(max_length=2_000)]
 
 
 def _reason(text: str) -> str:
@@ -57,7 +58,7 @@ def trigger_run(request: Request, key: AdminPageKey, session: SessionDep, backgr
 
 @router.post("/promote", name="promote", dependencies=[CSRF])
 def promote(
-    request: Request, key: AdminPageKey, session: SessionDep, version: Annotated[int, Form()], reason: Reason = ""
+    request: Request, key: AdminPageKey, session: SessionDep, version: Annotated[Id, Form()], reason: Reason = ""
 ):
     adapter = registry.get_adapter(session, key.tenant_id, version=version)
     registry.promote(session, adapter, actor=key.name, reason=_reason(reason))
