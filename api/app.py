@@ -1,5 +1,7 @@
 """The FastAPI application: routers, the error handlers, the request size limit."""
 
+import math
+
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -29,13 +31,16 @@ ERRORS = {
 }
 
 
-def _encodable(value):
+def _renderable(value):
+    """Echoed input as JSON can carry it: lone surrogates escaped, NaN and infinities as text."""
     if isinstance(value, str):
         return value.encode(errors="backslashreplace").decode()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
     if isinstance(value, dict):
-        return {_encodable(k): _encodable(v) for k, v in value.items()}
+        return {_renderable(k): _renderable(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_encodable(v) for v in value]
+        return [_renderable(v) for v in value]
     return value
 
 
@@ -57,8 +62,8 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        """FastAPI's 422 body; echoed input that is not valid Unicode (a lone surrogate) is escaped."""
-        return JSONResponse({"detail": _encodable(jsonable_encoder(error.errors()))}, status_code=422)
+        """FastAPI's 422 body, with what it echoes made renderable."""
+        return JSONResponse({"detail": _renderable(jsonable_encoder(error.errors()))}, status_code=422)
 
     max_bytes = get_settings().max_request_bytes
 

@@ -5,7 +5,7 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from annotated_types import Interval
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WrapValidator
 
 from feedback.models import Role, Split, Verdict
 from training.train import TrainOverrides
@@ -14,19 +14,26 @@ from training.train import TrainOverrides
 Id = Annotated[int, Interval(ge=1, le=2**31 - 1)]
 
 
-def _storable(text: str) -> str:
-    if "\x00" in text:
-        raise ValueError("must not contain NUL characters (\\u0000)")
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        raise ValueError("must not contain lone surrogates (\\ud800-\\udfff): send valid Unicode text") from None
-    return text
+def _storable(value, bounded):
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters (\\u0000)")
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValueError("must not contain lone surrogates (\\ud800-\\udfff): send valid Unicode text") from None
+    return bounded(value)
 
 
-# Any text a client sends: it must be storable (PostgreSQL refuses NUL) and encodable as UTF-8.
-Text = Annotated[str, AfterValidator(_storable)]
-NonEmpty = Annotated[Text, StringConstraints(strip_whitespace=True, min_length=1)]
+def text(*, strip: bool = False, min_length: int | None = None, max_length: int | None = None):
+    """The type of a string a client sends: storable (PostgreSQL refuses NUL) and encodable as
+    UTF-8 (a lone surrogate is not), checked first, then within these bounds (once stripped, with
+    strip). Bounds belong here: stacked after the check, they would apply to the unstripped value."""
+    bounds = StringConstraints(strip_whitespace=strip or None, min_length=min_length, max_length=max_length)
+    return Annotated[str, bounds, WrapValidator(_storable)]
+
+
+Text = text()
 
 EXAMPLE_EMAIL = {
     "sender": "Dana Whitfield <dana@example.com>",
@@ -38,9 +45,11 @@ EXAMPLE_EMAIL = {
 class EmailIn(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_EMAIL]})
 
-    sender: Annotated[NonEmpty, StringConstraints(max_length=320)] = Field(description="The From of the incoming email")
-    subject: Annotated[Text, StringConstraints(strip_whitespace=True, max_length=998)] = ""
-    body: NonEmpty = Field(description="The incoming email's text; quoted history is trimmed to a bound")
+    sender: text(strip=True, min_length=1, max_length=320) = Field(description="The From of the incoming email")
+    subject: text(strip=True, max_length=998) = ""
+    body: text(strip=True, min_length=1) = Field(
+        description="The incoming email's text; quoted history is trimmed to a bound"
+    )
 
 
 class DecodingOptions(BaseModel):
@@ -80,8 +89,8 @@ class CorrectionRequest(BaseModel):
     )
 
     verdict: Verdict
-    final_text: Text | None = Field(None, max_length=50_000, description="Required for 'edited'")
-    reason: Text | None = Field(None, max_length=2_000)
+    final_text: text(max_length=50_000) | None = Field(None, description="Required for 'edited'")
+    reason: text(max_length=2_000) | None = None
 
 
 class CorrectionOut(BaseModel):
@@ -129,7 +138,7 @@ class ReviewQueueOut(BaseModel):
 class KeyRequest(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"name": "support-inbox", "role": "agent"}]})
 
-    name: Annotated[NonEmpty, StringConstraints(max_length=200)]
+    name: text(strip=True, min_length=1, max_length=200)
     role: Role
 
 
@@ -160,8 +169,8 @@ class TenantOut(BaseModel):
 class TenantUpdate(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"instructions": "You answer for Northwind ..."}]})
 
-    name: Annotated[NonEmpty, StringConstraints(max_length=200)] | None = None
-    instructions: Annotated[Text, StringConstraints(max_length=10_000)] | None = Field(
+    name: text(strip=True, min_length=1, max_length=200) | None = None
+    instructions: text(max_length=10_000) | None = Field(
         None, description="The system prompt for drafting; it must leave half of the prompt budget to the email"
     )
 
@@ -217,7 +226,7 @@ class AdapterOut(BaseModel):
 class AuditReason(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"reason": "reviewers report worse drafts since v3"}]})
 
-    reason: Annotated[NonEmpty, StringConstraints(max_length=2_000)]
+    reason: text(strip=True, min_length=1, max_length=2_000)
 
 
 # The OpenAI-compatible endpoint: the fields OpenAI's chat completions API defines that draftloop

@@ -6,7 +6,7 @@ from fastapi import APIRouter, BackgroundTasks, Form, Request
 from fastapi.responses import RedirectResponse
 
 from api.deps import SessionDep
-from api.schemas import Id, Text
+from api.schemas import Id, text
 from api.web.auth import CSRF, AdminPageKey
 from api.web.chart import versions_chart
 from api.web.templating import flash, render
@@ -18,7 +18,7 @@ from training.tasks import enqueue
 
 router = APIRouter(prefix="/dashboard")
 
-Reason = Annotated[Text, Form(max_length=2_000)]
+Reason = Annotated[text(max_length=2_000), Form()]
 
 
 def _reason(text: str) -> str:

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse
 
 from api.deps import SessionDep, SettingsDep
-from api.schemas import Id, Text
+from api.schemas import Id, Text, text
 from api.web.auth import CSRF, PageKey
 from api.web.templating import flash, render
 from core.errors import Invalid
@@ -76,8 +76,8 @@ def correct(
     session: SessionDep,
     settings: SettingsDep,
     action: Annotated[Text, Form()],
-    final_text: Annotated[Text, Form(max_length=50_000)] = "",
-    reason: Annotated[Text, Form(max_length=2_000)] = "",
+    final_text: Annotated[text(max_length=50_000), Form()] = "",
+    reason: Annotated[text(max_length=2_000), Form()] = "",
 ):
     draft = service.get_draft(session, key.tenant_id, draft_id)
     service.submit_correction(

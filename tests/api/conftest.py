@@ -2,8 +2,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
 
+from agent.drafting import Drafter
 from api.app import create_app
 from api.deps import drafter, get_sessions
 from core.db import committing
@@ -11,10 +14,8 @@ from feedback.models import Role
 from tests.factories import make_key, make_tenant
 
 
-@pytest.fixture
-def client(session, tiny_drafter) -> Iterator[TestClient]:
-    """The real app on the test database (PostgreSQL, then SQLite) with the tiny model."""
-    app = create_app()
+def wire(app: FastAPI, session: Session, drafter_: Drafter) -> None:
+    """The app's requests use the test's session (rolled back at the end) and this drafter."""
 
     @contextmanager
     def test_sessions():
@@ -22,7 +23,14 @@ def client(session, tiny_drafter) -> Iterator[TestClient]:
             yield session
 
     app.dependency_overrides[get_sessions] = lambda: test_sessions
-    app.dependency_overrides[drafter] = lambda: tiny_drafter
+    app.dependency_overrides[drafter] = lambda: drafter_
+
+
+@pytest.fixture
+def client(session, tiny_drafter) -> Iterator[TestClient]:
+    """The real app on the test database (PostgreSQL, then SQLite) with the tiny model."""
+    app = create_app()
+    wire(app, session, tiny_drafter)
     with TestClient(app) as test_client:
         yield test_client
 

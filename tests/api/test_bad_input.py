@@ -68,6 +68,10 @@ def test_an_unencodable_echoed_input_keeps_the_422_shape(client, keys):
     json.dumps(response.json(), ensure_ascii=False).encode()  # nothing in it fails to encode
     extra_key = raw_json(client, "/v1/runs", r'{"overrides": {"\ud800": 1}}', keys.admin)
     assert extra_key.status_code == 422 and extra_key.json()["detail"]
+    for number in ("NaN", "Infinity", "-Infinity"):  # not JSON, but Python's parser reads them
+        body = f'{{"sender": "a@b.c", "body": "x", "repetition_penalty": {number}}}'
+        response = raw_json(client, "/v1/drafts", body, keys.agent)
+        assert response.status_code == 422 and response.json()["detail"][0]["input"] in ("nan", "inf", "-inf")
 
 
 def test_a_nul_in_the_idempotency_key_is_422(client, keys):
