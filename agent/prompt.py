@@ -82,7 +82,8 @@ def check_instructions(tokenizer: PreTrainedTokenizerBase, instructions: str, ma
 def fit_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_prompt_tokens: int) -> list[dict]:
     """Cut the end of the user message (the email) until the prompt fits in max_prompt_tokens.
 
-    The system message and the chat-template tail are never cut.
+    The system message and the chat-template tail are never cut: instructions that leave no room
+    for the email are an Invalid error.
     """
     if len(prompt_token_ids(tokenizer, messages)) <= max_prompt_tokens:
         return messages

@@ -19,13 +19,8 @@ def trigger_run(request: RunRequest, key: AdminKey, session: SessionDep, backgro
     """Queue a run for the tenant now; a worker trains, evaluates and gates it. One active run
     per tenant: a second trigger while one is queued or running is a 409. The run is sent to
     the broker after the request commits; if the broker is down it stays queued and is sent later."""
-    run = create_run(
-        session,
-        key.tenant_id,
-        trigger="api",
-        requested_by=key.name,
-        overrides=request.overrides.model_dump(exclude_unset=True),
-    )
+    overrides = request.overrides.model_dump(exclude_unset=True)  # the settings given; TrainConfig's for the rest
+    run = create_run(session, key.tenant_id, trigger="api", requested_by=key.name, overrides=overrides)
     background.add_task(enqueue, [run.id])
     return run
 
