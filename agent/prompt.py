@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from core.errors import Invalid
+
 DEFAULT_INSTRUCTIONS = (
     "You are an email assistant. Write a polite, helpful and concise reply to the email below. "
     "Write only the body of the reply."
@@ -65,10 +67,23 @@ def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+def check_instructions(tokenizer: PreTrainedTokenizerBase, instructions: str, max_prompt_tokens: int) -> None:
+    """Instructions may take half of the prompt budget; the other half is the email's."""
+    empty = IncomingEmail(sender="", subject="", body="")
+    taken = len(prompt_token_ids(tokenizer, build_messages(instructions, empty, quoted_history_chars=0)))
+    if taken > max_prompt_tokens // 2:
+        raise Invalid(
+            f"the instructions take {taken} tokens of the prompt; at most {max_prompt_tokens // 2} may, half of the "
+            f"prompt budget of {max_prompt_tokens} tokens (DRAFTLOOP_MAX_PROMPT_TOKENS), so that the email fits: "
+            "shorten them"
+        )
+
+
 def fit_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_prompt_tokens: int) -> list[dict]:
     """Cut the end of the user message (the email) until the prompt fits in max_prompt_tokens.
 
-    The system message and the chat-template tail are never cut.
+    The system message and the chat-template tail are never cut: instructions that leave no room
+    for the email are an Invalid error.
     """
     if len(prompt_token_ids(tokenizer, messages)) <= max_prompt_tokens:
         return messages
@@ -83,9 +98,10 @@ def fit_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_p
         if excess <= 0:
             return fitted
         keep -= excess
-    raise ValueError(
-        f"the instructions leave no room for the email within max_prompt_tokens={max_prompt_tokens}; "
-        "shorten the instructions or raise DRAFTLOOP_MAX_PROMPT_TOKENS"
+    raise Invalid(
+        f"the instructions take {overhead} tokens of the prompt and leave no room for the email within the prompt "
+        f"budget of {max_prompt_tokens} tokens; shorten the tenant's instructions (PATCH /v1/tenant) or raise "
+        "DRAFTLOOP_MAX_PROMPT_TOKENS"
     )
 
 

@@ -1,9 +1,13 @@
 """The FastAPI application: routers, the error handlers, the request size limit."""
 
+import math
+
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import BaseModel
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import SQLAlchemyError
 
 from api.body_limit import BodyLimit
 from api.rate_limit import KeyRateLimit
@@ -32,6 +36,19 @@ ERRORS = {
 }
 
 
+def _renderable(value):
+    """Echoed input as JSON can carry it: lone surrogates escaped, NaN and infinities as text."""
+    if isinstance(value, str):
+        return value.encode(errors="backslashreplace").decode()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {_renderable(k): _renderable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_renderable(v) for v in value]
+    return value
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="draftloop",
@@ -48,11 +65,16 @@ def create_app() -> FastAPI:
             body = {"error": {"message": error.message, "type": type(error).__name__, "code": error.status_code}}
         return JSONResponse(body, status_code=error.status_code, headers=headers)
 
-    @app.exception_handler(DBAPIError)
-    def database_error(request: Request, error: DBAPIError) -> JSONResponse:
+    @app.exception_handler(SQLAlchemyError)
+    def database_error(request: Request, error: SQLAlchemyError) -> JSONResponse:
         if (domain := as_domain_error(error)) is None:
             raise error
         return domain_error(request, domain)
+
+    @app.exception_handler(RequestValidationError)
+    def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422 body, with what it echoes made renderable."""
+        return JSONResponse({"detail": _renderable(jsonable_encoder(error.errors()))}, status_code=422)
 
     settings = get_settings()
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)

@@ -56,9 +56,14 @@ def tenants_create(
     instructions_file: Annotated[Path | None, typer.Option(exists=True, dir_okay=False)] = None,
 ) -> None:
     """Create a tenant."""
+    from agent.model import load_tokenizer
+    from agent.prompt import check_instructions
+
     if instructions_file is not None:
         instructions = instructions_file.read_text()
     with _reported():
+        settings = get_settings()
+        check_instructions(load_tokenizer(settings), instructions, settings.max_prompt_tokens)
         with session_scope() as session:
             tenant = service.create_tenant(session, name=name, slug=slug, instructions=instructions)
             typer.echo(f"created tenant {tenant.slug} (id {tenant.id})")

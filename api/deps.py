@@ -8,7 +8,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from sqlalchemy.orm import Session
 
 from agent.drafting import Drafter, get_drafter
-from core.db import Sessions, read_only, session_scope
+from core.db import Sessions, session_scope
 from core.errors import Forbidden, Unauthorized
 from core.settings import Settings, get_settings
 from feedback.models import ApiKey, Role
@@ -27,11 +27,9 @@ SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 def get_db(sessions: SessionsDep, request: Request) -> Iterator[Session]:
-    """One session per request, committed once at the end of a successful request. A request
-    that only reads (GET) takes no write lock on SQLite; every other one takes it up front."""
-    with sessions() as session:
-        if request.method in SAFE_METHODS:
-            read_only(session)
+    """One session per request, committed at the end of a successful request. A request that
+    only reads (GET) takes no write lock on SQLite; every other one takes it up front."""
+    with sessions(read_only=request.method in SAFE_METHODS) as session:
         yield session
 
 
@@ -58,7 +56,9 @@ def _caller(
     raw_key = api_key or (bearer.credentials if bearer else None)
     if not raw_key:
         raise Unauthorized("send your API key in the X-API-Key header (or as a bearer token)")
-    return authenticate(session, raw_key)
+    key = authenticate(session, raw_key)
+    session.commit()  # the route runs in another thread: hold no connection or lock until then
+    return key
 
 
 def require(*roles: Role):

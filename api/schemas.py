@@ -1,13 +1,39 @@
-"""Request and response bodies, with the examples shown in the OpenAPI docs."""
+"""Request and response bodies, with the examples shown in the OpenAPI docs, and the types every
+input of the API and the pages is checked with at the edge."""
 
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from annotated_types import Interval
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WrapValidator
 
 from feedback.models import Role, Split, Verdict
+from training.train import TrainOverrides
 
-NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+# Every id and version column is a PostgreSQL `integer`: ids outside its range name nothing stored.
+Id = Annotated[int, Interval(ge=1, le=2**31 - 1)]
+
+
+def _storable(value, bounded):
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters (\\u0000)")
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValueError("must not contain lone surrogates (\\ud800-\\udfff): send valid Unicode text") from None
+    return bounded(value)
+
+
+def text(*, strip: bool = False, min_length: int | None = None, max_length: int | None = None):
+    """The type of a string a client sends: storable (PostgreSQL refuses NUL) and encodable as
+    UTF-8 (a lone surrogate is not), checked first, then within these bounds (once stripped, with
+    strip). Bounds belong here: stacked after the check, they would apply to the unstripped value."""
+    bounds = StringConstraints(strip_whitespace=strip or None, min_length=min_length, max_length=max_length)
+    return Annotated[str, bounds, WrapValidator(_storable)]
+
+
+Text = text()
 
 EXAMPLE_EMAIL = {
     "sender": "Dana Whitfield <dana@example.com>",
@@ -19,9 +45,11 @@ EXAMPLE_EMAIL = {
 class EmailIn(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_EMAIL]})
 
-    sender: Annotated[NonEmpty, StringConstraints(max_length=320)] = Field(description="The From of the incoming email")
-    subject: Annotated[str, StringConstraints(strip_whitespace=True, max_length=998)] = ""
-    body: NonEmpty = Field(description="The incoming email's text; quoted history is trimmed to a bound")
+    sender: text(strip=True, min_length=1, max_length=320) = Field(description="The From of the incoming email")
+    subject: text(strip=True, max_length=998) = ""
+    body: text(strip=True, min_length=1) = Field(
+        description="The incoming email's text; quoted history is trimmed to a bound"
+    )
 
 
 class DecodingOptions(BaseModel):
@@ -61,8 +89,8 @@ class CorrectionRequest(BaseModel):
     )
 
     verdict: Verdict
-    final_text: str | None = Field(None, max_length=50_000, description="Required for 'edited'")
-    reason: str | None = Field(None, max_length=2_000)
+    final_text: text(max_length=50_000) | None = Field(None, description="Required for 'edited'")
+    reason: text(max_length=2_000) | None = None
 
 
 class CorrectionOut(BaseModel):
@@ -110,7 +138,7 @@ class ReviewQueueOut(BaseModel):
 class KeyRequest(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"name": "support-inbox", "role": "agent"}]})
 
-    name: Annotated[NonEmpty, StringConstraints(max_length=200)]
+    name: text(strip=True, min_length=1, max_length=200)
     role: Role
 
 
@@ -141,8 +169,10 @@ class TenantOut(BaseModel):
 class TenantUpdate(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"instructions": "You answer for Northwind ..."}]})
 
-    name: Annotated[NonEmpty, StringConstraints(max_length=200)] | None = None
-    instructions: Annotated[str, StringConstraints(max_length=10_000)] | None = None
+    name: text(strip=True, min_length=1, max_length=200) | None = None
+    instructions: text(max_length=10_000) | None = Field(
+        None, description="The system prompt for drafting; it must leave half of the prompt budget to the email"
+    )
 
 
 class Health(BaseModel):
@@ -153,7 +183,7 @@ class Health(BaseModel):
 class RunRequest(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{}, {"overrides": {"epochs": 2, "learning_rate": 1e-3}}]})
 
-    overrides: dict = Field(default_factory=dict, description="Training settings to change for this run")
+    overrides: TrainOverrides = Field(default_factory=TrainOverrides, description="Training settings for this run")
 
 
 class RunOut(BaseModel):
@@ -196,19 +226,19 @@ class AdapterOut(BaseModel):
 class AuditReason(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"reason": "reviewers report worse drafts since v3"}]})
 
-    reason: Annotated[NonEmpty, StringConstraints(max_length=2_000)]
+    reason: text(strip=True, min_length=1, max_length=2_000)
 
 
 # The OpenAI-compatible endpoint: the fields OpenAI's chat completions API defines that draftloop
 # uses; others a client sends are ignored.
 class ContentPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    content: Text | list[ContentPart]
 
     @property
     def text(self) -> str:
@@ -222,7 +252,10 @@ class ChatCompletionRequest(BaseModel):
         }
     )
 
-    model: str = Field(description="base, champion, or v<N>: an adapter version of your tenant")
+    model: str = Field(
+        pattern=r"^(base|champion|v[0-9]{1,9})$",
+        description="base, champion, or v<N>: an adapter version of your tenant (GET /v1/models lists them)",
+    )
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)

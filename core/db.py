@@ -3,8 +3,12 @@
 SQLite allows one writer at a time. A transaction that reads first and writes later cannot wait
 for the lock (SQLite refuses to upgrade a read snapshot that another writer has overtaken, and no
 busy timeout helps), so every SQLite transaction takes the write lock when it begins (BEGIN
-IMMEDIATE) and waits up to the busy timeout for it; only sessions marked read-only
-(`read_only`, the pages and routes that answer GET) begin a plain, shared read transaction.
+IMMEDIATE) and waits up to the busy timeout for it; only read-only sessions (the pages and
+routes that answer GET) begin plain, shared read transactions.
+
+A transaction holds a pooled connection (and on SQLite perhaps the write lock), so no code keeps
+one open while it waits for something else: a request's authentication commits before the route
+runs, and drafting commits before the model works.
 """
 
 from collections.abc import Callable, Iterator
@@ -12,7 +16,8 @@ from contextlib import AbstractContextManager, contextmanager
 from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from core.errors import Conflict, DomainError, Invalid, Overloaded
@@ -23,16 +28,19 @@ class Base(DeclarativeBase):
     pass
 
 
-Sessions = Callable[[], AbstractContextManager[Session]]  # units of work: session_scope, or a test's
+Sessions = Callable[..., AbstractContextManager[Session]]  # session_scope, or a test's: (read_only=False)
 
 
 SQLITE_BUSY_TIMEOUT_S = 30
 READ_ONLY = "draftloop_read_only"  # an execution option: this transaction only reads
+# Connections per process: as many as the threads that run requests (AnyIO's 40) and a few more,
+# so a thread never waits for a connection that another thread's request holds.
+POOL = {"pool_size": 10, "max_overflow": 40, "pool_timeout": 10}
 
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S}, **POOL)
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_connection, _record) -> None:
@@ -50,7 +58,7 @@ def make_engine(url: str) -> Engine:
             connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **POOL)
 
 
 @lru_cache
@@ -78,28 +86,28 @@ def committing(session: Session) -> Iterator[Session]:
 
 
 @contextmanager
-def session_scope() -> Iterator[Session]:
-    """A new session for one unit of work (a request, a task, a CLI command)."""
-    with get_sessionmaker()() as session, committing(session):
+def session_scope(*, read_only: bool = False) -> Iterator[Session]:
+    """A new session for one unit of work (a request, a task, a CLI command); with read_only, its
+    transactions take no write lock on SQLite."""
+    bind = get_engine().execution_options(**{READ_ONLY: True}) if read_only else get_engine()
+    with get_sessionmaker()(bind=bind) as session, committing(session):
         yield session
-
-
-def read_only(session: Session) -> None:
-    """Mark the session's next transaction as read-only: on SQLite it then takes no write lock.
-    A no-op once a transaction has begun (it keeps the kind it began with)."""
-    if not session.in_transaction():
-        session.connection(execution_options={READ_ONLY: True})
 
 
 RETRY_AFTER_S = 2
 
 
-def as_domain_error(error: DBAPIError) -> DomainError | None:
+def as_domain_error(error: SQLAlchemyError) -> DomainError | None:
     """What a failed statement means to the caller, or None for a bug (a 500).
 
     A write lock not granted within the busy timeout (SQLite), a serialization failure or
-    deadlock (PostgreSQL) and a lost connection are temporary: 503, retry. A constraint that a
-    concurrent request won is a conflict; a value the database cannot store is invalid input."""
+    deadlock (PostgreSQL), a lost connection and no free connection in the pool are temporary:
+    503, retry. A constraint that a concurrent request won is a conflict; a value the database
+    cannot store is invalid input."""
+    if isinstance(error, PoolTimeout):
+        return Overloaded("every database connection of this process is busy; retry", RETRY_AFTER_S)
+    if not isinstance(error, DBAPIError):
+        return None
     if isinstance(error, IntegrityError):
         return Conflict(f"the request conflicts with what is stored ({_first_line(error)})")
     if isinstance(error, DataError):
@@ -109,5 +117,5 @@ def as_domain_error(error: DBAPIError) -> DomainError | None:
     return None
 
 
-def _first_line(error: DBAPIError) -> str:
+def _first_line(error: DBAPIError) -> str:  # the driver's message, without the statement
     return str(error.orig).strip().splitlines()[0] if error.orig is not None else type(error).__name__

@@ -117,7 +117,8 @@ def end_web_session(session: Session, session_id: str) -> None:
 
 
 def record_draft(session: Session, *, tenant_id: int, created_by_key_id: int | None, **fields) -> Draft:
-    draft = Draft(tenant_id=tenant_id, created_by_key_id=created_by_key_id, **fields)
+    # correction=None: a new draft has none, known without a query once the session has committed
+    draft = Draft(tenant_id=tenant_id, created_by_key_id=created_by_key_id, correction=None, **fields)
     session.add(draft)
     session.flush()
     return draft

@@ -18,9 +18,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from agent.model import nf4_quantization_config, resolve_dtype
@@ -28,6 +29,10 @@ from core.errors import Invalid
 from training import qlora
 
 Progress = Callable[[int, int, float | None], None]  # step, total steps, latest loss
+LinearLayer = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # of a block
+Quantization = Literal["nf4", "none"]
+Nf4Weights = Literal["auto", "dequantized", "bitsandbytes"]
+ComputeDtype = Literal["auto", "bfloat16", "float32"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ class TrainConfig:
     dropout: float = 0.0
     # Measured on the sample tenant (held-out NLL vs the base): q/k/v/o at 2e-4 for 3 epochs
     # -16%; every linear layer of the blocks at 2e-3: -28% after 3 epochs and -27.6% after 2.
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    target_modules: tuple[LinearLayer, ...] = get_args(LinearLayer)
     learning_rate: float = 2e-3
     # Tried beside learning_rate on the validation slice, within PROBE_BUDGET of one run's steps.
     try_learning_rates: tuple[float, ...] = (4e-3,)
@@ -49,29 +54,26 @@ class TrainConfig:
     validation_fraction: float = 0.15  # of the train rows, by a hash of each row; 0: none
     batch_size: int = 8
     max_length: int = 768
-    quantization: Literal["nf4", "none"] = "nf4"  # "none": plain LoRA on unquantized weights
+    quantization: Quantization = "nf4"  # "none": plain LoRA on unquantized weights
     # How the frozen NF4 weights are applied: dequantized once per run (fast, the memory of the
     # unquantized weights) or by bitsandbytes on every forward and backward; auto: dequantized
     # when that fits in half of the free memory.
-    nf4_weights: Literal["auto", "dequantized", "bitsandbytes"] = "auto"
-    compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bfloat16 where the hardware has it
+    nf4_weights: Nf4Weights = "auto"
+    compute_dtype: ComputeDtype = "auto"  # auto: bfloat16 where the hardware has it
     gradient_checkpointing: bool = False
     seed: int = 0
 
     @classmethod
     def with_overrides(cls, overrides: dict | None) -> "TrainConfig":
-        overrides = dict(overrides or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise Invalid(f"unknown training settings {unknown}; known: {sorted(known)}")
-        for name in ("target_modules", "try_learning_rates"):
-            if name in overrides:
-                overrides[name] = tuple(overrides[name])
+        """The defaults with a run's overrides: TrainOverrides checks their names and types, then
+        check() their values."""
         try:
-            config = cls(**overrides)
-        except TypeError as error:
-            raise Invalid(f"bad training settings: {error}") from error
+            given = TrainOverrides.model_validate(overrides or {}).model_dump()
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+            raise Invalid(f"bad training settings: {problems}") from None
+        sequences = {name: tuple(given[name]) for name in ("target_modules", "try_learning_rates")}
+        config = cls(**given | sequences)
         config.check()
         return config
 
@@ -92,13 +94,6 @@ class TrainConfig:
                 ("epochs", 0 < self.epochs <= 50, "in (0, 50]"),
                 ("batch_size", 1 <= self.batch_size <= 256, "between 1 and 256"),
                 ("max_length", 32 <= self.max_length <= 8192, "between 32 and 8192"),
-                ("quantization", self.quantization in ("nf4", "none"), "'nf4' or 'none'"),
-                (
-                    "nf4_weights",
-                    self.nf4_weights in ("auto", "dequantized", "bitsandbytes"),
-                    "auto, dequantized or bitsandbytes",
-                ),
-                ("compute_dtype", self.compute_dtype in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
             ]
             if not ok
         ]
@@ -110,6 +105,29 @@ class TrainConfig:
             "target_modules": list(self.target_modules),
             "try_learning_rates": list(self.try_learning_rates),
         }
+
+
+class TrainOverrides(BaseModel):
+    """The training settings a run may change, as a client sends them: no unknown names, no value
+    of another type (no "8" for 8, no string for a list of modules); defaults are TrainConfig's."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    rank: int = TrainConfig.rank
+    alpha: int = TrainConfig.alpha
+    dropout: float = TrainConfig.dropout
+    target_modules: list[LinearLayer] = Field(list(TrainConfig.target_modules), min_length=1)
+    learning_rate: float = TrainConfig.learning_rate
+    try_learning_rates: list[PositiveFloat] = list(TrainConfig.try_learning_rates)
+    epochs: float = TrainConfig.epochs
+    validation_fraction: float = TrainConfig.validation_fraction
+    batch_size: int = TrainConfig.batch_size
+    max_length: int = TrainConfig.max_length
+    quantization: Quantization = TrainConfig.quantization
+    nf4_weights: Nf4Weights = TrainConfig.nf4_weights
+    compute_dtype: ComputeDtype = TrainConfig.compute_dtype
+    gradient_checkpointing: bool = TrainConfig.gradient_checkpointing
+    seed: int = TrainConfig.seed
 
 
 @dataclass

@@ -1,7 +1,8 @@
 from fastapi import APIRouter, status
 
-from api.deps import AdminKey, AnyKey, SessionDep
-from api.schemas import KeyOut, KeyRequest, NewKeyOut, TenantOut, TenantUpdate
+from agent.prompt import check_instructions
+from api.deps import AdminKey, AnyKey, DrafterDep, SessionDep
+from api.schemas import Id, KeyOut, KeyRequest, NewKeyOut, TenantOut, TenantUpdate
 from feedback import service
 
 router = APIRouter(prefix="/v1", tags=["tenant"])
@@ -13,7 +14,10 @@ def get_tenant(key: AnyKey):
 
 
 @router.patch("/tenant", response_model=TenantOut, summary="Change the tenant's name or drafting instructions")
-def update_tenant(request: TenantUpdate, key: AdminKey, session: SessionDep):
+def update_tenant(request: TenantUpdate, key: AdminKey, session: SessionDep, drafter: DrafterDep):
+    """Instructions that would leave the email too little of the prompt budget are refused (422)."""
+    if request.instructions is not None:
+        check_instructions(drafter.tokenizer, request.instructions, drafter.settings.max_prompt_tokens)
     tenant = key.tenant
     for field, value in request.model_dump(exclude_none=True).items():
         setattr(tenant, field, value)
@@ -33,5 +37,5 @@ def create_key(request: KeyRequest, key: AdminKey, session: SessionDep):
 
 
 @router.delete("/keys/{key_id}", response_model=KeyOut, summary="Revoke an API key")
-def revoke_key(key_id: int, key: AdminKey, session: SessionDep):
+def revoke_key(key_id: Id, key: AdminKey, session: SessionDep):
     return service.revoke_api_key(session, key.tenant_id, key_id)

@@ -28,16 +28,15 @@ PATHS = ("/v1/models", "/v1/chat/completions")  # errors here take OpenAI's shap
 
 
 def _adapter(model: str, key: ApiKey, session, drafter: Drafter, settings: Settings) -> AdapterRef | None:
+    """The adapter a model name (base, champion or v<N>, as the request schema checks) stands for."""
     if model == "base":
         return None
     if model == "champion":
         adapter = registry.champion(session, key.tenant_id)
         if adapter is None:
             raise NotFound("this tenant has no champion adapter yet; use model 'base'")
-    elif model.startswith("v") and model[1:].isdigit():
-        adapter = registry.get_adapter(session, key.tenant_id, version=int(model[1:]))
     else:
-        raise NotFound(f"unknown model {model!r}: use 'base', 'champion' or 'v<N>' (GET /v1/models lists them)")
+        adapter = registry.get_adapter(session, key.tenant_id, version=int(model.removeprefix("v")))
     return registry.serving_ref(settings, adapter, drafter.fingerprint)
 
 

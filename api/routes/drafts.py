@@ -14,7 +14,7 @@ from agent.prompt import IncomingEmail
 from agent.repetition import RepetitionGuard
 from api import disconnect
 from api.deps import AgentKey, AnyKey, DrafterDep, SessionDep, SessionsDep, SettingsDep
-from api.schemas import DecodingOptions, DraftBatchRequest, DraftOut, DraftPage, DraftRequest, EmailIn
+from api.schemas import DecodingOptions, DraftBatchRequest, DraftOut, DraftPage, DraftRequest, EmailIn, Id
 from core.errors import Invalid, TooLarge
 from core.settings import Settings
 from feedback import service
@@ -48,6 +48,7 @@ def _job(emails: list[EmailIn], options: DecodingOptions, key: ApiKey, session, 
     adapter = registry.serving_ref(settings, champion, drafter.fingerprint) if champion else None
     adapter_id = champion.id if champion else None
     guard = drafter.guard_with(**options.guard_overrides())
+    session.commit()  # nothing is held while the model works
     return _Job(key.tenant_id, key.id, key.tenant.instructions, adapter, adapter_id, max_new_tokens, guard)
 
 
@@ -73,10 +74,10 @@ def _store(session, job: _Job, drafter: Drafter, email: EmailIn, result: DraftRe
 async def _draft_and_store(http: Request, emails: list[EmailIn], job: _Job, session, drafter: Drafter) -> list[Draft]:
     """Draft replies with the tenant's champion adapter (or the base model) and store them.
 
-    The reading transaction ends before the model works: a request must not hold a pooled
-    connection, or on SQLite a write lock, for the seconds a draft takes. A client that leaves
-    before its drafts are done cancels them (nothing is stored)."""
-    await run_in_threadpool(session.commit)
+    No transaction is open while the model works (`_job` committed its reads), and the drafts
+    are stored and committed in one step, so a request never holds a pooled connection, or on
+    SQLite the write lock, while it waits. A client that leaves before its drafts are done
+    cancels them (nothing is stored)."""
     incoming = [IncomingEmail(sender=e.sender, subject=e.subject, body=e.body) for e in emails]
     prompts = await run_in_threadpool(lambda: [drafter.prompt(job.instructions, email) for email in incoming])
     streams = drafter.submit_many(
@@ -84,9 +85,13 @@ async def _draft_and_store(http: Request, emails: list[EmailIn], job: _Job, sess
     )
     await disconnect.finished(http, streams)
     results = [drafter.result(prompt, stream) for prompt, stream in zip(prompts, streams, strict=True)]
-    return await run_in_threadpool(
-        lambda: [_store(session, job, drafter, email, result) for email, result in zip(emails, results, strict=True)]
-    )
+
+    def store() -> list[Draft]:
+        drafts = [_store(session, job, drafter, email, result) for email, result in zip(emails, results, strict=True)]
+        session.commit()
+        return drafts
+
+    return await run_in_threadpool(store)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DraftOut, summary="Draft a reply")
@@ -166,7 +171,7 @@ async def stream_draft(
 
 
 @router.get("/{draft_id}", response_model=DraftOut, summary="Get a draft and its correction")
-def get_draft(draft_id: int, key: AnyKey, session: SessionDep):
+def get_draft(draft_id: Id, key: AnyKey, session: SessionDep):
     return service.get_draft(session, key.tenant_id, draft_id)
 
 
@@ -175,7 +180,7 @@ def list_drafts(
     key: AnyKey,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    before_id: Annotated[int | None, Query(description="next_before_id of the previous page")] = None,
+    before_id: Annotated[Id | None, Query(description="next_before_id of the previous page")] = None,
 ):
     drafts = service.list_drafts(session, key.tenant_id, limit=limit, before_id=before_id)
     return DraftPage(items=drafts, next_before_id=drafts[-1].id if len(drafts) == limit else None)

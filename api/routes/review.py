@@ -3,7 +3,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response, status
 
 from api.deps import ReviewerKey, SessionDep, SettingsDep
-from api.schemas import CorrectionOut, CorrectionRequest, ReviewQueueOut
+from api.schemas import CorrectionOut, CorrectionRequest, Id, ReviewQueueOut, text
 from feedback import service
 
 router = APIRouter(prefix="/v1", tags=["review"])
@@ -23,13 +23,13 @@ def review_queue(key: ReviewerKey, session: SessionDep, limit: Annotated[int, Qu
     responses={200: {"description": "The same correction was already stored; it is returned as it is"}},
 )
 def submit_correction(
-    draft_id: int,
+    draft_id: Id,
     request: CorrectionRequest,
     key: ReviewerKey,
     session: SessionDep,
     settings: SettingsDep,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: Annotated[text(max_length=200) | None, Header()] = None,
 ):
     """One correction per draft. Sending the same correction again, or the same Idempotency-Key,
     returns the stored one (200); a different correction for a corrected draft is a 409."""

@@ -4,7 +4,7 @@ from fastapi import APIRouter, BackgroundTasks, Query, status
 from fastapi.responses import PlainTextResponse
 
 from api.deps import AdminKey, AnyKey, SessionDep, SettingsDep
-from api.schemas import AdapterOut, AuditReason, RunOut, RunRequest
+from api.schemas import AdapterOut, AuditReason, Id, RunOut, RunRequest
 from core.errors import NotFound
 from feedback.models import Split
 from training import registry
@@ -19,7 +19,8 @@ def trigger_run(request: RunRequest, key: AdminKey, session: SessionDep, backgro
     """Queue a run for the tenant now; a worker trains, evaluates and gates it. One active run
     per tenant: a second trigger while one is queued or running is a 409. The run is sent to
     the broker after the request commits; if the broker is down it stays queued and is sent later."""
-    run = create_run(session, key.tenant_id, trigger="api", requested_by=key.name, overrides=request.overrides)
+    overrides = request.overrides.model_dump(exclude_unset=True)  # the settings given; TrainConfig's for the rest
+    run = create_run(session, key.tenant_id, trigger="api", requested_by=key.name, overrides=overrides)
     background.add_task(enqueue, [run.id])
     return run
 
@@ -30,7 +31,7 @@ def runs(key: AnyKey, session: SessionDep, limit: Annotated[int, Query(ge=1, le=
 
 
 @router.get("/runs/{run_id}", response_model=RunOut, summary="A run: status, progress, scores, the gate's decision")
-def run(run_id: int, key: AnyKey, session: SessionDep):
+def run(run_id: Id, key: AnyKey, session: SessionDep):
     return get_run(session, key.tenant_id, run_id)
 
 
@@ -40,7 +41,7 @@ def run(run_id: int, key: AnyKey, session: SessionDep):
     summary="A run's dataset snapshot as JSONL",
     responses={200: {"content": {"application/x-ndjson": {}}}},
 )
-def run_dataset(run_id: int, key: AdminKey, session: SessionDep, settings: SettingsDep, split: Split = Split.train):
+def run_dataset(run_id: Id, key: AdminKey, session: SessionDep, settings: SettingsDep, split: Split = Split.train):
     """The exact rows the run trained on (or was evaluated on, with split=heldout), in TRL's
     prompt/completion format; rebuilt from the stored corrections and checked against the hash."""
     found = get_run(session, key.tenant_id, run_id)
@@ -57,7 +58,7 @@ def adapters(key: AnyKey, session: SessionDep):
 
 
 @router.post("/adapters/{version}/promote", response_model=AdapterOut, summary="Make a version the champion")
-def promote(version: int, request: AuditReason, key: AdminKey, session: SessionDep, settings: SettingsDep):
+def promote(version: Id, request: AuditReason, key: AdminKey, session: SessionDep, settings: SettingsDep):
     """Bypasses the gate (the reason goes to the audit log), not the checks: a version whose run
     is still evaluating it, or whose files are missing, changed or trained on another base model,
     is refused (409) and the champion stays as it is."""

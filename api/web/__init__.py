@@ -7,7 +7,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -58,8 +58,8 @@ def create_web_app(settings: Settings) -> FastAPI:
             return RedirectResponse(request.url_for("web:signin_form"), status_code=303)
         return _error_page(request, error.status_code, error.message)
 
-    @web.exception_handler(DBAPIError)
-    def database_error(request: Request, error: DBAPIError):
+    @web.exception_handler(SQLAlchemyError)
+    def database_error(request: Request, error: SQLAlchemyError):
         if (domain := as_domain_error(error)) is None:
             raise error
         return domain_error(request, domain)

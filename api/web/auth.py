@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import RedirectResponse
 
 from api.deps import SessionDep
+from api.schemas import Text
 from api.web.templating import csrf_token, flash, render
 from core.errors import Forbidden, Unauthorized
 from core.settings import Settings
@@ -45,7 +46,7 @@ def secret_key(settings: Settings) -> str:
     return path.read_text().strip()
 
 
-def check_csrf(request: Request, csrf_token: Annotated[str, Form()] = "") -> None:
+def check_csrf(request: Request, csrf_token: Annotated[Text, Form()] = "") -> None:
     expected = request.session.get("csrf")
     if not expected or not secrets.compare_digest(csrf_token.encode(), expected.encode()):
         raise Forbidden("this form's security token is missing or out of date; reload the page and send it again")
@@ -59,10 +60,12 @@ def signed_in(request: Request, session: SessionDep) -> ApiKey:
     if session_id is None:
         raise Unauthorized("sign in with your reviewer or admin key")
     try:
-        return web_session_key(session, session_id)
+        key = web_session_key(session, session_id)
     except Unauthorized:
         request.session.clear()
         raise
+    session.commit()  # as for API keys (api/deps.py): nothing held until the page's own work
+    return key
 
 
 def admin(key: Annotated[ApiKey, Depends(signed_in)]) -> ApiKey:
@@ -83,7 +86,7 @@ def signin_form(request: Request):
 
 
 @router.post("/signin", name="signin", dependencies=[CSRF])
-def signin(request: Request, session: SessionDep, api_key: Annotated[str, Form()] = ""):
+def signin(request: Request, session: SessionDep, api_key: Annotated[Text, Form()] = ""):
     key = authenticate(session, api_key.strip())
     if key.role not in PAGE_ROLES:
         raise Unauthorized(f"a {key.role} key cannot sign in here; use a reviewer or admin key")

@@ -6,6 +6,7 @@ from fastapi import APIRouter, BackgroundTasks, Form, Request
 from fastapi.responses import RedirectResponse
 
 from api.deps import SessionDep, SettingsDep
+from api.schemas import Id, text
 from api.web.auth import CSRF, AdminPageKey
 from api.web.chart import versions_chart
 from api.web.templating import flash, render
@@ -17,7 +18,7 @@ from training.tasks import enqueue
 
 router = APIRouter(prefix="/dashboard")
 
-Reason = Annotated[str, Form(max_length=2_000)]
+Reason = Annotated[text(max_length=2_000), Form()]
 
 
 def _reason(text: str) -> str:
@@ -61,7 +62,7 @@ def promote(
     key: AdminPageKey,
     session: SessionDep,
     settings: SettingsDep,
-    version: Annotated[int, Form()],
+    version: Annotated[Id, Form()],
     reason: Reason = "",
 ):
     adapter = registry.get_adapter(session, key.tenant_id, version=version)

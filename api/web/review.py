@@ -6,6 +6,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse
 
 from api.deps import SessionDep, SettingsDep
+from api.schemas import Id, Text, text
 from api.web.auth import CSRF, PageKey
 from api.web.templating import flash, render
 from core.errors import Invalid
@@ -36,7 +37,7 @@ def queue(request: Request, key: PageKey, session: SessionDep):
 
 
 @router.get("/drafts/{draft_id}", name="draft")
-def draft_page(request: Request, draft_id: int, key: PageKey, session: SessionDep):
+def draft_page(request: Request, draft_id: Id, key: PageKey, session: SessionDep):
     draft = service.get_draft(session, key.tenant_id, draft_id)
     previous, following = service.pending_neighbours(session, draft)
     versions = {adapter.id: adapter.version for adapter in registry.list_adapters(session, key.tenant_id)}
@@ -70,13 +71,13 @@ def correction_from_form(draft: Draft, action: str, text: str, reason: str) -> s
 @router.post("/drafts/{draft_id}", name="correct", dependencies=[CSRF])
 def correct(
     request: Request,
-    draft_id: int,
+    draft_id: Id,
     key: PageKey,
     session: SessionDep,
     settings: SettingsDep,
-    action: Annotated[str, Form()],
-    final_text: Annotated[str, Form(max_length=50_000)] = "",
-    reason: Annotated[str, Form(max_length=2_000)] = "",
+    action: Annotated[Text, Form()],
+    final_text: Annotated[text(max_length=50_000), Form()] = "",
+    reason: Annotated[text(max_length=2_000), Form()] = "",
 ):
     draft = service.get_draft(session, key.tenant_id, draft_id)
     service.submit_correction(

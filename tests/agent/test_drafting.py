@@ -7,7 +7,7 @@ import pytest
 import agent.drafting as drafting
 from agent.drafting import Drafter, get_drafter
 from agent.prompt import BODY_TRUNCATED_MARK, IncomingEmail, build_messages, fit_messages, prompt_token_ids
-from core.errors import RateLimited
+from core.errors import Invalid, RateLimited
 from core.settings import Settings
 
 
@@ -59,7 +59,7 @@ def test_long_email_is_cut_to_max_prompt_tokens(tiny_model, tmp_path):
 
 def test_instructions_longer_than_the_prompt_budget_are_refused(tiny_model, tmp_path):
     drafter = Drafter(tiny_model, settings(tmp_path, max_prompt_tokens=64))
-    with pytest.raises(ValueError, match="instructions leave no room"):
+    with pytest.raises(Invalid, match="leave no room for the email within the prompt budget of 64 tokens"):
         drafter.draft("Always be polite. " * 50, email())
 
 

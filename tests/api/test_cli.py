@@ -33,3 +33,11 @@ def test_cli_errors_say_what_to_fix(postgres_engine):
     assert missing.exit_code == 1 and "no tenant with slug 'no-such-tenant'" in missing.output
     bad_role = runner.invoke(app, ["keys", "create", "--tenant", "x", "--role", "boss", "--name", "x"])
     assert bad_role.exit_code == 2 and "agent" in bad_role.output
+
+
+def test_cli_refuses_instructions_beyond_the_prompt_budget(postgres_engine, pg_session, tokenizer):
+    slug = f"cli-{uuid.uuid4().hex[:8]}"
+    long = "Always answer in the house style, and never promise a refund. " * 150
+    created = runner.invoke(app, ["tenants", "create", "--slug", slug, "--name", "CLI Co", "--instructions", long])
+    assert created.exit_code == 1 and "1536" in created.output and "tokens" in created.output, created.output
+    assert pg_session.scalar(select(Tenant).where(Tenant.slug == slug)) is None

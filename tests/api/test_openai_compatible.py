@@ -67,8 +67,11 @@ def test_model_names_an_adapter_version_of_the_tenant(sdk, client, keys, session
 
     with pytest.raises(openai.NotFoundError, match="no champion"):
         sdk.chat.completions.create(model="champion", messages=messages)
-    with pytest.raises(openai.NotFoundError, match="unknown model"):
+    with pytest.raises(openai.NotFoundError, match="no adapter version 9"):
+        sdk.chat.completions.create(model="v9", messages=messages)
+    with pytest.raises(openai.UnprocessableEntityError) as ill_formed:
         sdk.chat.completions.create(model="gpt-4o", messages=messages)
+    assert "base|champion|v" in str(ill_formed.value.body)
 
 
 def test_bad_requests_say_what_to_fix(sdk, client, keys):

@@ -17,7 +17,7 @@ from agent.drafting import Drafter
 from agent.prompt import IncomingEmail
 from api.app import create_app
 from api.deps import drafter, get_sessions
-from core.db import committing
+from core.db import READ_ONLY, committing
 from feedback.models import Draft, Role, Tenant
 from tests.factories import make_key, make_tenant
 
@@ -64,8 +64,9 @@ def live(engine, tiny_drafter):
     factory = sessionmaker(bind=engine, expire_on_commit=False)
 
     @contextmanager
-    def sessions():
-        with factory() as session, committing(session):
+    def sessions(read_only: bool = False):
+        bind = engine.execution_options(**{READ_ONLY: True}) if read_only else engine
+        with factory(bind=bind) as session, committing(session):
             yield session
 
     with sessions() as session:

@@ -57,12 +57,13 @@ def test_a_failing_run_is_failed_visibly_and_the_champion_is_untouched(sessions,
     execute_run(start(sessions, tenant), run_settings, sessions=sessions, echo=lambda _: None)
     with sessions() as session:
         champion_id = registry.champion(session, tenant.id).id
-    broken = start(sessions, tenant, FAST | {"target_modules": ["no_such_layer"]})
+    broken = start(sessions, tenant)
+    no_model = run_settings.model_copy(update={"base_model": str(run_settings.var_dir / "no_such_model")})
     with pytest.raises(ValueError):
-        execute_run(broken, run_settings, sessions=sessions, echo=lambda _: None)
+        execute_run(broken, no_model, sessions=sessions, echo=lambda _: None)
     with sessions() as session:
         run = session.get(TrainingRun, broken)
-        assert run.status == RunStatus.failed and "no_such_layer" in run.error and run.finished_at
+        assert run.status == RunStatus.failed and "no_such_model" in run.error and run.finished_at
         assert registry.champion(session, tenant.id).id == champion_id
 
 

@@ -40,8 +40,16 @@ def test_training_changes_the_lora_weights_and_not_the_base(tiny_base_dir, token
 
 def test_training_settings_are_checked():
     assert TrainConfig.with_overrides({"rank": 8, "target_modules": ["q_proj"]}).target_modules == ("q_proj",)
-    with pytest.raises(Invalid, match="unknown training settings"):
+    with pytest.raises(Invalid, match="rnak: Extra inputs are not permitted"):
         TrainConfig.with_overrides({"rnak": 8})
+    with pytest.raises(Invalid, match="target_modules: Input should be a valid list"):
+        TrainConfig.with_overrides({"target_modules": "q_proj"})
+    with pytest.raises(Invalid, match="target_modules.0: Input should be 'q_proj'"):
+        TrainConfig.with_overrides({"target_modules": ["qproj"]})
+    with pytest.raises(Invalid, match="try_learning_rates: Input should be a valid list"):
+        TrainConfig.with_overrides({"try_learning_rates": 0.001})
+    with pytest.raises(Invalid, match="rank: Input should be a valid integer"):
+        TrainConfig.with_overrides({"rank": "8"})
     with pytest.raises(Invalid, match="learning_rate must be in"):
         TrainConfig.with_overrides({"learning_rate": 5})
 

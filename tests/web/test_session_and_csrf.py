@@ -218,3 +218,30 @@ def test_the_signing_key_is_made_once_and_kept_private(tmp_path):
     assert auth.secret_key(Settings(var_dir=tmp_path / "var", secret_key="from-the-environment")) == (
         "from-the-environment"
     )
+
+
+def test_page_ids_and_form_fields_are_checked_at_the_edge(client, versions, committed):
+    shop = versions.shop
+    token = sign_in(client, shop.admin)
+    for bad in (0, 2**31, 2**63):
+        response = client.get(f"/web/drafts/{bad}")
+        assert response.status_code == 422 and "text/html" in response.headers["content-type"], bad
+        response = client.post(f"/web/drafts/{bad}", data={"csrf_token": token, "action": "accept"})
+        assert response.status_code == 422, bad
+        response = client.post("/web/dashboard/promote", data={"csrf_token": token, "version": str(bad), "reason": "r"})
+        assert response.status_code == 422 and "version" in response.text, bad
+    draft_page = f"/web/drafts/{shop.draft_ids[0]}"
+    for data in (
+        {"action": "edit", "final_text": "Hi\x00there"},
+        {"action": "reject", "reason": "bad\x00"},
+        {"action": "accept\x00"},
+    ):
+        response = client.post(draft_page, data=data | {"csrf_token": token})
+        assert response.status_code == 422 and "NUL" in response.text, data
+    response = client.post("/web/dashboard/rollback", data={"csrf_token": token, "reason": "r\x00"})
+    assert response.status_code == 422 and "NUL" in response.text
+    response = client.post("/web/signin", data={"csrf_token": token, "api_key": "dl_\x00"})
+    assert response.status_code == 422 and "NUL" in response.text
+    with committed() as session:
+        assert session.scalar(select(Correction).where(Correction.draft_id == shop.draft_ids[0])) is None
+        assert registry.champion(session, shop.tenant_id).version == 2
