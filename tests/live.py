@@ -18,10 +18,11 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import httpx
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -249,25 +250,26 @@ class Live:
                     found.add(f"{log.name}: {line[:300]}")
         return sorted(found)
 
-    def engine(self):
+    @cached_property
+    def engine(self) -> Engine:
+        """The test's own engine on the service's database."""
         return make_engine(self.database_url)
 
     def tenant(self, instructions: str = "You answer for a bicycle shop.") -> Keys:
         """A new tenant with an agent, a reviewer and an admin key, written straight to the database."""
-        engine = self.engine()
-        with Session(engine, expire_on_commit=False) as session:
+        with Session(self.engine, expire_on_commit=False) as session:
             tenant = make_tenant(session, instructions=instructions)
             headers = [
                 {"X-API-Key": make_key(session, tenant, role)[1]} for role in (Role.agent, Role.reviewer, Role.admin)
             ]
             session.commit()
-        engine.dispose()
         return Keys(tenant.id, *headers)
 
     def close(self) -> None:
         for process in self.processes:
             stop(process)
         self.processes.clear()
+        self.engine.dispose()
 
     def __enter__(self) -> "Live":
         return self

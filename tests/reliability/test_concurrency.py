@@ -91,31 +91,10 @@ def test_parallel_corrections_to_many_drafts_are_all_stored(live, client, keys):
         assert stored(client, keys, draft_id) == response.json()
 
 
-def test_parallel_identical_corrections_to_one_draft_store_one(live, client, keys):
+@pytest.mark.parametrize("idempotency", [{}, {"Idempotency-Key": "one-key"}], ids=["no-key", "one-key"])
+def test_parallel_identical_corrections_to_one_draft_store_one(live, client, keys, idempotency):
     [draft_id], attempts = make_drafts(client, keys, 1), Attempts()
-    url = f"/v1/drafts/{draft_id}/correction"
-    responses = at_once(N, lambda i: attempts.post(client, url, json=edited(0), headers=keys.reviewer))
-    attempts.assert_no_server_error(live)
-    assert statuses(responses) == [200] * (N - 1) + [201], [r.text for r in responses]
-    assert len({r.json()["id"] for r in responses}) == 1
-    assert stored(client, keys, draft_id) == responses[0].json()
-
-
-def test_parallel_different_corrections_to_one_draft_store_one_and_the_rest_conflict(live, client, keys):
-    [draft_id], attempts = make_drafts(client, keys, 1), Attempts()
-    url = f"/v1/drafts/{draft_id}/correction"
-    responses = at_once(N, lambda i: attempts.post(client, url, json=edited(i), headers=keys.reviewer))
-    attempts.assert_no_server_error(live)
-    assert statuses(responses) == [201] + [409] * (N - 1), [r.text for r in responses]
-    [winner] = [r for r in responses if r.status_code == 201]
-    for loser in (r for r in responses if r.status_code == 409):
-        assert f"draft {draft_id} already has a different correction" in loser.json()["detail"]
-    assert stored(client, keys, draft_id) == winner.json()
-
-
-def test_one_idempotency_key_sent_at_once_for_the_same_correction_stores_one(live, client, keys):
-    [draft_id], attempts = make_drafts(client, keys, 1), Attempts()
-    url, headers = f"/v1/drafts/{draft_id}/correction", keys.reviewer | {"Idempotency-Key": "same-key-same-draft"}
+    url, headers = f"/v1/drafts/{draft_id}/correction", keys.reviewer | idempotency
     responses = at_once(N, lambda i: attempts.post(client, url, json=edited(0), headers=headers))
     attempts.assert_no_server_error(live)
     assert statuses(responses) == [200] * (N - 1) + [201], [r.text for r in responses]
@@ -123,14 +102,15 @@ def test_one_idempotency_key_sent_at_once_for_the_same_correction_stores_one(liv
     assert stored(client, keys, draft_id) == responses[0].json()
 
 
-def test_one_idempotency_key_sent_at_once_with_different_corrections_of_one_draft(live, client, keys):
+@pytest.mark.parametrize("idempotency", [{}, {"Idempotency-Key": "one-key"}], ids=["no-key", "one-key"])
+def test_parallel_different_corrections_to_one_draft_store_one_and_the_rest_conflict(live, client, keys, idempotency):
     [draft_id], attempts = make_drafts(client, keys, 1), Attempts()
-    url, headers = f"/v1/drafts/{draft_id}/correction", keys.reviewer | {"Idempotency-Key": "same-key-other-text"}
+    url, headers = f"/v1/drafts/{draft_id}/correction", keys.reviewer | idempotency
     responses = at_once(N, lambda i: attempts.post(client, url, json=edited(i), headers=headers))
     attempts.assert_no_server_error(live)
     assert statuses(responses) == [201] + [409] * (N - 1), [r.text for r in responses]
     [winner] = [r for r in responses if r.status_code == 201]
-    for loser in (r for r in responses if r.status_code == 409):
+    for loser in (r for r in responses if r.status_code == 409):  # the draft's or the key's correction
         assert "different correction" in loser.json()["detail"], loser.text
     assert stored(client, keys, draft_id) == winner.json()
 
@@ -158,8 +138,7 @@ def versions(live, keys, tiny_base_dir, tmp_path) -> list[int]:
 
     settings = Settings(var_dir=live.var_dir)  # the live server's registry: <var_dir>/adapters
     trained = random_lora(LlamaConfig.from_pretrained(tiny_base_dir), tmp_path / "trained")
-    engine = live.engine()
-    with Session(engine) as session:
+    with Session(live.engine) as session:
         candidates = [
             registry.store_candidate(
                 session,
@@ -175,17 +154,14 @@ def versions(live, keys, tiny_base_dir, tmp_path) -> list[int]:
             for _ in range(N)
         ]
         session.commit()
-    engine.dispose()
     return candidates
 
 
 def champions_and_promotions(live, tenant_id: int) -> tuple[list[int], int]:
-    engine = live.engine()
-    with Session(engine) as session:
+    with Session(live.engine) as session:
         adapters = registry.list_adapters(session, tenant_id)
         champions = [a.version for a in adapters if a.status == AdapterStatus.champion]
         events = session.query(AdapterEvent).filter_by(tenant_id=tenant_id, action="promote").count()
-    engine.dispose()
     return champions, events
 
 
