@@ -22,6 +22,7 @@ the tests' tiny model, so training and drafting take seconds.
 import argparse
 import queue
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -301,6 +302,23 @@ def run(kind: str, cycles: int, folder: Path, base_model: Path, reviewers: int =
     } | figures
 
 
+def violations(figures: dict) -> list[str]:
+    """The invariants the figures break, in words (none: the suite passed)."""
+    found = [
+        f"{len(figures[name])} {name}, e.g. {figures[name][:3]}"
+        for name in (
+            "lost_corrections",
+            "lost_drafts",
+            "server_errors",
+            "tenants_with_more_than_one_champion",
+            "promoted_without_report",
+            "runs_unrecovered",
+        )
+        if figures[name]
+    ]
+    return found + ([] if figures["corrections_answered_2xx"] else ["no correction was answered 2xx"])
+
+
 def main() -> None:
     from bench.report import save
     from tests.live import tiny_base_model
@@ -318,6 +336,8 @@ def main() -> None:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     save(args.name, results)
+    if problems := {kind: found for kind, figures in results.items() if (found := violations(figures))}:
+        sys.exit(f"fault suite failed: {problems}")
 
 
 if __name__ == "__main__":

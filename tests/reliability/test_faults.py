@@ -3,7 +3,7 @@ each kind on PostgreSQL while reviewers keep correcting, then its invariants."""
 
 import json
 
-from bench.faults import KINDS, run
+from bench.faults import KINDS, run, violations
 
 
 def test_corrections_answered_2xx_survive_killed_processes_redis_restarts_and_dropped_connections(
@@ -13,9 +13,7 @@ def test_corrections_answered_2xx_survive_killed_processes_redis_restarts_and_dr
     print(json.dumps(figures, indent=2))
     summary = {name: figures[name] for name in ("seconds", "faults_injected", "faults_missed", "status_counts")}
     assert figures["faults_injected"] == dict.fromkeys(KINDS, 1), summary
-    assert figures["corrections_answered_2xx"] > 0, summary
-    assert figures["lost_corrections"] == [] and figures["lost_drafts"] == [], figures
-    assert figures["server_errors"] == [], figures | {"logged_errors": figures["logged_errors"]}
-    assert figures["tenants_with_more_than_one_champion"] == [], figures
-    assert figures["promoted_without_report"] == [], figures
-    assert figures["runs_unrecovered"] == [], figures
+    assert violations(figures) == [], {
+        "logged_errors": figures["logged_errors"],
+        "status_counts": figures["status_counts"],
+    }
