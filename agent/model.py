@@ -98,8 +98,10 @@ def model_source(settings: Settings) -> str:
 
 
 @lru_cache
+@lru_cache
 def fingerprint(source: str) -> str:
-    """A content hash of a model folder's config and weights, the same whatever dtype they load in."""
+    """A content hash of a model folder's config and weights, the same whatever dtype they load
+    in; read once per process (a base model folder is not changed under a running service)."""
     folder = Path(source)
     digest = hashlib.sha256()
     for path in [folder / "config.json", *sorted(folder.glob("*.safetensors"))]:

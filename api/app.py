@@ -1,11 +1,14 @@
-"""The FastAPI application: routers, the one error handler, the request size limit."""
+"""The FastAPI application: routers, the error handlers, the request size limit."""
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError
 
+from api.body_limit import BodyLimit
 from api.routes import admin, completions, drafts, health, review, training
 from api.web import PREFIX, create_web_app
+from core.db import as_domain_error
 from core.errors import DomainError, Overloaded
 from core.settings import get_settings
 
@@ -43,14 +46,13 @@ def create_app() -> FastAPI:
             body = {"error": {"message": error.message, "type": type(error).__name__, "code": error.status_code}}
         return JSONResponse(body, status_code=error.status_code, headers=headers)
 
-    max_bytes = get_settings().max_request_bytes
+    @app.exception_handler(DBAPIError)
+    def database_error(request: Request, error: DBAPIError) -> JSONResponse:
+        if (domain := as_domain_error(error)) is None:
+            raise error
+        return domain_error(request, domain)
 
-    @app.middleware("http")
-    async def limit_request_size(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_bytes:
-            return JSONResponse({"detail": f"the request has {length} bytes; the limit is {max_bytes}"}, 413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_bytes=get_settings().max_request_bytes)
 
     app.include_router(health.router)
     for module in (drafts, completions, review, training, admin):

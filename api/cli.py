@@ -166,9 +166,8 @@ def adapters_promote(
     with _reported():
         with session_scope() as session:
             tenant_id = service.get_tenant_by_slug(session, tenant).id
-            registry.promote(
-                session, registry.get_adapter(session, tenant_id, version=version), actor="cli", reason=reason
-            )
+            adapter = registry.get_adapter(session, tenant_id, version=version)
+            registry.promote(session, get_settings(), adapter, actor="cli", reason=reason)
         typer.echo(f"version {version} is now the champion of {tenant}")
 
 

@@ -1,21 +1,18 @@
 """Dependencies shared by the routes: the request's session, the caller's key, the drafter."""
 
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Security
+from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from agent.drafting import Drafter, get_drafter
-from core.db import session_scope
+from core.db import Sessions, read_only, session_scope
 from core.errors import Forbidden, Unauthorized
 from core.settings import Settings, get_settings
 from feedback.models import ApiKey, Role
 from feedback.service import authenticate
-
-Sessions = Callable[[], AbstractContextManager[Session]]
 
 
 def get_sessions() -> Sessions:
@@ -26,9 +23,15 @@ def get_sessions() -> Sessions:
 SessionsDep = Annotated[Sessions, Depends(get_sessions)]
 
 
-def get_db(sessions: SessionsDep) -> Iterator[Session]:
-    """One session per request, committed once at the end of a successful request."""
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def get_db(sessions: SessionsDep, request: Request) -> Iterator[Session]:
+    """One session per request, committed once at the end of a successful request. A request
+    that only reads (GET) takes no write lock on SQLite; every other one takes it up front."""
     with sessions() as session:
+        if request.method in SAFE_METHODS:
+            read_only(session)
         yield session
 
 

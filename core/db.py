@@ -1,12 +1,21 @@
-"""The engine and session factory. Sessions commit in one place: the end of a request or task."""
+"""The engine and session factory. Sessions commit in one place: the end of a request or task.
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+SQLite allows one writer at a time. A transaction that reads first and writes later cannot wait
+for the lock (SQLite refuses to upgrade a read snapshot that another writer has overtaken, and no
+busy timeout helps), so every SQLite transaction takes the write lock when it begins (BEGIN
+IMMEDIATE) and waits up to the busy timeout for it; only sessions marked read-only
+(`read_only`, the pages and routes that answer GET) begin a plain, shared read transaction.
+"""
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
+from core.errors import Conflict, DomainError, Invalid, Overloaded
 from core.settings import get_settings
 
 
@@ -14,9 +23,16 @@ class Base(DeclarativeBase):
     pass
 
 
+Sessions = Callable[[], AbstractContextManager[Session]]  # units of work: session_scope, or a test's
+
+
+SQLITE_BUSY_TIMEOUT_S = 30
+READ_ONLY = "draftloop_read_only"  # an execution option: this transaction only reads
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S})
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_connection, _record) -> None:
@@ -30,7 +46,8 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(connection) -> None:
-            connection.exec_driver_sql("BEGIN")
+            read_only = connection.get_execution_options().get(READ_ONLY, False)
+            connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True)
@@ -65,3 +82,32 @@ def session_scope() -> Iterator[Session]:
     """A new session for one unit of work (a request, a task, a CLI command)."""
     with get_sessionmaker()() as session, committing(session):
         yield session
+
+
+def read_only(session: Session) -> None:
+    """Mark the session's next transaction as read-only: on SQLite it then takes no write lock.
+    A no-op once a transaction has begun (it keeps the kind it began with)."""
+    if not session.in_transaction():
+        session.connection(execution_options={READ_ONLY: True})
+
+
+RETRY_AFTER_S = 2
+
+
+def as_domain_error(error: DBAPIError) -> DomainError | None:
+    """What a failed statement means to the caller, or None for a bug (a 500).
+
+    A write lock not granted within the busy timeout (SQLite), a serialization failure or
+    deadlock (PostgreSQL) and a lost connection are temporary: 503, retry. A constraint that a
+    concurrent request won is a conflict; a value the database cannot store is invalid input."""
+    if isinstance(error, IntegrityError):
+        return Conflict(f"the request conflicts with what is stored ({_first_line(error)})")
+    if isinstance(error, DataError):
+        return Invalid(f"a value cannot be stored: {_first_line(error)}")
+    if isinstance(error, OperationalError) or error.connection_invalidated:
+        return Overloaded(f"the database is busy or unreachable ({_first_line(error)}); retry", RETRY_AFTER_S)
+    return None
+
+
+def _first_line(error: DBAPIError) -> str:
+    return str(error.orig).strip().splitlines()[0] if error.orig is not None else type(error).__name__

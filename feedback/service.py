@@ -249,26 +249,27 @@ def submit_correction(
     final_text = _final_text(draft, correction)
     reason = (correction.reason or "").strip() or None
 
-    if idempotency_key is not None:
-        replay = session.scalar(
-            select(Correction).where(
-                Correction.tenant_id == draft.tenant_id, Correction.idempotency_key == idempotency_key
+    def stored() -> tuple[Correction, bool] | None:
+        """The stored correction this request repeats; a conflict if it differs from it."""
+        if idempotency_key is not None:
+            replay = session.scalar(
+                select(Correction).where(
+                    Correction.tenant_id == draft.tenant_id, Correction.idempotency_key == idempotency_key
+                )
             )
-        )
-        if replay is not None:
-            if replay.draft_id != draft.id or not _same(replay, verdict, final_text, reason):
-                raise Conflict("this Idempotency-Key was already used for a different correction")
-            return replay, False
+            if replay is not None:
+                if replay.draft_id != draft.id or not _same(replay, verdict, final_text, reason):
+                    raise Conflict("this Idempotency-Key was already used for a different correction")
+                return replay, False
+        existing = session.scalar(select(Correction).where(Correction.draft_id == draft.id))
+        if existing is not None:
+            if not _same(existing, verdict, final_text, reason):
+                raise Conflict(f"draft {draft.id} already has a different correction ({existing.verdict})")
+            return existing, False
+        return None
 
-    def existing_or_conflict() -> tuple[Correction, bool]:
-        stored = session.scalar(select(Correction).where(Correction.draft_id == draft.id))
-        if not _same(stored, verdict, final_text, reason):
-            raise Conflict(f"draft {draft.id} already has a different correction ({stored.verdict})")
-        return stored, False
-
-    if session.scalar(select(Correction.id).where(Correction.draft_id == draft.id)) is not None:
-        return existing_or_conflict()
-
+    if (found := stored()) is not None:
+        return found
     row = Correction(
         draft_id=draft.id,
         tenant_id=draft.tenant_id,
@@ -281,8 +282,11 @@ def submit_correction(
         idempotency_key=idempotency_key,
     )
     try:
-        with session.begin_nested():  # a concurrent submission may win the unique constraint
+        with session.begin_nested():  # a concurrent submission may win a unique constraint
             session.add(row)
     except IntegrityError:
-        return existing_or_conflict()
+        # PostgreSQL waits for the winner to commit, so its row is visible now (by draft or by key)
+        if (found := stored()) is None:
+            raise
+        return found
     return row, True

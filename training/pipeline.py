@@ -9,7 +9,6 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
 
 from sqlalchemy import select
@@ -19,12 +18,12 @@ from sqlalchemy.orm import Session
 from agent.adapters import attach
 from agent.drafting import Drafter
 from agent.model import fingerprint, load_base_model, load_tokenizer, model_id, model_source
-from core.db import session_scope
+from core.db import Sessions, session_scope
 from core.errors import Conflict, NotFound
 from core.settings import Settings
 from feedback.models import Split, Tenant
 from feedback.service import get_tenant_by_slug
-from training import plots, registry
+from training import attempts, plots, registry
 from training.dataset import build_dataset, record_snapshot
 from training.evaluate import decide, example_nll, greedy_drafts, score_drafts
 from training.models import (
@@ -38,7 +37,6 @@ from training.models import (
 )
 from training.train import TrainConfig, load_training_base, train_adapter
 
-Sessions = Callable[[], AbstractContextManager[Session]]
 Echo = Callable[[str], None]
 
 
@@ -110,29 +108,33 @@ def run_dir(settings: Settings, run_id: int) -> Path:
 
 
 def execute_run(run_id: int, settings: Settings, *, sessions: Sessions = session_scope, echo: Echo = print):
-    """Carry a queued run to promoted, rejected or failed. A run that already finished is left
-    as it is, so a redelivered task does nothing. Returns the run's final status."""
+    """Carry a queued run to promoted, rejected or failed in one attempt (training/attempts.py).
+    A run that finished, or that another live attempt is carrying, is left as it is, so a second
+    delivery of the task does nothing. Returns the run's status."""
     with sessions() as session:
-        run = session.get(TrainingRun, run_id)
-        if run is None:
+        if session.get(TrainingRun, run_id) is None:
             raise NotFound(f"no training run {run_id}")
-        if run.status not in ACTIVE_RUN_STATUSES:
-            echo(f"run {run_id} already finished: {run.status}")
-            return run.status
-        silent_for = (utcnow() - run.heartbeat_at).total_seconds() if run.heartbeat_at else None
-        if run.status != RunStatus.queued and silent_for is not None and silent_for < settings.stale_after_s:
-            echo(f"run {run_id} is {run.status} in another worker (last heard {silent_for:.0f}s ago)")
+        number = attempts.claim(session, run_id, settings)
+        run = session.get(TrainingRun, run_id, populate_existing=True)
+        if number is None:
+            echo(f"run {run_id} is {run.status}; not started again")
             return run.status
         _reject_candidates(session, run_id, f"run {run_id} attempt did not finish")  # from a dead attempt
-        run.status, run.started_at, run.heartbeat_at = RunStatus.running, utcnow(), utcnow()
-        run.attempts += 1
         tenant = session.get(Tenant, run.tenant_id)
         tenant_id, instructions, config = tenant.id, tenant.instructions, TrainConfig.with_overrides(run.config)
+    attempt = attempts.Attempt(run_id, number, sessions)
     try:
-        return _execute(run_id, tenant_id, instructions, config, settings, sessions, echo)
+        with attempt.heartbeat(every_s=settings.stale_after_s / 6):
+            return _execute(attempt, tenant_id, instructions, config, settings, echo)
+    except attempts.RunTaken as taken:
+        echo(f"run {run_id}: this attempt stops: {taken}")
+        return RunStatus(taken.status)
     except Exception as error:
         with sessions() as session:
-            run = session.get(TrainingRun, run_id)
+            try:
+                run = attempt.owned(session)
+            except attempts.RunTaken:
+                raise error from None
             run.status, run.finished_at = RunStatus.failed, utcnow()
             run.error = f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=5)}"
             _reject_candidates(session, run_id, f"run {run_id} failed before the gate")
@@ -147,7 +149,8 @@ def _reject_candidates(session: Session, run_id: int, reason: str) -> None:
             registry.reject(session, adapter, actor="training", reason=reason)
 
 
-def _execute(run_id, tenant_id, instructions, config: TrainConfig, settings, sessions: Sessions, echo: Echo):
+def _execute(attempt: attempts.Attempt, tenant_id, instructions, config: TrainConfig, settings, echo: Echo):
+    run_id, sessions = attempt.run_id, attempt.sessions
     tokenizer = load_tokenizer(settings)
     with sessions() as session:
         datasets = {
@@ -163,7 +166,7 @@ def _execute(run_id, tenant_id, instructions, config: TrainConfig, settings, ses
             for split in (Split.train, Split.heldout)
         }
         train, heldout = datasets[Split.train], datasets[Split.heldout]
-        run = session.get(TrainingRun, run_id)
+        run = attempt.owned(session)
         run.train_snapshot_id = record_snapshot(session, train).id
         run.heldout_snapshot_id = record_snapshot(session, heldout).id
         train_snapshot_id = run.train_snapshot_id
@@ -173,7 +176,7 @@ def _execute(run_id, tenant_id, instructions, config: TrainConfig, settings, ses
     )
     if len(heldout.rows) < settings.gate_min_heldout:
         reason = f"only {len(heldout.rows)} held-out examples; the gate needs at least {settings.gate_min_heldout}"
-        return _finish(run_id, RunStatus.rejected, reason, None, settings, sessions, echo)
+        return _finish(attempt, RunStatus.rejected, reason, None, settings, echo)
 
     # Train a candidate ---------------------------------------------------------------------
     source = model_source(settings)
@@ -181,7 +184,7 @@ def _execute(run_id, tenant_id, instructions, config: TrainConfig, settings, ses
 
     def progress(step: int, total_steps: int, loss: float | None) -> None:
         with sessions() as session:
-            run = session.get(TrainingRun, run_id)
+            run = attempt.owned(session)
             run.step, run.total_steps, run.heartbeat_at = step, total_steps, utcnow()
             if loss is not None:
                 run.loss = loss
@@ -195,6 +198,7 @@ def _execute(run_id, tenant_id, instructions, config: TrainConfig, settings, ses
             load_training_base(source, config), tokenizer, train.rows, config, Path(scratch), progress
         )
         with sessions() as session:
+            run = attempt.owned(session)  # before the files are copied: one attempt stores at a time
             candidate = registry.store_candidate(
                 session,
                 settings,
@@ -206,7 +210,6 @@ def _execute(run_id, tenant_id, instructions, config: TrainConfig, settings, ses
                 train_snapshot_id=train_snapshot_id,
                 training_run_id=run_id,
             )
-            run = session.get(TrainingRun, run_id)
             run.status, run.heartbeat_at = RunStatus.evaluating, utcnow()
             candidate_id = candidate.id
     echo(
@@ -216,7 +219,7 @@ def _execute(run_id, tenant_id, instructions, config: TrainConfig, settings, ses
     plots.loss_curve(result.loss_history, run_dir(settings, run_id) / "loss.png", f"run {run_id} training loss")
 
     # Evaluate candidate and champion on the same held-out snapshot, then decide -------------
-    report = evaluate_run(run_id, tenant_id, candidate_id, heldout.rows, settings, sessions, echo)
+    report = evaluate_run(attempt, tenant_id, candidate_id, heldout.rows, settings, echo)
     report["training"] = {
         "rows": len(train.rows),
         "dropped": train.dropped,
@@ -230,12 +233,13 @@ def _execute(run_id, tenant_id, instructions, config: TrainConfig, settings, ses
     }
     decision = report["decision"]
     status = RunStatus.promoted if decision["promote"] else RunStatus.rejected
-    return _finish(run_id, status, decision["reason"], report, settings, sessions, echo, candidate_id=candidate_id)
+    return _finish(attempt, status, decision["reason"], report, settings, echo, candidate_id=candidate_id)
 
 
-def evaluate_run(run_id, tenant_id, candidate_id, rows, settings: Settings, sessions: Sessions, echo: Echo) -> dict:
+def evaluate_run(attempt: attempts.Attempt, tenant_id, candidate_id, rows, settings: Settings, echo: Echo) -> dict:
+    run_id = attempt.run_id
     loaded = load_base_model(settings)
-    with sessions() as session:
+    with attempt.sessions() as session:
         candidate = session.get(Adapter, candidate_id)
         current = registry.champion(session, tenant_id)
         refs = {"candidate": registry.serving_ref(settings, candidate, loaded.fingerprint)}
@@ -255,6 +259,7 @@ def evaluate_run(run_id, tenant_id, candidate_id, rows, settings: Settings, sess
         drafts = greedy_drafts(drafter, sample, {name: refs.get(name) for name in names}, settings.eval_max_new_tokens)
     finally:
         drafter.close()
+    attempt.beat()
     echo(f"  drafted {len(sample)} held-out emails with each model ({time.perf_counter() - started:.0f}s)")
     model, scores = loaded.model, {}
     for name in names:  # the base goes first, before any adapter is attached
@@ -262,6 +267,7 @@ def evaluate_run(run_id, tenant_id, candidate_id, rows, settings: Settings, sess
         if name != "base":
             model = attach(model, refs[name])
         scores[name] = {"nll": example_nll(model, loaded.tokenizer, rows), **score_drafts(drafts[name], sample)}
+        attempt.beat()
         echo(
             f"  {name}: held-out NLL {_mean(scores[name]['nll']):.3f}, chrF {_mean(scores[name]['chrf']):.1f}, "
             f"loops {sum(scores[name]['loops'])}/{len(sample)}, opening {_mean(scores[name]['opening']):.0%}, "
@@ -320,23 +326,31 @@ def _summary(scores: dict[str, list]) -> dict[str, float]:
     }
 
 
-def _finish(run_id, status, reason, report, settings, sessions: Sessions, echo: Echo, candidate_id=None):
-    """The one transaction that decides: the run's outcome and, if promoted, the new champion."""
+def _finish(attempt: attempts.Attempt, status, reason, report, settings, echo: Echo, candidate_id=None):
+    """The one transaction that decides: the run's outcome and, if promoted, the new champion,
+    written only while this attempt still owns the run."""
+    run_id = attempt.run_id
     if report is not None:
         path = run_dir(settings, run_id) / "report.json"
         path.write_text(json.dumps(report, indent=2))
         report = {key: value for key, value in report.items() if key != "per_example"} | {"path": str(path)}
-    with sessions() as session:
-        run = session.get(TrainingRun, run_id)
+    with attempt.sessions() as session:
+        run = attempt.owned(session)
         if candidate_id is not None:
+            registry.lock_tenant(session, run.tenant_id)
             current = registry.champion(session, run.tenant_id)
+            candidate = session.get(Adapter, candidate_id)
             if status == RunStatus.promoted and (current.id if current else None) != report["versions"]["champion_id"]:
                 status, reason = RunStatus.rejected, "the champion changed while this run was evaluated; not promoted"
-            candidate = session.get(Adapter, candidate_id)
             candidate.metrics = report["summary"]["candidate"] | {"run_id": run_id}
-            verdict = registry.promote if status == RunStatus.promoted else registry.reject
-            verdict(session, candidate, actor=f"gate (run {run_id})", reason=reason)
         run.status, run.decision_reason, run.report, run.finished_at = status, reason, report, utcnow()
+        session.flush()  # the run is decided, so the registry no longer counts it as evaluating
+        if candidate_id is not None:
+            actor = f"gate (run {run_id})"
+            if status == RunStatus.promoted:
+                registry.promote(session, settings, candidate, actor=actor, reason=reason)
+            else:
+                registry.reject(session, candidate, actor=actor, reason=reason)
     echo(f"run {run_id}: {status}: {reason}")
     return status
 

@@ -13,9 +13,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from agent.adapters import AdapterRef
+from agent.model import fingerprint, model_source
 from core.errors import Conflict, DomainError, NotFound
 from core.settings import Settings
-from training.models import Adapter, AdapterEvent, AdapterStatus, utcnow
+from feedback.models import Tenant
+from training.models import ACTIVE_RUN_STATUSES, Adapter, AdapterEvent, AdapterStatus, TrainingRun, utcnow
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MAX_RANK = 256
@@ -122,8 +124,16 @@ def verified_path(settings: Settings, adapter: Adapter, base_fingerprint: str) -
 
 def champion(session: Session, tenant_id: int) -> Adapter | None:
     return session.scalar(
-        select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.status == AdapterStatus.champion)
+        select(Adapter)
+        .where(Adapter.tenant_id == tenant_id, Adapter.status == AdapterStatus.champion)
+        .execution_options(populate_existing=True)  # as stored now, after a lock was waited for
     )
+
+
+def lock_tenant(session: Session, tenant_id: int) -> None:
+    """Serialize changes of the tenant's champion: concurrent promotions and rollbacks wait for
+    each other here (SQLite's write transactions are serialized already)."""
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
 
 
 def list_adapters(session: Session, tenant_id: int) -> list[Adapter]:
@@ -147,10 +157,20 @@ def _audit(session: Session, adapter_from: Adapter | None, adapter_to: Adapter |
     )
 
 
-def promote(session: Session, adapter: Adapter, *, actor: str, reason: str) -> Adapter:
-    """Make the adapter its tenant's champion; the previous champion is retired."""
+def promote(session: Session, settings: Settings, adapter: Adapter, *, actor: str, reason: str) -> Adapter:
+    """Make the adapter its tenant's champion; the previous champion is retired.
+
+    Everything is checked first, under the tenant's lock, so a refused promotion changes nothing:
+    the version is not the champion already, no run is still evaluating it, and its files are
+    complete, unchanged and trained on the base model this service loads (verified_path)."""
+    lock_tenant(session, adapter.tenant_id)
+    session.refresh(adapter)
     if adapter.status == AdapterStatus.champion:
         raise Conflict(f"adapter version {adapter.version} is already the champion")
+    run = session.get(TrainingRun, adapter.training_run_id) if adapter.training_run_id else None
+    if run is not None and run.status in ACTIVE_RUN_STATUSES:
+        raise Conflict(f"adapter version {adapter.version} is still being evaluated by run {run.id}; wait for it")
+    verified_path(settings, adapter, fingerprint(model_source(settings)))
     current = champion(session, adapter.tenant_id)
     if current is not None:
         current.status = AdapterStatus.retired
@@ -173,6 +193,7 @@ def rollback(session: Session, tenant_id: int, *, actor: str, reason: str) -> Ad
     """Reject the champion and restore the champion before it (or the bare base model).
 
     Returns the new champion, or None when the tenant is back on the base model."""
+    lock_tenant(session, tenant_id)
     current = champion(session, tenant_id)
     if current is None:
         raise Conflict("this tenant has no champion adapter to roll back")

@@ -45,19 +45,21 @@ def schedule_due_runs(session: Session, settings: Settings) -> list[int]:
     return created
 
 
-def runs_to_enqueue(session: Session, settings: Settings) -> list[int]:
-    """Queued runs that never reached the broker, or were sent long ago and never started."""
+def runs_to_enqueue(session: Session, settings: Settings, *, waiting: set[int]) -> list[int]:
+    """Queued runs that never reached the broker, or were sent long ago and are no longer waiting
+    in its queue (`waiting`: a run behind a long one is not lost). A run taken from the queue by
+    a worker that died before starting it is sent again; a duplicate delivery does no harm (a run
+    is claimed once, training/attempts.py)."""
     cutoff = utcnow() - timedelta(seconds=settings.requeue_after_s)
-    return list(
-        session.scalars(
-            select(TrainingRun.id)
-            .where(
-                TrainingRun.status == RunStatus.queued,
-                TrainingRun.enqueued_at.is_(None) | (TrainingRun.enqueued_at < cutoff),
-            )
-            .order_by(TrainingRun.id)
+    queued = session.scalars(
+        select(TrainingRun.id)
+        .where(
+            TrainingRun.status == RunStatus.queued,
+            TrainingRun.enqueued_at.is_(None) | (TrainingRun.enqueued_at < cutoff),
         )
+        .order_by(TrainingRun.id)
     )
+    return [run_id for run_id in queued if run_id not in waiting]
 
 
 def recover_stalled_runs(session: Session, settings: Settings) -> list[int]:

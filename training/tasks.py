@@ -1,6 +1,8 @@
 """Celery tasks: thin wrappers that take ids, open sessions and call the plain functions."""
 
+import json
 import logging
+import uuid
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
@@ -21,7 +23,9 @@ def enqueue(run_ids: list[int]) -> list[int]:
     sent = []
     for run_id in run_ids:
         try:
-            train_run.apply_async(args=[run_id], retry=False)
+            train_run.apply_async(
+                args=[run_id], task_id=f"{TASK_ID_PREFIX}{run_id}-{uuid.uuid4().hex[:12]}", retry=False
+            )
         except Exception as error:  # the broker is down: the sweep sends it later
             log.warning("run %s stays queued: the broker refused it (%s)", run_id, error)
             continue
@@ -29,6 +33,17 @@ def enqueue(run_ids: list[int]) -> list[int]:
             session.execute(update(TrainingRun).where(TrainingRun.id == run_id).values(enqueued_at=utcnow()))
         sent.append(run_id)
     return sent
+
+
+TASK_ID_PREFIX = "train-run-"
+
+
+def waiting_in_broker() -> set[int]:
+    """Runs with a message waiting in the broker's queue: not lost, only behind other work."""
+    with app.connection_for_read() as connection:
+        messages = connection.default_channel.client.lrange(app.conf.task_default_queue, 0, -1)
+    task_ids = (json.loads(message)["headers"]["id"] for message in messages)
+    return {int(t[len(TASK_ID_PREFIX) :].split("-")[0]) for t in task_ids if t.startswith(TASK_ID_PREFIX)}
 
 
 @app.task(name="training.tasks.train_run")
@@ -53,5 +68,5 @@ def sweep_runs() -> list[int]:
     with session_scope() as session:
         scheduling.recover_stalled_runs(session, settings)
     with session_scope() as session:
-        pending = scheduling.runs_to_enqueue(session, settings)
+        pending = scheduling.runs_to_enqueue(session, settings, waiting=waiting_in_broker())
     return enqueue(pending)

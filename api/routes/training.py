@@ -57,10 +57,12 @@ def adapters(key: AnyKey, session: SessionDep):
 
 
 @router.post("/adapters/{version}/promote", response_model=AdapterOut, summary="Make a version the champion")
-def promote(version: int, request: AuditReason, key: AdminKey, session: SessionDep):
-    """Bypasses the gate; the reason goes to the audit log."""
+def promote(version: int, request: AuditReason, key: AdminKey, session: SessionDep, settings: SettingsDep):
+    """Bypasses the gate (the reason goes to the audit log), not the checks: a version whose run
+    is still evaluating it, or whose files are missing, changed or trained on another base model,
+    is refused (409) and the champion stays as it is."""
     adapter = registry.get_adapter(session, key.tenant_id, version=version)
-    return registry.promote(session, adapter, actor=key.name, reason=request.reason)
+    return registry.promote(session, settings, adapter, actor=key.name, reason=request.reason)
 
 
 @router.post("/adapters/rollback", response_model=AdapterOut | None, summary="Roll back the champion")

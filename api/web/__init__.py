@@ -7,11 +7,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
 from api.web import auth, dashboard, review
 from api.web.templating import flash, render
+from core.db import as_domain_error
 from core.errors import DomainError, Unauthorized
 from core.settings import Settings
 
@@ -41,6 +43,12 @@ def create_web_app(settings: Settings) -> FastAPI:
             flash(request, error.message, "error")
             return RedirectResponse(request.url_for("web:signin_form"), status_code=303)
         return _error_page(request, error.status_code, error.message)
+
+    @web.exception_handler(DBAPIError)
+    def database_error(request: Request, error: DBAPIError):
+        if (domain := as_domain_error(error)) is None:
+            raise error
+        return domain_error(request, domain)
 
     @web.exception_handler(RequestValidationError)
     def invalid_form(request: Request, error: RequestValidationError):

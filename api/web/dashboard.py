@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, BackgroundTasks, Form, Request
 from fastapi.responses import RedirectResponse
 
-from api.deps import SessionDep
+from api.deps import SessionDep, SettingsDep
 from api.web.auth import CSRF, AdminPageKey
 from api.web.chart import versions_chart
 from api.web.templating import flash, render
@@ -57,10 +57,15 @@ def trigger_run(request: Request, key: AdminPageKey, session: SessionDep, backgr
 
 @router.post("/promote", name="promote", dependencies=[CSRF])
 def promote(
-    request: Request, key: AdminPageKey, session: SessionDep, version: Annotated[int, Form()], reason: Reason = ""
+    request: Request,
+    key: AdminPageKey,
+    session: SessionDep,
+    settings: SettingsDep,
+    version: Annotated[int, Form()],
+    reason: Reason = "",
 ):
     adapter = registry.get_adapter(session, key.tenant_id, version=version)
-    registry.promote(session, adapter, actor=key.name, reason=_reason(reason))
+    registry.promote(session, settings, adapter, actor=key.name, reason=_reason(reason))
     flash(request, f"Version {version} is the champion now.")
     return _back(request)
 

@@ -1,3 +1,5 @@
+import json
+
 from feedback.models import Correction
 
 EMAIL = {
@@ -64,3 +66,21 @@ def test_bad_corrections_are_refused(client, keys, session):
     assert client.get(f"/v1/drafts/{draft['id']}", headers=keys.reviewer).json()["correction"] is None
     accepted = correct(client, keys, draft["id"], {"verdict": "accepted"})
     assert accepted.status_code == 201 and accepted.json()["final_text"] == draft["draft_text"]
+
+
+def test_a_chunked_body_over_the_limit_is_refused_as_it_streams_in(client, keys, session):
+    """Without a Content-Length the body is counted as it arrives: 3 MB of padding is a 413
+    and nothing is stored, with or without a valid key (the limit comes before authentication)."""
+    draft = new_draft(client, keys)
+    padded = json.dumps({"verdict": "accepted", "padding": "x" * 3_000_000}).encode()
+
+    def chunked():  # a generator: httpx sends it chunked, with no Content-Length
+        for start in range(0, len(padded), 64 * 1024):
+            yield padded[start : start + 64 * 1024]
+
+    path = f"/v1/drafts/{draft['id']}/correction"
+    headers = {"Content-Type": "application/json"}
+    for key in (keys.reviewer, {}):
+        response = client.post(path, content=chunked(), headers=headers | key)
+        assert response.status_code == 413 and "limit of 1000000 bytes" in response.json()["detail"]
+    assert session.query(Correction).filter_by(draft_id=draft["id"]).count() == 0

@@ -7,13 +7,14 @@ import torch
 from safetensors.torch import save_file
 from sqlalchemy.exc import IntegrityError
 
+from agent.model import fingerprint
+from core.errors import Conflict
 from core.settings import Settings
 from tests.factories import make_tenant
 from training import registry
-from training.models import Adapter, AdapterEvent, AdapterStatus
+from training.models import Adapter, AdapterEvent, AdapterStatus, RunStatus
+from training.pipeline import create_run
 from training.registry import AdapterInvalid
-
-FINGERPRINT = "f" * 64
 
 
 def trained_dir(tmp_path, rank=8, peft_type="LORA"):
@@ -26,8 +27,9 @@ def trained_dir(tmp_path, rank=8, peft_type="LORA"):
 
 
 @pytest.fixture
-def settings(tmp_path):
-    return Settings(adapter_dir=tmp_path / "registry")
+def settings(tmp_path, tiny_base_dir):
+    """A registry of the test's own, for adapters of the tiny base model."""
+    return Settings(base_model=str(tiny_base_dir), adapter_dir=tmp_path / "registry")
 
 
 def store(session, settings, tenant, tmp_path, **kwargs):
@@ -37,7 +39,7 @@ def store(session, settings, tenant, tmp_path, **kwargs):
         tenant_id=tenant.id,
         trained_dir=trained_dir(tmp_path, **kwargs),
         base_model="tiny",
-        base_fingerprint=FINGERPRINT,
+        base_fingerprint=fingerprint(settings.base_model),
         config={"rank": 8},
         train_snapshot_id=None,
         training_run_id=None,
@@ -51,7 +53,7 @@ def champions(session, tenant):
 def test_a_stored_version_is_immutable_and_verified(session, settings, tmp_path):
     tenant = make_tenant(session)
     adapter = store(session, settings, tenant, tmp_path)
-    folder = registry.verified_path(settings, adapter, FINGERPRINT)
+    folder = registry.verified_path(settings, adapter, fingerprint(settings.base_model))
     assert adapter.version == 1 and adapter.status == AdapterStatus.candidate
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert adapter.content_hash == registry.content_hash(folder) and adapter.size_bytes > 0
@@ -61,9 +63,9 @@ def test_a_stored_version_is_immutable_and_verified(session, settings, tmp_path)
 def test_promotion_and_rollback_keep_exactly_one_champion(session, settings, tmp_path):
     tenant = make_tenant(session)
     v1, v2, v3 = (store(session, settings, tenant, tmp_path) for _ in range(3))
-    registry.promote(session, v1, actor="op", reason="first")
-    registry.promote(session, v2, actor="op", reason="better")
-    registry.promote(session, v3, actor="op", reason="better still")
+    registry.promote(session, settings, v1, actor="op", reason="first")
+    registry.promote(session, settings, v2, actor="op", reason="better")
+    registry.promote(session, settings, v3, actor="op", reason="better still")
     assert champions(session, tenant) == [3] and v1.status == v2.status == AdapterStatus.retired
 
     assert registry.rollback(session, tenant.id, actor="op", reason="v3 drafts are worse").version == 2
@@ -80,7 +82,7 @@ def test_promotion_and_rollback_keep_exactly_one_champion(session, settings, tmp
 def test_the_database_allows_one_champion_per_tenant(session, settings, tmp_path):
     tenant = make_tenant(session)
     v1, v2 = store(session, settings, tenant, tmp_path), store(session, settings, tenant, tmp_path)
-    registry.promote(session, v1, actor="op", reason="first")
+    registry.promote(session, settings, v1, actor="op", reason="first")
     with pytest.raises(IntegrityError), session.begin_nested():
         v2.status = AdapterStatus.champion
         session.flush()
@@ -101,7 +103,7 @@ def test_a_tampered_adapter_is_refused(session, settings, tmp_path, tamper, mess
     adapter = store(session, settings, tenant, tmp_path)
     tamper(settings.adapter_dir.resolve() / adapter.path)
     with pytest.raises(AdapterInvalid, match=message):
-        registry.verified_path(settings, adapter, FINGERPRINT)
+        registry.verified_path(settings, adapter, fingerprint(settings.base_model))
 
 
 def test_paths_outside_the_registry_and_other_bases_are_refused(session, settings, tmp_path):
@@ -111,12 +113,12 @@ def test_paths_outside_the_registry_and_other_bases_are_refused(session, setting
         registry.verified_path(settings, adapter, "0" * 64)
     adapter.path = "../outside"
     with pytest.raises(AdapterInvalid, match="outside the registry"):
-        registry.verified_path(settings, adapter, FINGERPRINT)
+        registry.verified_path(settings, adapter, fingerprint(settings.base_model))
     link = settings.adapter_dir.resolve() / "link"
     link.symlink_to(tmp_path)
     adapter.path = "link"
     with pytest.raises(AdapterInvalid, match="outside the registry"):
-        registry.verified_path(settings, adapter, FINGERPRINT)
+        registry.verified_path(settings, adapter, fingerprint(settings.base_model))
 
 
 def test_a_non_lora_adapter_is_not_stored(session, settings, tmp_path):
@@ -125,3 +127,35 @@ def test_a_non_lora_adapter_is_not_stored(session, settings, tmp_path):
         store(session, settings, tenant, tmp_path, peft_type="IA3")
     assert session.query(Adapter).filter_by(tenant_id=tenant.id).count() == 0
     assert not any(p.name.startswith("v") for p in (settings.adapter_dir.resolve() / f"tenant-{tenant.id}").iterdir())
+
+
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (lambda f: (f / "adapter_model.safetensors").write_bytes(b"changed"), "content hash"),
+        (shutil.rmtree, "missing"),
+    ],
+)
+def test_promotion_checks_the_files_before_it_changes_the_champion(session, settings, tmp_path, tamper, message):
+    tenant = make_tenant(session)
+    v1, v2 = store(session, settings, tenant, tmp_path), store(session, settings, tenant, tmp_path)
+    registry.promote(session, settings, v1, actor="op", reason="first")
+    tamper(settings.adapter_dir.resolve() / v2.path)
+    with pytest.raises(AdapterInvalid, match=message):
+        registry.promote(session, settings, v2, actor="op", reason="by hand")
+    assert champions(session, tenant) == [1] and v2.status == AdapterStatus.candidate
+
+
+def test_promotion_refuses_another_base_model_and_a_candidate_still_being_evaluated(session, settings, tmp_path):
+    tenant = make_tenant(session)
+    other_base = store(session, settings, tenant, tmp_path)
+    other_base.base_model_fingerprint = "0" * 64
+    with pytest.raises(AdapterInvalid, match="another base model"):
+        registry.promote(session, settings, other_base, actor="op", reason="by hand")
+    run = create_run(session, tenant.id, trigger="api", requested_by="op")
+    run.status = RunStatus.evaluating
+    evaluated = store(session, settings, tenant, tmp_path)
+    evaluated.training_run_id = run.id
+    with pytest.raises(Conflict, match=f"still being evaluated by run {run.id}"):
+        registry.promote(session, settings, evaluated, actor="op", reason="by hand")
+    assert champions(session, tenant) == []

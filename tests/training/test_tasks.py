@@ -26,7 +26,7 @@ from training import registry, scheduling
 from training.celery_app import app as celery_app
 from training.models import RunStatus, TrainingRun
 from training.pipeline import create_run
-from training.tasks import enqueue
+from training.tasks import enqueue, waiting_in_broker
 
 FAST = {"quantization": "none", "compute_dtype": "float32", "epochs": 3, "batch_size": 4, "learning_rate": 1e-2}
 
@@ -155,7 +155,7 @@ def test_a_worker_killed_mid_training_leaves_the_champion_and_the_run_is_retried
         run = session.get(TrainingRun, run_id)
         assert run.status == RunStatus.queued and "stopped reporting" in run.error
         assert registry.champion(session, tenant.id) is None  # nothing promoted unevaluated
-        assert run_id in scheduling.runs_to_enqueue(session, worker_settings)
+        assert run_id in scheduling.runs_to_enqueue(session, worker_settings, waiting=waiting_in_broker())
 
     out_of_attempts = stale.model_copy(update={"max_attempts": 1})
     with session_scope() as session:  # the same silence with no attempts left fails it visibly

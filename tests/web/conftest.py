@@ -2,6 +2,7 @@
 the PostgreSQL test database), Debian's chromium driven through chromedriver, and tenants whose
 data is committed (the server reads it from its own connections) and deleted after each test."""
 
+import json
 import secrets
 import socket
 import threading
@@ -11,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 import uvicorn
+from safetensors.torch import save_file
 from selenium import webdriver
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
@@ -21,13 +24,14 @@ from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import delete
 from sqlalchemy.orm import Session, sessionmaker
 
+from agent.model import fingerprint, model_source
 from api.app import create_app
 from core.db import committing
 from core.settings import get_settings
 from feedback.models import ApiKey, Role, Tenant, Verdict, utcnow
 from tests.factories import make_correction, make_draft, make_key, make_tenant
 from training import registry
-from training.models import Adapter, AdapterStatus, RunStatus, TrainingRun
+from training.models import Adapter, RunStatus, TrainingRun
 from training.pipeline import create_run
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -228,21 +232,25 @@ class Versions:
 
 
 def _adapter(session: Session, tenant_id: int, version: int, run_id: int, nll: float, chrf: float) -> Adapter:
-    adapter = Adapter(
+    """A registered version with real files (promotion checks them) but random weights."""
+    settings = get_settings()
+    trained = settings.var_dir / f"trained-{tenant_id}-{version}"
+    trained.mkdir(parents=True)
+    (trained / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    save_file({"lora_A": torch.randn(4, 8)}, str(trained / "adapter_model.safetensors"))
+    adapter = registry.store_candidate(
+        session,
+        settings,
         tenant_id=tenant_id,
-        version=version,
-        status=AdapterStatus.candidate,
-        path=f"tenant-{tenant_id}/v{version:04d}",
-        content_hash=f"{version:064x}",
-        size_bytes=1000,
-        base_model="tiny",
-        base_model_fingerprint="0" * 64,
-        training_run_id=run_id,
+        trained_dir=trained,
+        base_model="embedded",
+        base_fingerprint=fingerprint(model_source(settings)),
         config={},
-        metrics={"nll": nll, "chrf": chrf, "loop_rate": 0.25 / version, "style": 0.5 * version, "run_id": run_id},
+        train_snapshot_id=None,
+        training_run_id=run_id,
     )
-    session.add(adapter)
-    session.flush()
+    assert adapter.version == version
+    adapter.metrics = {"nll": nll, "chrf": chrf, "loop_rate": 0.25 / version, "style": 0.5 * version, "run_id": run_id}
     return adapter
 
 
@@ -272,8 +280,12 @@ def versions(shop, committed) -> Versions:
             summary = {"base": {"nll": 2.9, "chrf": 20.4}, "candidate": {"nll": nll, "chrf": chrf} | style}
             run = _finished_run(session, tenant_id, *decision, summary)
             adapter = _adapter(session, tenant_id, version, run.id, nll, chrf)
-            verdict = registry.promote if version < 3 else registry.reject
-            verdict(session, adapter, actor=f"gate (run {run.id})", reason=run.decision_reason)
+            if version < 3:
+                registry.promote(
+                    session, get_settings(), adapter, actor=f"gate (run {run.id})", reason=run.decision_reason
+                )
+            else:
+                registry.reject(session, adapter, actor=f"gate (run {run.id})", reason=run.decision_reason)
             adapters[version] = adapter.id
         tenant = session.get(Tenant, tenant_id)
         for adapter_id, verdict, final in [

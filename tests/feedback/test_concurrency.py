@@ -1,0 +1,112 @@
+"""Concurrent writers on the real databases: what one request read must not stop its write, and
+two requests racing for one unique value end as one stored row and one clear answer."""
+
+import threading
+import time
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from core import db
+from core.db import as_domain_error, committing, make_engine, read_only
+from core.errors import Conflict, Overloaded
+from feedback import service
+from feedback.models import Correction, Role, Verdict
+from migrations import upgrade
+from tests.factories import make_draft, make_key, make_tenant
+
+
+@pytest.fixture
+def sqlite_file(tmp_path):
+    url = f"sqlite:///{tmp_path / 'draftloop.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    yield sessionmaker(bind=engine, expire_on_commit=False)
+    engine.dispose()
+
+
+def _submit(session, draft_id, tenant_id, key_id, text, idempotency_key=None):
+    draft = service.get_draft(session, tenant_id, draft_id)
+    return service.submit_correction(
+        session,
+        draft=draft,
+        correction=service.CorrectionInput(Verdict.edited, text),
+        reviewer_key=service.active_key(session, key_id),
+        idempotency_key=idempotency_key,
+        heldout_fraction=0.2,
+    )
+
+
+def _setup(factory, drafts=2):
+    with factory() as session, committing(session):
+        tenant = make_tenant(session)
+        key, _ = make_key(session, tenant, Role.reviewer)
+        ids = [make_draft(session, tenant).id for _ in range(drafts)]
+        return tenant.id, key.id, ids
+
+
+def test_a_write_after_a_read_waits_for_the_lock_on_sqlite(sqlite_file):
+    """Request A reads, request B writes and commits, then A writes: with plain BEGIN, A's read
+    snapshot could not be upgraded ("database is locked" at once, whatever the busy timeout)."""
+    tenant_id, key_id, (first, second) = _setup(sqlite_file)
+    stored = []
+
+    def other_request():
+        with sqlite_file() as session, committing(session):
+            stored.append(_submit(session, second, tenant_id, key_id, "Other text.")[1])
+
+    with sqlite_file() as session, committing(session):
+        service.get_draft(session, tenant_id, first)  # the auth read and the draft lookup
+        writer = threading.Thread(target=other_request)
+        writer.start()
+        time.sleep(0.3)
+        stored.append(_submit(session, first, tenant_id, key_id, "My text.")[1])
+    writer.join(10)
+    assert stored == [True, True]
+    with sqlite_file() as session:
+        assert session.query(Correction).filter_by(tenant_id=tenant_id).count() == 2
+
+
+def test_reads_take_no_write_lock_on_sqlite(sqlite_file):
+    tenant_id, key_id, (first, _) = _setup(sqlite_file)
+    with sqlite_file() as writer, committing(writer):
+        _submit(writer, first, tenant_id, key_id, "Held.")  # holds the write lock
+        with sqlite_file() as reader:
+            read_only(reader)
+            assert service.get_draft(reader, tenant_id, first).id == first  # not blocked
+
+
+def test_a_lock_that_times_out_is_a_503(sqlite_file, monkeypatch):
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_S", 0.2)
+    impatient = make_engine(str(sqlite_file.kw["bind"].url))
+    with sqlite_file() as holder, committing(holder):
+        make_tenant(holder)  # holds the write lock
+        with pytest.raises(Exception) as raised, Session(impatient) as session, committing(session):
+            make_tenant(session)
+    error = as_domain_error(raised.value)
+    assert isinstance(error, Overloaded) and "database is locked" in error.message and error.retry_after_s > 0
+    impatient.dispose()
+
+
+def test_the_same_idempotency_key_racing_on_two_drafts_is_a_conflict(postgres_engine):
+    """The second insert waits on the unique index until the first commits, then violates it:
+    the answer is a 409 that names the key, never an error about a missing row."""
+    factory = sessionmaker(bind=postgres_engine, expire_on_commit=False)
+    tenant_id, key_id, (first, second) = _setup(factory)
+    outcome = {}
+
+    def racing_request():
+        try:
+            with factory() as session, committing(session):
+                _submit(session, second, tenant_id, key_id, "Same key.", idempotency_key="k-1")
+            outcome["second"] = "stored"
+        except Conflict as conflict:
+            outcome["second"] = conflict.message
+
+    with factory() as session, committing(session):
+        _submit(session, first, tenant_id, key_id, "Same key.", idempotency_key="k-1")
+        racer = threading.Thread(target=racing_request)
+        racer.start()
+        time.sleep(0.5)
+    racer.join(10)
+    assert "Idempotency-Key was already used" in outcome["second"]
