@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy.orm import Session
 from transformers import LlamaConfig
 
+from agent.model import fingerprint
 from tests.factories import random_lora
 from training import registry
 from training.models import AdapterEvent, AdapterStatus
@@ -146,7 +147,7 @@ def versions(live, keys, tiny_base_dir, tmp_path) -> list[int]:
                 tenant_id=keys.tenant_id,
                 trained_dir=trained,
                 base_model="tiny",
-                base_fingerprint="f" * 64,
+                base_fingerprint=fingerprint(str(tiny_base_dir)),  # promotion checks it is the served base
                 config={"rank": 4},
                 train_snapshot_id=None,
                 training_run_id=None,
