@@ -330,14 +330,12 @@ def main() -> None:
     parser.add_argument("--name", default="faults", help="bench/results/<name>.json")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="draftloop-faults-"))
-    try:
-        base_model = tiny_base_model(folder / "tiny-base")
-        results = {kind: run(kind, args.cycles, folder / kind, base_model, args.reviewers) for kind in args.databases}
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    base_model = tiny_base_model(folder / "tiny-base")
+    results = {kind: run(kind, args.cycles, folder / kind, base_model, args.reviewers) for kind in args.databases}
     save(args.name, results)
     if problems := {kind: found for kind, figures in results.items() if (found := violations(figures))}:
-        sys.exit(f"fault suite failed: {problems}")
+        sys.exit(f"fault suite failed: {problems}; the processes' logs are in {folder}/*/var/logs")
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

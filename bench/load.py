@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.live import Live, fresh_database
+from tests.live import Live, drop_database, fresh_database
 
 
 async def send_all(url: str, headers: dict, count: int, max_new_tokens: int | None, timeout: float) -> list[dict]:
@@ -93,13 +93,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the server's")
     parser.add_argument("--base-model", default="embedded")
+    parser.add_argument("--database", default="sqlite", choices=["sqlite", "postgres"], help="default: as shipped")
     parser.add_argument("--timeout", type=float, default=900, help="the client's timeout, seconds")
     parser.add_argument("--name", default="load", help="bench/results/<name>.json")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="draftloop-load-"))
     redis_url = os.environ.get("DRAFTLOOP_REDIS_URL", "redis://127.0.0.1:6379/0")  # drafts never need it
     try:
-        with Live(fresh_database("sqlite", folder), redis_url, folder, base_model=args.base_model) as live:
+        url = fresh_database(args.database, folder)
+        with Live(url, redis_url, folder, base_model=args.base_model) as live:
             live.start_api()
             keys = live.tenant()
             warm = httpx.post(
@@ -113,7 +115,9 @@ def main() -> None:
             logged = live.logged_errors()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        drop_database(url)
     figures = summarize(results) | {
+        "database": args.database,
         "base_model": args.base_model,
         "max_new_tokens": args.max_new_tokens or "server default",
         "client_timeout_s": args.timeout,

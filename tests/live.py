@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -105,24 +106,21 @@ def terminate_connections(url: str) -> int:
 
 def kill9(process: subprocess.Popen) -> None:
     """kill -9 the process and everything it started (a worker's pool child too), as a crash would."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    if process.returncode is None:  # not reaped yet: its process group id is still its own
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
     process.wait(30)
 
 
 def stop(process: subprocess.Popen, timeout: float = 15) -> None:
-    """SIGTERM the process group, then kill -9 what is left after timeout seconds."""
-    if process.poll() is None:
-        try:
+    """SIGTERM the process group, then kill -9 it if it has not ended after timeout seconds."""
+    if process.returncode is None:
+        with suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
+        try:
             process.wait(timeout)
-        except ProcessLookupError:
-            pass
         except subprocess.TimeoutExpired:
             kill9(process)
-    kill9(process)  # the group: children that outlived their parent
 
 
 def spawn(command: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
