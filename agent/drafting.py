@@ -3,7 +3,9 @@ tenant's adapter when it has one. `generate_greedy` is the plain Hugging Face pa
 and the decoding benchmark hold the engine's drafts to it)."""
 
 import dataclasses
+import math
 import threading
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +16,7 @@ from agent.engine import Engine, TokenStream, in_fresh_thread
 from agent.model import LoadedModel, load_base_model
 from agent.prompt import IncomingEmail, build_messages, fit_messages, prompt_token_ids
 from agent.repetition import RepetitionGuard
-from core.errors import Overloaded
+from core.errors import RateLimited
 from core.settings import Settings, get_settings
 
 
@@ -92,6 +94,10 @@ class Drafter:
             max_queue=settings.max_queue,
             max_length=settings.max_prompt_tokens + settings.max_new_tokens_limit,
         )
+        # Drafts in progress or waiting, per tenant, and the most one tenant may have
+        self.tenant_limit = max(1, math.floor(settings.tenant_draft_share * (settings.max_batch + settings.max_queue)))
+        self._in_flight: Counter[int] = Counter()
+        self._in_flight_lock = threading.Lock()
 
     def prompt(self, instructions: str, email: IncomingEmail) -> list[int]:
         """The token ids the agent drafts from: the one prompt builder, fitted to the prompt budget."""
@@ -110,14 +116,66 @@ class Drafter:
         max_new_tokens: int | None = None,
         adapter: AdapterRef | None = None,
         guard: RepetitionGuard | None = None,
-    ):
+        tenant_id: int | None = None,
+    ) -> TokenStream:
         """Start drafting from prompt ids; the stream yields token ids as they are decoded."""
+        return self.submit_many(
+            [prompt], max_new_tokens=max_new_tokens, adapter=adapter, guard=guard, tenant_id=tenant_id
+        )[0]
+
+    def submit_many(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int | None = None,
+        adapter: AdapterRef | None = None,
+        guard: RepetitionGuard | None = None,
+        tenant_id: int | None = None,
+    ) -> list[TokenStream]:
+        """Start drafting every prompt, or none of them (429 past the tenant's share of the
+        drafting queue, 503 when the queue is full)."""
         limit = self.settings.max_new_tokens_limit
         if max_new_tokens is None:
             max_new_tokens = min(self.settings.max_new_tokens, limit)
         if not 1 <= max_new_tokens <= limit:
             raise ValueError(f"max_new_tokens must be between 1 and {limit}, got {max_new_tokens}")
-        return self.engine.submit(prompt, max_new_tokens, adapter, guard or self.guard)
+        self._take_share(tenant_id, len(prompts))
+        streams: list[TokenStream] = []
+        try:
+            for prompt in prompts:
+                done = (lambda: self._give_back(tenant_id, 1)) if tenant_id is not None else None
+                streams.append(self.engine.submit(prompt, max_new_tokens, adapter, guard or self.guard, done))
+        except BaseException:
+            for stream in streams:
+                stream.cancel()
+            self._give_back(tenant_id, len(prompts) - len(streams))
+            raise
+        return streams
+
+    def in_flight(self, tenant_id: int) -> int:
+        """The tenant's drafts in progress or waiting."""
+        with self._in_flight_lock:
+            return self._in_flight[tenant_id]
+
+    def _take_share(self, tenant_id: int | None, count: int) -> None:
+        if tenant_id is None:
+            return
+        with self._in_flight_lock:
+            if self._in_flight[tenant_id] + count > self.tenant_limit:
+                raise RateLimited(
+                    f"this tenant has {self._in_flight[tenant_id]} drafts in progress or waiting; its share of the "
+                    f"drafting queue is {self.tenant_limit}: retry when some have finished",
+                    retry_after_s=self.engine.retry_after_s(),
+                )
+            self._in_flight[tenant_id] += count
+
+    def _give_back(self, tenant_id: int | None, count: int) -> None:
+        if tenant_id is None or count == 0:
+            return
+        with self._in_flight_lock:
+            self._in_flight[tenant_id] -= count
+            if self._in_flight[tenant_id] <= 0:
+                del self._in_flight[tenant_id]
 
     def close(self) -> None:
         """Finish the drafts in progress and stop the engine's thread (for one-off drafting,
@@ -151,14 +209,7 @@ class Drafter:
     ) -> list[DraftResult]:
         """Draft replies to several emails of one tenant; they are decoded side by side."""
         prompts = [self.prompt(instructions, email) for email in emails]
-        streams: list[TokenStream] = []
-        try:
-            for prompt in prompts:
-                streams.append(self.submit(prompt, max_new_tokens=max_new_tokens, adapter=adapter, guard=guard))
-        except Overloaded:
-            for stream in streams:
-                stream.cancel()
-            raise
+        streams = self.submit_many(prompts, max_new_tokens=max_new_tokens, adapter=adapter, guard=guard)
         return [self.result(prompt, stream) for prompt, stream in zip(prompts, streams, strict=True)]
 
     def result(self, prompt: list[int], stream: TokenStream) -> DraftResult:

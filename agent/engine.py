@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -44,7 +45,7 @@ class TokenStream:
     "repetition" (a cycle stopped by the guard; the tokens end after its first copy),
     "cancelled" or an error."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_finish: Callable[[], None] | None = None) -> None:
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
@@ -52,6 +53,7 @@ class TokenStream:
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self.cancelled = False
+        self._on_finish = on_finish  # called once, in the engine's thread, when the stream ends
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
         try:
@@ -69,6 +71,8 @@ class TokenStream:
 
     def _finish(self, reason: str, error: BaseException | None = None) -> None:
         self.finish_reason, self.error, self.finished_at = reason, error, time.perf_counter()
+        if self._on_finish is not None:
+            self._on_finish()
         self._done.set()
         self._put(None)
 
@@ -232,26 +236,32 @@ class Engine:
         max_new_tokens: int,
         adapter: AdapterRef | None,
         guard: RepetitionGuard = PLAIN_GREEDY,
+        on_finish: Callable[[], None] | None = None,
     ) -> TokenStream:
-        """Queue a prompt for greedy decoding; the returned stream yields the new tokens."""
+        """Queue a prompt for greedy decoding; the returned stream yields the new tokens.
+        `on_finish` is called when the stream ends (in the engine's thread)."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) + max_new_tokens > self.max_length:
             raise ValueError(
                 f"{len(prompt)} prompt tokens + {max_new_tokens} new tokens exceed the engine's {self.max_length}"
             )
-        stream = TokenStream()
+        stream = TokenStream(on_finish)
         self._start()
         try:
             self._queue.put_nowait(_Request(prompt, max_new_tokens, adapter, guard, stream))
         except queue.Full:
-            retry = max(1, math.ceil(sum(self._durations) / len(self._durations))) if self._durations else 1
+            retry = self.retry_after_s()
             raise Overloaded(
                 f"the drafting queue is full ({self._queue.maxsize} waiting, {self.max_batch} in progress); "
                 f"retry in {retry} s",
                 retry_after_s=retry,
             ) from None
         return stream
+
+    def retry_after_s(self) -> int:
+        """Seconds until a place in the queue is likely free: a recent draft's mean duration."""
+        return max(1, math.ceil(sum(self._durations) / len(self._durations))) if self._durations else 1
 
     def _start(self) -> None:
         with self._start_lock:

@@ -6,10 +6,11 @@ from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError
 
 from api.body_limit import BodyLimit
+from api.rate_limit import KeyRateLimit
 from api.routes import admin, completions, drafts, health, review, training
 from api.web import PREFIX, create_web_app
 from core.db import as_domain_error
-from core.errors import DomainError, Overloaded
+from core.errors import DomainError, RetryLater
 from core.settings import get_settings
 
 
@@ -25,7 +26,8 @@ ERRORS = {
         404: "No such object in the key's tenant",
         409: "Conflicts with what is stored",
         413: "The email or the request is too large; the message gives the limit",
-        503: "Too many drafts in progress: retry after the Retry-After header's seconds",
+        429: "Over the key's rate limit or the tenant's share of the drafting queue: retry after Retry-After",
+        503: "Too many drafts in progress, or the database busy: retry after the Retry-After header's seconds",
     }.items()
 }
 
@@ -40,7 +42,7 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(DomainError)
     def domain_error(request: Request, error: DomainError) -> JSONResponse:
-        headers = {"Retry-After": str(error.retry_after_s)} if isinstance(error, Overloaded) else None
+        headers = {"Retry-After": str(error.retry_after_s)} if isinstance(error, RetryLater) else None
         body = {"detail": error.message}
         if request.url.path in completions.PATHS:  # the error shape OpenAI clients read
             body = {"error": {"message": error.message, "type": type(error).__name__, "code": error.status_code}}
@@ -52,7 +54,9 @@ def create_app() -> FastAPI:
             raise error
         return domain_error(request, domain)
 
-    app.add_middleware(BodyLimit, max_bytes=get_settings().max_request_bytes)
+    settings = get_settings()
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.state.rate_limit = KeyRateLimit(settings.redis_url, settings.rate_limit_per_key)
 
     app.include_router(health.router)
     for module in (drafts, completions, review, training, admin):
@@ -62,5 +66,5 @@ def create_app() -> FastAPI:
     def home() -> RedirectResponse:
         return RedirectResponse(f"{PREFIX}/", status_code=303)
 
-    app.mount(PREFIX, create_web_app(get_settings()), name="web")  # the reviewer's pages; route names "web:..."
+    app.mount(PREFIX, create_web_app(settings), name="web")  # the reviewer's pages; route names "web:..."
     return app

@@ -62,9 +62,11 @@ def _caller(
 
 
 def require(*roles: Role):
-    """A key of one of these roles; admin keys may do everything within their tenant."""
+    """A key of one of these roles, within its rate limit; admin keys may do everything within
+    their tenant."""
 
-    def check(key: Annotated[ApiKey, Depends(_caller)]) -> ApiKey:
+    def check(request: Request, key: Annotated[ApiKey, Depends(_caller)]) -> ApiKey:
+        request.app.state.rate_limit.hit(key.id)
         if key.role != Role.admin and key.role not in roles:
             allowed = ", ".join(sorted({*roles, Role.admin}))
             raise Forbidden(f"this route needs a key with role {allowed}; yours is {key.role}")

@@ -33,11 +33,22 @@ class Forbidden(DomainError):
     status_code = 403
 
 
-class Overloaded(DomainError):
-    """Too much work in progress: the caller should retry after `retry_after_s` seconds."""
-
-    status_code = 503
+class RetryLater(DomainError):
+    """Refused for now, not for good: the caller should retry after `retry_after_s` seconds
+    (the Retry-After header)."""
 
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class Overloaded(RetryLater):
+    """Too much work in progress, or the database busy or unreachable."""
+
+    status_code = 503
+
+
+class RateLimited(RetryLater):
+    """This caller sent more than its share."""
+
+    status_code = 429

@@ -43,12 +43,18 @@ class Settings(BaseSettings):
     # evicted past either bound.
     max_batch: int = Field(16, ge=1)
     max_queue: int = Field(64, ge=1)
+    # One tenant's drafts in progress or waiting, as a share of max_batch + max_queue; past it
+    # that tenant's requests are refused (429) while the others' still go through.
+    tenant_draft_share: float = Field(0.5, gt=0.0, le=1.0)
+    # Requests per API key, in the `limits` package's notation ("600/minute", "20/second"),
+    # counted in Redis across every API process; past it, 429 with Retry-After.
+    rate_limit_per_key: str = "600/minute"
     adapter_cache_count: int = Field(32, ge=1)
     adapter_cache_mb: int = Field(2048, ge=1)
 
     # The reviewer's pages: the session cookie is signed with this key (empty: a random key kept
-    # in <var_dir>/secret_key, shared by the processes on this machine) and sent only over HTTPS
-    # when secure_cookies is on.
+    # in <var_dir>/secret_key, shared by the processes on this machine). It is Secure on requests
+    # that came over HTTPS, and on every request when secure_cookies is on.
     secret_key: str = ""
     secure_cookies: bool = False
 

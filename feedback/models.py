@@ -130,6 +130,26 @@ class Correction(Base):
     reviewer_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
     split: Mapped[Split] = mapped_column(String(16))
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    # words inserted, deleted or substituted from draft to final text (feedback/diff.py, bounded),
+    # computed once at write time; None for a rejection without a replacement text
+    edit_words: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     draft: Mapped[Draft] = relationship(back_populates="correction")
+
+
+class WebSession(Base):
+    """A signed-in browser on the reviewer's pages. Its cookie carries the random session id;
+    only the id's hash is stored. Live until it is ended (sign-out) or expires, and only while
+    its key is not revoked."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    key: Mapped[ApiKey] = relationship(lazy="joined")

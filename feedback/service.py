@@ -4,14 +4,15 @@ import hashlib
 import re
 import secrets
 from dataclasses import dataclass
+from datetime import timedelta
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.errors import Conflict, Invalid, NotFound, Unauthorized
 from feedback.diff import word_edit_distance
-from feedback.models import ApiKey, Correction, Draft, Role, Split, Tenant, Verdict, utcnow
+from feedback.models import ApiKey, Correction, Draft, Role, Split, Tenant, Verdict, WebSession, utcnow
 
 KEY_PREFIX = "dl_"
 SLUG_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
@@ -41,32 +42,24 @@ def get_tenant_by_slug(session: Session, slug: str) -> Tenant:
 # API keys ----------------------------------------------------------------------------------
 
 
-def _hash_key(raw_key: str) -> str:
-    # Keys are 32 random bytes, so a fast hash is enough: there is nothing to brute-force.
-    return hashlib.sha256(raw_key.encode()).hexdigest()
+def _hash_secret(raw: str) -> str:
+    # Keys and session ids are 32 random bytes, so a fast hash is enough: there is nothing to brute-force.
+    return hashlib.sha256(raw.encode()).hexdigest()
 
 
 def create_api_key(session: Session, tenant: Tenant, *, name: str, role: Role) -> tuple[ApiKey, str]:
     """Create a key; the raw key is returned once and only its hash is stored."""
     raw_key = KEY_PREFIX + secrets.token_urlsafe(32)
-    key = ApiKey(tenant_id=tenant.id, name=name, role=Role(role), prefix=raw_key[:10], key_hash=_hash_key(raw_key))
+    key = ApiKey(tenant_id=tenant.id, name=name, role=Role(role), prefix=raw_key[:10], key_hash=_hash_secret(raw_key))
     session.add(key)
     session.flush()
     return key, raw_key
 
 
 def authenticate(session: Session, raw_key: str) -> ApiKey:
-    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == _hash_key(raw_key)))
+    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == _hash_secret(raw_key)))
     if key is None or key.revoked_at is not None:
         raise Unauthorized("the API key is unknown or revoked")
-    return key
-
-
-def active_key(session: Session, key_id: int) -> ApiKey:
-    """A key by id, as a signed-in browser session refers to it; revoked keys end the session."""
-    key = session.get(ApiKey, key_id)
-    if key is None or key.revoked_at is not None:
-        raise Unauthorized("the API key of this session is unknown or revoked; sign in again")
     return key
 
 
@@ -82,6 +75,42 @@ def revoke_api_key(session: Session, tenant_id: int, key_id: int) -> ApiKey:
         key.revoked_at = utcnow()
         session.flush()
     return key
+
+
+# Browser sessions of the reviewer's pages ---------------------------------------------------
+
+
+def start_web_session(session: Session, key: ApiKey, *, lifetime: timedelta) -> str:
+    """Sign a key in; returns the new session's random id, for the cookie (only its hash is
+    stored). Sessions past their expiry, ended or not, are deleted here: sign-in is where
+    sessions are made, so the table stays as small as the sessions of the last lifetime."""
+    now = utcnow()
+    session.execute(delete(WebSession).where(WebSession.expires_at <= now))
+    session_id = secrets.token_urlsafe(32)
+    session.add(
+        WebSession(token_hash=_hash_secret(session_id), key_id=key.id, created_at=now, expires_at=now + lifetime)
+    )
+    session.flush()
+    return session_id
+
+
+def web_session_key(session: Session, session_id: str) -> ApiKey:
+    """The key of a live session: neither ended nor expired, and its key not revoked."""
+    found = session.scalar(select(WebSession).where(WebSession.token_hash == _hash_secret(session_id)))
+    if found is None or found.ended_at is not None or found.expires_at <= utcnow():
+        raise Unauthorized("this session has ended or expired; sign in again")
+    if found.key.revoked_at is not None:
+        raise Unauthorized("the API key of this session is unknown or revoked; sign in again")
+    return found.key
+
+
+def end_web_session(session: Session, session_id: str) -> None:
+    """Sign out: the session is ended on the server, so a copy of its cookie no longer works."""
+    session.execute(
+        update(WebSession)
+        .where(WebSession.token_hash == _hash_secret(session_id), WebSession.ended_at.is_(None))
+        .values(ended_at=utcnow())
+    )
 
 
 # Drafts and the review queue ---------------------------------------------------------------
@@ -161,8 +190,9 @@ class AdapterReviewStats:
 
 def review_stats_by_adapter(session: Session, tenant_id: int) -> dict[int | None, AdapterReviewStats]:
     """Per adapter that drafted for the tenant: drafts, verdicts, and the mean number of words
-    reviewers inserted, deleted or substituted (an accepted draft counts 0; a rejected draft
-    without a replacement text has nothing to compare and is left out of the mean)."""
+    reviewers inserted, deleted or substituted, as stored with each correction (an accepted
+    draft counts 0; a rejected draft without a replacement text has nothing to compare and is
+    left out of the mean)."""
     counts: dict[int | None, dict[str, int]] = {}
     verdicts = session.execute(
         select(Draft.adapter_id, Correction.verdict, func.count())
@@ -172,19 +202,18 @@ def review_stats_by_adapter(session: Session, tenant_id: int) -> dict[int | None
     )
     for adapter_id, verdict, count in verdicts:
         counts.setdefault(adapter_id, {})[verdict or "pending"] = count
-    distances: dict[int | None, list[int]] = {adapter_id: [] for adapter_id in counts}
-    texts = session.execute(
-        select(Draft.adapter_id, Draft.draft_text, Correction.verdict, Correction.final_text)
-        .join(Correction, Correction.draft_id == Draft.id)
-        .where(Draft.tenant_id == tenant_id, Correction.final_text.is_not(None))
+    mean_edits = dict(  # AVG leaves out the corrections without an edit count
+        session.execute(
+            select(Draft.adapter_id, func.avg(Correction.edit_words))
+            .join(Correction, Correction.draft_id == Draft.id)
+            .where(Draft.tenant_id == tenant_id)
+            .group_by(Draft.adapter_id)
+        ).all()
     )
-    for adapter_id, draft_text, verdict, final_text in texts:
-        distance = 0 if verdict == Verdict.accepted else word_edit_distance(draft_text, final_text)
-        distances[adapter_id].append(distance)
     stats = {}
     for adapter_id, by_verdict in counts.items():
         reviewed = sum(n for verdict, n in by_verdict.items() if verdict != "pending")
-        edits = distances[adapter_id]
+        mean = mean_edits.get(adapter_id)
         stats[adapter_id] = AdapterReviewStats(
             adapter_id=adapter_id,
             drafts=reviewed + by_verdict.get("pending", 0),
@@ -192,7 +221,7 @@ def review_stats_by_adapter(session: Session, tenant_id: int) -> dict[int | None
             accepted=by_verdict.get(Verdict.accepted, 0),
             edited=by_verdict.get(Verdict.edited, 0),
             rejected=by_verdict.get(Verdict.rejected, 0),
-            mean_edit_words=sum(edits) / len(edits) if edits else None,
+            mean_edit_words=float(mean) if mean is not None else None,
         )
     return stats
 
@@ -280,6 +309,7 @@ def submit_correction(
         reviewer_key_id=reviewer_key.id,
         split=assign_split(draft.tenant_id, draft.id, heldout_fraction),
         idempotency_key=idempotency_key,
+        edit_words=word_edit_distance(draft.draft_text, final_text) if final_text is not None else None,
     )
     try:
         with session.begin_nested():  # a concurrent submission may win a unique constraint

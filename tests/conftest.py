@@ -27,13 +27,13 @@ os.environ["DRAFTLOOP_DATABASE_URL"] = POSTGRES_URL
 os.environ.setdefault("DRAFTLOOP_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
-def _fresh_postgres() -> str:
+def _fresh_postgres(database: str = TEST_DATABASE) -> str:
     admin = create_engine(f"{POSTGRES_SERVER}/test", isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
-        connection.execute(text(f"DROP DATABASE IF EXISTS {TEST_DATABASE} WITH (FORCE)"))
-        connection.execute(text(f"CREATE DATABASE {TEST_DATABASE}"))
+        connection.execute(text(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+        connection.execute(text(f"CREATE DATABASE {database}"))
     admin.dispose()
-    return POSTGRES_URL
+    return f"{POSTGRES_SERVER}/{database}"
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +56,14 @@ def sqlite_engine(tmp_path_factory) -> Iterator[Engine]:
 @pytest.fixture(params=["postgres", "sqlite"])
 def engine(request) -> Engine:
     return request.getfixturevalue(f"{request.param}_engine")
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def empty_database_url(request, tmp_path) -> str:
+    """A database without tables, on each backend in turn, for migrating up and down."""
+    if request.param == "postgres":
+        return _fresh_postgres(f"{TEST_DATABASE}_empty")
+    return f"sqlite:///{tmp_path / 'empty.db'}"
 
 
 def _rolled_back_session(engine: Engine) -> Iterator[Session]:

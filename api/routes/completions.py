@@ -8,13 +8,14 @@ import json
 import time
 import uuid
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from agent.adapters import AdapterRef
 from agent.drafting import Drafter, IncrementalText
 from agent.prompt import prompt_token_ids
+from api import disconnect
 from api.deps import AgentKey, DrafterDep, SessionDep, SettingsDep
 from api.schemas import ChatCompletion, ChatCompletionRequest, ModelList
 from core.errors import Invalid, NotFound, TooLarge
@@ -83,13 +84,21 @@ def list_models(key: AgentKey, session: SessionDep):
     responses={200: {"content": {"text/event-stream": {}}, "description": "With stream: true, chunks as SSE"}},
 )
 async def chat_completions(
-    request: ChatCompletionRequest, key: AgentKey, session: SessionDep, drafter: DrafterDep, settings: SettingsDep
+    http: Request,
+    request: ChatCompletionRequest,
+    key: AgentKey,
+    session: SessionDep,
+    drafter: DrafterDep,
+    settings: SettingsDep,
 ):
     prompt, adapter, max_new_tokens, guard = await run_in_threadpool(_prepare, request, key, session, drafter, settings)
-    stream = drafter.submit(prompt, max_new_tokens=max_new_tokens, adapter=adapter, guard=guard)
+    stream = drafter.submit(
+        prompt, max_new_tokens=max_new_tokens, adapter=adapter, guard=guard, tenant_id=key.tenant_id
+    )
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if not request.stream:
-        result = await run_in_threadpool(drafter.result, prompt, stream)
+        await disconnect.finished(http, [stream])
+        result = drafter.result(prompt, stream)
         return ChatCompletion(
             id=completion_id,
             created=created,

@@ -4,7 +4,7 @@ import json
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
@@ -12,6 +12,7 @@ from agent.adapters import AdapterRef
 from agent.drafting import Drafter, DraftResult, IncrementalText
 from agent.prompt import IncomingEmail
 from agent.repetition import RepetitionGuard
+from api import disconnect
 from api.deps import AgentKey, AnyKey, DrafterDep, SessionDep, SessionsDep, SettingsDep
 from api.schemas import DecodingOptions, DraftBatchRequest, DraftOut, DraftPage, DraftRequest, EmailIn
 from core.errors import Invalid, TooLarge
@@ -69,37 +70,49 @@ def _store(session, job: _Job, drafter: Drafter, email: EmailIn, result: DraftRe
     )
 
 
-def _draft_and_store(emails: list[EmailIn], job: _Job, session, drafter: Drafter) -> list[Draft]:
+async def _draft_and_store(http: Request, emails: list[EmailIn], job: _Job, session, drafter: Drafter) -> list[Draft]:
     """Draft replies with the tenant's champion adapter (or the base model) and store them.
 
     The reading transaction ends before the model works: a request must not hold a pooled
-    connection, or on SQLite a read snapshot that a later write could not upgrade, for the
-    seconds a draft takes (with it, concurrent drafts on SQLite failed with "database is locked")."""
-    session.commit()
+    connection, or on SQLite a write lock, for the seconds a draft takes. A client that leaves
+    before its drafts are done cancels them (nothing is stored)."""
+    await run_in_threadpool(session.commit)
     incoming = [IncomingEmail(sender=e.sender, subject=e.subject, body=e.body) for e in emails]
-    results = drafter.draft_many(
-        job.instructions, incoming, max_new_tokens=job.max_new_tokens, adapter=job.adapter, guard=job.guard
+    prompts = await run_in_threadpool(lambda: [drafter.prompt(job.instructions, email) for email in incoming])
+    streams = drafter.submit_many(
+        prompts, max_new_tokens=job.max_new_tokens, adapter=job.adapter, guard=job.guard, tenant_id=job.tenant_id
     )
-    return [_store(session, job, drafter, email, result) for email, result in zip(emails, results, strict=True)]
+    await disconnect.finished(http, streams)
+    results = [drafter.result(prompt, stream) for prompt, stream in zip(prompts, streams, strict=True)]
+    return await run_in_threadpool(
+        lambda: [_store(session, job, drafter, email, result) for email, result in zip(emails, results, strict=True)]
+    )
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DraftOut, summary="Draft a reply")
-def create_draft(request: DraftRequest, key: AgentKey, session: SessionDep, drafter: DrafterDep, settings: SettingsDep):
+async def create_draft(
+    http: Request, request: DraftRequest, key: AgentKey, session: SessionDep, drafter: DrafterDep, settings: SettingsDep
+):
     """Draft a reply to an incoming email with the tenant's champion adapter (or the base model),
     and store it for review."""
-    job = _job([request], request, key, session, drafter, settings)
-    return _draft_and_store([request], job, session, drafter)[0]
+    job = await run_in_threadpool(_job, [request], request, key, session, drafter, settings)
+    return (await _draft_and_store(http, [request], job, session, drafter))[0]
 
 
 @router.post(
     "/batch", status_code=status.HTTP_201_CREATED, response_model=list[DraftOut], summary="Draft several replies"
 )
-def create_drafts(
-    request: DraftBatchRequest, key: AgentKey, session: SessionDep, drafter: DrafterDep, settings: SettingsDep
+async def create_drafts(
+    http: Request,
+    request: DraftBatchRequest,
+    key: AgentKey,
+    session: SessionDep,
+    drafter: DrafterDep,
+    settings: SettingsDep,
 ):
     """Draft replies to up to 32 emails, decoded side by side (a backlog, an inbox import)."""
-    job = _job(request.emails, request, key, session, drafter, settings)
-    return _draft_and_store(request.emails, job, session, drafter)
+    job = await run_in_threadpool(_job, request.emails, request, key, session, drafter, settings)
+    return await _draft_and_store(http, request.emails, job, session, drafter)
 
 
 _unfinished: set[asyncio.Task] = set()  # drafts whose client left: stored when they end
@@ -125,7 +138,9 @@ async def stream_draft(
     job = await run_in_threadpool(_job, [request], request, key, session, drafter, settings)
     incoming = IncomingEmail(sender=request.sender, subject=request.subject, body=request.body)
     prompt = await run_in_threadpool(drafter.prompt, job.instructions, incoming)
-    stream = drafter.submit(prompt, max_new_tokens=job.max_new_tokens, adapter=job.adapter, guard=job.guard)
+    stream = drafter.submit(
+        prompt, max_new_tokens=job.max_new_tokens, adapter=job.adapter, guard=job.guard, tenant_id=job.tenant_id
+    )
 
     def store() -> str:
         result = drafter.result(prompt, stream)

@@ -10,6 +10,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 from starlette.middleware.sessions import SessionMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.web import auth, dashboard, review
 from api.web.templating import flash, render
@@ -18,7 +19,20 @@ from core.errors import DomainError, Unauthorized
 from core.settings import Settings
 
 PREFIX = "/web"
-SESSION_MAX_AGE_S = 12 * 3600
+
+
+class SessionCookie:
+    """Starlette's signed session cookie, marked Secure on requests that came over HTTPS
+    (scope scheme https: TLS at uvicorn, or X-Forwarded-Proto from a proxy uvicorn trusts),
+    and on every request when always_secure; plain HTTP (http://127.0.0.1) keeps working."""
+
+    def __init__(self, app: ASGIApp, *, always_secure: bool, **options) -> None:
+        self.secure = SessionMiddleware(app, https_only=True, **options)
+        self.plain = self.secure if always_secure else SessionMiddleware(app, https_only=False, **options)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        cookie = self.secure if scope.get("scheme") == "https" else self.plain
+        await cookie(scope, receive, send)
 
 
 def _error_page(request: Request, status_code: int, message: str):
@@ -28,13 +42,13 @@ def _error_page(request: Request, status_code: int, message: str):
 def create_web_app(settings: Settings) -> FastAPI:
     web = FastAPI(title="draftloop pages", docs_url=None, redoc_url=None, openapi_url=None)
     web.add_middleware(
-        SessionMiddleware,
+        SessionCookie,
+        always_secure=settings.secure_cookies,
         secret_key=auth.secret_key(settings),
         session_cookie="draftloop_session",
-        max_age=SESSION_MAX_AGE_S,
+        max_age=int(auth.SESSION_LIFETIME.total_seconds()),
         path=PREFIX,
         same_site="lax",
-        https_only=settings.secure_cookies,
     )
 
     @web.exception_handler(DomainError)

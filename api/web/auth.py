@@ -1,9 +1,12 @@
-"""Signing in to the pages: a reviewer or admin key, checked once, then a signed session cookie
-that holds the key's id (never the key). Every request re-reads the key, so revoking it signs
-the browser out; every form POST must carry the session's CSRF token."""
+"""Signing in to the pages: a reviewer or admin key, checked once, then a browser session stored
+in the database (feedback.service), whose random id the signed session cookie carries (never
+the key, nor its id). Every request checks that the session is live and its key not revoked,
+so signing out or revoking the key ends it for every copy of the cookie; every form POST must
+carry the session's CSRF token."""
 
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -15,9 +18,10 @@ from api.web.templating import csrf_token, flash, render
 from core.errors import Forbidden, Unauthorized
 from core.settings import Settings
 from feedback.models import ApiKey, Role
-from feedback.service import active_key, authenticate
+from feedback.service import authenticate, end_web_session, start_web_session, web_session_key
 
 PAGE_ROLES = (Role.reviewer, Role.admin)
+SESSION_LIFETIME = timedelta(hours=12)  # from sign-in; the cookie's max age is the same
 
 
 def secret_key(settings: Settings) -> str:
@@ -51,11 +55,11 @@ CSRF = Depends(check_csrf)
 
 
 def signed_in(request: Request, session: SessionDep) -> ApiKey:
-    key_id = request.session.get("key_id")
-    if key_id is None:
+    session_id = request.session.get("session_id")
+    if session_id is None:
         raise Unauthorized("sign in with your reviewer or admin key")
     try:
-        return active_key(session, key_id)
+        return web_session_key(session, session_id)
     except Unauthorized:
         request.session.clear()
         raise
@@ -84,13 +88,15 @@ def signin(request: Request, session: SessionDep, api_key: Annotated[str, Form()
     if key.role not in PAGE_ROLES:
         raise Unauthorized(f"a {key.role} key cannot sign in here; use a reviewer or admin key")
     request.session.clear()  # a new session: a fresh CSRF token, nothing left from before
-    request.session["key_id"] = key.id
+    request.session["session_id"] = start_web_session(session, key, lifetime=SESSION_LIFETIME)
     csrf_token(request)
     return RedirectResponse(request.url_for("web:queue"), status_code=303)
 
 
 @router.post("/signout", name="signout", dependencies=[CSRF])
-def signout(request: Request):
+def signout(request: Request, session: SessionDep):
+    if "session_id" in request.session:
+        end_web_session(session, request.session["session_id"])
     request.session.clear()
     flash(request, "You are signed out.")
     return RedirectResponse(request.url_for("web:signin_form"), status_code=303)

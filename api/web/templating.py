@@ -8,7 +8,7 @@ from fastapi import Request
 from fastapi.templating import Jinja2Templates
 from starlette.responses import HTMLResponse
 
-from feedback.diff import word_diff, word_edit_distance
+from feedback.diff import word_diff
 
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 
@@ -39,9 +39,7 @@ def sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + ("" if text.endswith((".", "!", "?")) else ".")
 
 
-templates.env.globals.update(
-    csrf_token=csrf_token, pop_flashes=pop_flashes, word_diff=word_diff, word_edit_distance=word_edit_distance
-)
+templates.env.globals.update(csrf_token=csrf_token, pop_flashes=pop_flashes, word_diff=word_diff)
 templates.env.filters.update(when=when, sentence=sentence)
 
 

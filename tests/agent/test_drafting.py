@@ -7,6 +7,7 @@ import pytest
 import agent.drafting as drafting
 from agent.drafting import Drafter, get_drafter
 from agent.prompt import BODY_TRUNCATED_MARK, IncomingEmail, build_messages, fit_messages, prompt_token_ids
+from core.errors import RateLimited
 from core.settings import Settings
 
 
@@ -98,3 +99,25 @@ def test_get_drafter_loads_the_model_once(tiny_model, tmp_path, monkeypatch):
     assert all(d is drafters[0] for d in drafters)
     assert drafters[0].model_id == tiny_model.model_id
     assert get_drafter() is drafters[0]
+
+
+def test_one_tenant_cannot_take_the_whole_drafting_queue(tiny_model, tmp_path):
+    """max_batch 2 + max_queue 2 at a share of 0.5: two drafts per tenant, then 429 for that
+    tenant only, and its share comes back as its drafts end (also when cancelled)."""
+    limits = {"max_batch": 2, "max_queue": 2, "tenant_draft_share": 0.5, "max_new_tokens_limit": 1000}
+    drafter = Drafter(tiny_model, settings(tmp_path, **limits))
+    prompt = drafter.prompt("", email())
+    busy = drafter.submit_many([prompt, prompt], max_new_tokens=1000, tenant_id=1)
+    while any(stream.first_token_at is None for stream in busy):  # both decoding: the queue is empty
+        time.sleep(0.001)
+    with pytest.raises(RateLimited, match="share of the drafting queue is 2") as refused:
+        drafter.submit(prompt, max_new_tokens=4, tenant_id=1)
+    assert refused.value.retry_after_s >= 1 and drafter.in_flight(1) == 2
+    other = drafter.submit(prompt, max_new_tokens=4, tenant_id=2)  # another tenant is still served
+    assert len(other.result(30)) == 4
+    for stream in busy:  # a cancelled draft gives its place back, as a finished one does
+        stream.cancel()
+        stream.result(30)
+    assert drafter.in_flight(1) == drafter.in_flight(2) == 0
+    assert len(drafter.submit(prompt, max_new_tokens=4, tenant_id=1).result(30)) == 4
+    drafter.close()

@@ -14,6 +14,18 @@ from tests.factories import make_key, make_tenant
 @pytest.fixture
 def client(session, tiny_drafter) -> Iterator[TestClient]:
     """The real app on the test database (PostgreSQL, then SQLite) with the tiny model."""
+    with app_client(session, tiny_drafter) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def new_client(session, tiny_drafter):
+    """Makes clients of new apps, built with the settings of that moment (after a test changed them)."""
+    return lambda: app_client(session, tiny_drafter)
+
+
+@contextmanager
+def app_client(session, tiny_drafter) -> Iterator[TestClient]:
     app = create_app()
 
     @contextmanager

@@ -1,5 +1,8 @@
 import json
 
+import redis
+
+from core.settings import get_settings
 from feedback.models import Correction
 
 EMAIL = {
@@ -84,3 +87,20 @@ def test_a_chunked_body_over_the_limit_is_refused_as_it_streams_in(client, keys,
         response = client.post(path, content=chunked(), headers=headers | key)
         assert response.status_code == 413 and "limit of 1000000 bytes" in response.json()["detail"]
     assert session.query(Correction).filter_by(draft_id=draft["id"]).count() == 0
+
+
+def test_a_key_over_its_rate_limit_gets_429_with_retry_after(keys, new_client, monkeypatch):
+    """Counted in Redis per key: the fourth request of a key within the minute is refused, with
+    the seconds to wait; another key of the same tenant is still served."""
+    monkeypatch.setenv("DRAFTLOOP_RATE_LIMIT_PER_KEY", "3/minute")
+    get_settings.cache_clear()
+    redis.Redis.from_url(get_settings().redis_url).flushdb()  # counts of the other database's key ids
+    try:
+        with new_client() as client:
+            statuses = [client.get("/v1/review-queue", headers=keys.reviewer).status_code for _ in range(4)]
+            refused = client.get("/v1/review-queue", headers=keys.reviewer)
+            assert statuses == [200, 200, 200, 429] and refused.status_code == 429
+            assert 1 <= int(refused.headers["Retry-After"]) <= 60 and "rate limit of 3 per 1 minute" in refused.text
+            assert client.get("/v1/review-queue", headers=keys.admin).status_code == 200
+    finally:
+        get_settings.cache_clear()

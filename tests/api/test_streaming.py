@@ -141,3 +141,21 @@ def test_a_full_queue_answers_503_with_retry_after(client, keys, tiny_model, mod
         stream.cancel()
         stream.result(timeout=30)
     assert client.post("/v1/drafts", json=EMAIL | {"max_new_tokens": 4}, headers=keys.agent).status_code == 201
+
+
+def test_a_client_that_leaves_cancels_its_drafts(live, tiny_drafter):
+    """A non-streaming request whose client gives up: its drafts stop decoding (the tenant's
+    share of the queue is free again long before 16 drafts of 1,000 tokens could have ended)
+    and nothing is stored."""
+    url, headers, factory, tenant_id = live
+    batch = {"emails": [EMAIL] * 16, "max_new_tokens": 1000}
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/drafts/batch", json=batch, headers=headers, timeout=1.0)
+    while tiny_drafter.in_flight(tenant_id):
+        assert time.monotonic() - started < 3, "the drafts went on decoding after the client left"
+        time.sleep(0.05)
+    full = time.monotonic()
+    tiny_drafter.draft_many("", [IncomingEmail(**EMAIL)] * 16, max_new_tokens=1000)
+    assert time.monotonic() - full > 3  # what the cancelled request would have cost
+    assert _draft_of(factory, tenant_id) is None

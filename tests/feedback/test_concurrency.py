@@ -11,7 +11,7 @@ from core import db
 from core.db import as_domain_error, committing, make_engine, read_only
 from core.errors import Conflict, Overloaded
 from feedback import service
-from feedback.models import Correction, Role, Verdict
+from feedback.models import ApiKey, Correction, Role, Verdict
 from migrations import upgrade
 from tests.factories import make_draft, make_key, make_tenant
 
@@ -31,7 +31,7 @@ def _submit(session, draft_id, tenant_id, key_id, text, idempotency_key=None):
         session,
         draft=draft,
         correction=service.CorrectionInput(Verdict.edited, text),
-        reviewer_key=service.active_key(session, key_id),
+        reviewer_key=session.get(ApiKey, key_id),
         idempotency_key=idempotency_key,
         heldout_fraction=0.2,
     )

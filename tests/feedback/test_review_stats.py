@@ -1,5 +1,7 @@
 """Word diffs, and how reviewers treated each adapter's drafts."""
 
+import time
+
 from feedback import service
 from feedback.diff import DiffPart, word_diff, word_edit_distance
 from feedback.models import Role, Verdict
@@ -75,3 +77,45 @@ def test_pending_neighbours_follow_the_queue_order(session):
     assert service.pending_neighbours(session, first) == (None, third)
     assert service.pending_neighbours(session, second) == (first, third)  # a corrected draft still has a place
     assert service.pending_neighbours(session, fourth) == (third, None)
+
+
+# A reviewer's text of 50,000 characters of two short words against a long draft of one of them:
+# difflib's matcher on it, unbounded, ran for minutes.
+PATHOLOGICAL_DRAFT, PATHOLOGICAL_FINAL = "a " * 1000, ("a b " * 12_500)[:50_000]
+
+
+def test_the_word_diff_is_bounded_and_still_reads_back_as_either_text():
+    started = time.perf_counter()
+    parts = word_diff(PATHOLOGICAL_DRAFT, PATHOLOGICAL_FINAL)
+    distance = word_edit_distance(PATHOLOGICAL_DRAFT, PATHOLOGICAL_FINAL)
+    assert time.perf_counter() - started < 1
+    assert "".join(p.text for p in parts if p.op != "delete").split() == PATHOLOGICAL_FINAL.split()
+    assert "".join(p.text for p in parts if p.op != "insert").split() == PATHOLOGICAL_DRAFT.split()
+    assert distance == 24_999  # the cheap bound: the common first word kept, the rest replaced
+    ordinary = " ".join(f"word{i % 400}" for i in range(4000))
+    assert word_edit_distance(ordinary, ordinary.replace("word7 ", "seven ")) == 10  # long, still exact
+
+
+def test_a_correction_stores_its_edit_count_when_written(session):
+    tenant = make_tenant(session)
+    key, _ = make_key(session, tenant, Role.reviewer)
+    counts = [
+        make_correction(session, make_draft(session, tenant, "a b c d"), key, verdict, text).edit_words
+        for verdict, text in [(Verdict.accepted, None), (Verdict.edited, "a x c d e"), (Verdict.rejected, None)]
+    ]
+    assert counts == [0, 2, None]
+
+    started = time.perf_counter()
+    draft = make_draft(session, tenant, PATHOLOGICAL_DRAFT)
+    assert make_correction(session, draft, key, Verdict.edited, PATHOLOGICAL_FINAL).edit_words == 24_999
+    assert time.perf_counter() - started < 1
+
+
+def test_review_stats_read_the_stored_edit_counts(session):
+    tenant = make_tenant(session)
+    key, _ = make_key(session, tenant, Role.reviewer)
+    edited = make_correction(session, make_draft(session, tenant, "a b c d", adapter_id=7), key, Verdict.edited, "a")
+    make_correction(session, make_draft(session, tenant, "a b", adapter_id=7), key, Verdict.accepted)
+    edited.edit_words = 40  # not what the texts give (3): the stats must not diff them again
+    session.flush()
+    assert service.review_stats_by_adapter(session, tenant.id)[7].mean_edit_words == 20.0

@@ -5,7 +5,7 @@ from sqlalchemy import func, select
 
 from core.errors import Conflict, Invalid, NotFound, Unauthorized
 from feedback import service
-from feedback.models import Correction, Role, Split, Verdict
+from feedback.models import Correction, Role, Split, Verdict, WebSession
 from feedback.service import CorrectionInput
 from tests.factories import make_draft, make_key, make_tenant
 
@@ -31,6 +31,28 @@ def test_api_keys_are_stored_hashed_and_can_be_revoked(session):
         service.authenticate(session, raw)
     with pytest.raises(Unauthorized):
         service.authenticate(session, raw + "x")
+
+
+def test_web_sessions_live_until_ended_expired_or_their_key_is_revoked(session):
+    tenant = make_tenant(session)
+    key, _ = make_key(session, tenant, Role.reviewer)
+    signed_in = service.start_web_session(session, key, lifetime=timedelta(hours=12))
+    assert service.web_session_key(session, signed_in).id == key.id
+    assert session.scalar(select(WebSession.token_hash).where(WebSession.key_id == key.id)) != signed_in
+    service.end_web_session(session, signed_in)
+    with pytest.raises(Unauthorized, match="ended or expired"):
+        service.web_session_key(session, signed_in)
+
+    expired = service.start_web_session(session, key, lifetime=timedelta(0))
+    with pytest.raises(Unauthorized, match="ended or expired"):
+        service.web_session_key(session, expired)
+    with pytest.raises(Unauthorized, match="ended or expired"):
+        service.web_session_key(session, "never-issued")
+    live = service.start_web_session(session, key, lifetime=timedelta(hours=12))  # deletes the expired one
+    assert session.scalar(select(func.count()).where(WebSession.key_id == key.id)) == 2  # the ended one and live
+    service.revoke_api_key(session, tenant.id, key.id)
+    with pytest.raises(Unauthorized, match="revoked"):
+        service.web_session_key(session, live)
 
 
 def test_duplicate_or_malformed_slug_is_refused(session):

@@ -1,23 +1,30 @@
-"""The pages' session and form protection, over HTTP: the cookie, the CSRF token on every form
-POST, what the buttons mean, and errors rendered as pages."""
+"""The pages' session and form protection, over HTTP: the cookie and the session it names, the
+CSRF token on every form POST, what the buttons mean, errors rendered as pages, and a
+pathological correction's page."""
 
 import base64
+import hashlib
 import json
 import re
 import stat
+import time
 from collections.abc import Iterator
+from datetime import timedelta
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from api.app import create_app
 from api.web import auth
 from api.web.review import correction_from_form
+from core.db import committing
 from core.errors import Invalid
 from core.settings import Settings, get_settings
-from feedback.models import Correction, Draft, Verdict
+from feedback.models import ApiKey, Correction, Draft, Tenant, Verdict, WebSession, utcnow
 from feedback.service import CorrectionInput
+from tests.factories import make_correction, make_draft
 from training import registry
 from training.models import TrainingRun
 
@@ -39,14 +46,23 @@ def sign_in(client: TestClient, key: str) -> str:
     return form_token(client, "/web/queue")
 
 
-def test_the_session_cookie_is_signed_http_only_lax_and_holds_no_key(client, shop):
+def cookie_payload(set_cookie: str) -> dict:
+    value = set_cookie.split(";")[0].split("=", 1)[1]
+    return json.loads(base64.b64decode(value.split(".")[0]))
+
+
+def test_the_session_cookie_is_signed_http_only_lax_and_names_a_stored_session(client, shop, committed):
     response = client.post("/web/signin", data={"csrf_token": form_token(client), "api_key": shop.reviewer})
     cookie = response.headers["set-cookie"]
     assert "httponly" in cookie and "samesite=lax" in cookie and "path=/web" in cookie
-    assert "secure" not in cookie
+    assert "secure" not in cookie  # plain HTTP: a browser at http://127.0.0.1 keeps the cookie
     value = cookie.split(";")[0].split("=", 1)[1]
-    payload = json.loads(base64.b64decode(value.split(".")[0]))
-    assert set(payload) == {"key_id", "csrf"} and shop.reviewer not in cookie
+    payload = cookie_payload(cookie)
+    assert set(payload) == {"session_id", "csrf"} and shop.reviewer not in cookie
+    with committed() as session:
+        stored = session.scalar(select(WebSession).where(WebSession.key_id == shop.reviewer_key_id))
+        assert stored.token_hash == hashlib.sha256(payload["session_id"].encode()).hexdigest()
+        assert stored.expires_at - stored.created_at == timedelta(hours=12) and stored.ended_at is None
 
     assert client.get("/web/queue").status_code == 200
     client.cookies.clear()
@@ -55,16 +71,77 @@ def test_the_session_cookie_is_signed_http_only_lax_and_holds_no_key(client, sho
     assert response.status_code == 303 and response.headers["location"].endswith("/web/signin")
 
 
-def test_secure_cookies_are_sent_only_over_https(web_settings, shop, monkeypatch):
+def test_a_cookie_copied_before_sign_out_is_refused_after_it(client, shop, committed):
+    token = sign_in(client, shop.reviewer)
+    copied = client.cookies["draftloop_session"]
+    signed_out = client.post("/web/signout", data={"csrf_token": token})
+    assert signed_out.status_code == 303 and signed_out.headers["location"].endswith("/web/signin")
+    with committed() as session:
+        assert session.scalar(select(WebSession.ended_at).where(WebSession.key_id == shop.reviewer_key_id))
+
+    client.cookies.clear()
+    client.cookies.set("draftloop_session", copied)
+    response = client.get("/web/queue")
+    assert response.status_code == 303 and response.headers["location"].endswith("/web/signin")
+    client.cookies.set("draftloop_session", copied)
+    response = client.post(f"/web/drafts/{shop.draft_ids[0]}", data={"csrf_token": token, "action": "accept"})
+    assert response.status_code == 303 and response.headers["location"].endswith("/web/signin")
+    with committed() as session:
+        assert session.scalar(select(Correction).where(Correction.draft_id == shop.draft_ids[0])) is None
+
+
+def test_sessions_expire_and_expired_ones_are_deleted_at_the_next_sign_in(client, shop, committed):
+    sign_in(client, shop.reviewer)
+    with committed() as session, committing(session):
+        session.execute(update(WebSession).where(WebSession.key_id == shop.reviewer_key_id).values(expires_at=utcnow()))
+    response = client.get("/web/queue")
+    assert response.status_code == 303 and response.headers["location"].endswith("/web/signin")
+    assert "has ended or expired" in client.get("/web/signin").text
+
+    sign_in(client, shop.admin)
+    with committed() as session:
+        assert session.scalars(select(WebSession).where(WebSession.key_id == shop.reviewer_key_id)).all() == []
+
+
+def test_the_cookie_is_secure_over_https_and_not_over_plain_http(web_settings, shop):
+    with TestClient(create_app(), base_url="https://testserver", follow_redirects=False) as https:
+        response = https.post("/web/signin", data={"csrf_token": form_token(https), "api_key": shop.reviewer})
+        assert response.status_code == 303 and "secure" in response.headers["set-cookie"]
+        assert https.get("/web/queue").status_code == 200
+
+
+def test_behind_a_local_proxy_x_forwarded_proto_makes_the_cookie_secure(server):
+    """uvicorn, as `draftloop serve` and the test server start it, trusts X-Forwarded-Proto from
+    127.0.0.1, so a TLS proxy on the same machine gets Secure cookies with no setting."""
+    proxied = httpx.get(f"{server}/web/signin", headers={"X-Forwarded-Proto": "https"})
+    assert proxied.status_code == 200 and "secure" in proxied.headers["set-cookie"]
+    direct = httpx.get(f"{server}/web/signin")
+    assert direct.status_code == 200 and "secure" not in direct.headers["set-cookie"]
+
+
+def test_secure_cookies_setting_makes_the_cookie_secure_over_plain_http_too(web_settings, monkeypatch):
+    """For a proxy whose X-Forwarded-Proto uvicorn does not trust: over plain HTTP the browser
+    then keeps no cookie, so this is for HTTPS only."""
     monkeypatch.setenv("DRAFTLOOP_SECURE_COOKIES", "true")
     get_settings.cache_clear()
     try:
-        with TestClient(create_app(), base_url="https://testserver", follow_redirects=False) as https:
-            response = https.post("/web/signin", data={"csrf_token": form_token(https), "api_key": shop.reviewer})
+        with TestClient(create_app(), follow_redirects=False) as plain:
+            response = plain.get("/web/signin")
     finally:
         get_settings.cache_clear()
-    assert response.status_code == 303
-    assert "secure" in response.headers["set-cookie"]
+    assert response.status_code == 200 and "secure" in response.headers["set-cookie"]
+
+
+def test_a_pathological_correction_shows_its_diff_quickly_with_the_stored_count(client, shop, committed):
+    with committed() as session, committing(session):
+        tenant, reviewer = session.get(Tenant, shop.tenant_id), session.get(ApiKey, shop.reviewer_key_id)
+        draft = make_draft(session, tenant, "a " * 1000)
+        make_correction(session, draft, reviewer, Verdict.edited, "a b " * 500)  # unbounded: ~10 s to diff
+    sign_in(client, shop.reviewer)
+    started = time.perf_counter()
+    page = client.get(f"/web/drafts/{draft.id}")
+    assert time.perf_counter() - started < 2
+    assert page.status_code == 200 and "999 words changed" in page.text and "<ins>" in page.text
 
 
 def test_every_form_post_needs_the_session_csrf_token(client, versions, committed):
