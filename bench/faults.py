@@ -156,7 +156,7 @@ class Clients:
             if response is not None and response.is_success:
                 self.tally.corrections[draft_id] = response.json()
                 return
-            if response is not None and 400 <= response.status_code < 500:
+            if response is not None and 400 <= response.status_code < 500 and response.status_code != 429:
                 return  # a clear refusal: nothing was stored, nothing to retry
             retry_after = response.headers.get("Retry-After") if response is not None else None
             time.sleep(min(float(retry_after), 2.0) if retry_after else 0.3)
