@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install browser demo test serve bench bench-serving bench-fidelity lint
+.PHONY: install browser demo test serve bench bench-serving bench-fidelity bench-load faults lint
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,15 @@ bench-fidelity: install
 bench-serving: install
 	$(PY) -m bench.decode
 	$(PY) -m bench.serving
+
+# Reliability (PostgreSQL and Redis must be up; each starts its own API, worker, beat and redis-server).
+# faults: 12 cycles of kill -9 / Redis restart / dropped connections under traffic, on PostgreSQL and SQLite.
+faults: install
+	$(PY) -m bench.faults
+
+# 200 drafts at once against one server with the default model: served (201) or shed with Retry-After.
+bench-load: install
+	$(PY) -m bench.load
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -6,16 +6,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from agent.drafting import Drafter
 from agent.model import LoadedModel, load_base_model, load_tokenizer
 from core.db import make_engine
 from core.settings import Settings
 from migrations import upgrade
+from tests.factories import save_tiny_llama
 
 POSTGRES_SERVER = os.environ.get("DRAFTLOOP_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432")
 # DRAFTLOOP_TEST_DATABASE lets two checkouts on one machine keep their own test databases.
@@ -111,25 +110,8 @@ def tokenizer(embedded_model, model_settings):
 
 @pytest.fixture(scope="session")
 def tiny_base_dir(tokenizer, tmp_path_factory) -> Path:
-    """A 2-layer random Llama over the real vocabulary, saved as a local base-model folder:
-    fast, deterministic, never ends its turn early."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    folder = tmp_path_factory.mktemp("tiny-base")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    """The tiny random Llama over the real vocabulary (tests/factories.py), as a local base-model folder."""
+    return save_tiny_llama(tokenizer, tmp_path_factory.mktemp("tiny-base"))
 
 
 @pytest.fixture(scope="session")

@@ -50,6 +50,29 @@ def make_correction(
     return correction
 
 
+def save_tiny_llama(tokenizer, folder: Path) -> Path:
+    """A 2-layer random Llama over the tokenizer's vocabulary, saved with it as a local base-model
+    folder: fast, deterministic, never ends its turn early."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def random_lora(model_config, folder: Path, *, rank: int = 4, targets=None, seed: int = 0) -> Path:
     """A PEFT LoRA adapter for a model of this config, with random (non-zero) B matrices."""
     from peft import LoraConfig, get_peft_model
