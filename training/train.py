@@ -70,7 +70,11 @@ class TrainConfig:
         try:
             given = TrainOverrides.model_validate(overrides or {}).model_dump()
         except ValidationError as error:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+            known = f"unknown setting (known: {', '.join(TrainOverrides.model_fields)})"
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {known if e['type'] == 'extra_forbidden' else e['msg']}"
+                for e in error.errors()
+            )
             raise Invalid(f"bad training settings: {problems}") from None
         sequences = {name: tuple(given[name]) for name in ("target_modules", "try_learning_rates")}
         config = cls(**given | sequences)
