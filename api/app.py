@@ -14,7 +14,7 @@ from api.rate_limit import KeyRateLimit
 from api.routes import admin, completions, drafts, health, review, training
 from api.web import PREFIX, create_web_app
 from core.db import as_domain_error
-from core.errors import DomainError, RetryLater
+from core.errors import Conflict, DomainError, RetryLater
 from core.settings import get_settings
 
 
@@ -28,7 +28,7 @@ ERRORS = {
         401: "Missing, unknown or revoked API key",
         403: "The key's role may not use this route",
         404: "No such object in the key's tenant",
-        409: "Conflicts with what is stored",
+        409: "Conflicts with what is stored (for a correction, `stored` is the one kept)",
         413: "The email or the request is too large; the message gives the limit",
         429: "Over the key's rate limit or the tenant's share of the drafting queue: retry after Retry-After",
         503: "Too many drafts in progress, or the database busy: retry after the Retry-After header's seconds",
@@ -61,6 +61,8 @@ def create_app() -> FastAPI:
     def domain_error(request: Request, error: DomainError) -> JSONResponse:
         headers = {"Retry-After": str(error.retry_after_s)} if isinstance(error, RetryLater) else None
         body = {"detail": error.message}
+        if isinstance(error, Conflict) and isinstance(error.stored, dict):  # what a route shows of it
+            body["stored"] = error.stored
         if request.url.path in completions.PATHS:  # the error shape OpenAI clients read
             body = {"error": {"message": error.message, "type": type(error).__name__, "code": error.status_code}}
         return JSONResponse(body, status_code=error.status_code, headers=headers)

@@ -14,7 +14,13 @@ class NotFound(DomainError):
 
 
 class Conflict(DomainError):
+    """Conflicts with what is stored; `stored` is that object when there is one to show."""
+
     status_code = 409
+
+    def __init__(self, message: str, stored: object | None = None) -> None:
+        super().__init__(message)
+        self.stored = stored
 
 
 class Invalid(DomainError):

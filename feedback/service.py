@@ -289,12 +289,12 @@ def submit_correction(
             )
             if replay is not None:
                 if replay.draft_id != draft.id or not _same(replay, verdict, final_text, reason):
-                    raise Conflict("this Idempotency-Key was already used for a different correction")
+                    raise Conflict("this Idempotency-Key was already used for a different correction", replay)
                 return replay, False
         existing = session.scalar(select(Correction).where(Correction.draft_id == draft.id))
         if existing is not None:
             if not _same(existing, verdict, final_text, reason):
-                raise Conflict(f"draft {draft.id} already has a different correction ({existing.verdict})")
+                raise Conflict(f"draft {draft.id} already has a different correction ({existing.verdict})", existing)
             return existing, False
         return None
 

@@ -4,6 +4,7 @@ from fastapi import APIRouter, Header, Query, Response, status
 
 from api.deps import ReviewerKey, SessionDep, SettingsDep
 from api.schemas import CorrectionOut, CorrectionRequest, Id, ReviewQueueOut, text
+from core.errors import Conflict
 from feedback import service
 
 router = APIRouter(prefix="/v1", tags=["review"])
@@ -32,16 +33,22 @@ def submit_correction(
     idempotency_key: Annotated[text(max_length=200) | None, Header()] = None,
 ):
     """One correction per draft. Sending the same correction again, or the same Idempotency-Key,
-    returns the stored one (200); a different correction for a corrected draft is a 409."""
+    returns the stored one (200); a different correction for a corrected draft is a 409 whose
+    `stored` is the correction kept."""
     draft = service.get_draft(session, key.tenant_id, draft_id)
-    correction, created = service.submit_correction(
-        session,
-        draft=draft,
-        correction=service.CorrectionInput(request.verdict, request.final_text, request.reason),
-        reviewer_key=key,
-        idempotency_key=idempotency_key,
-        heldout_fraction=settings.heldout_fraction,
-    )
+    try:
+        correction, created = service.submit_correction(
+            session,
+            draft=draft,
+            correction=service.CorrectionInput(request.verdict, request.final_text, request.reason),
+            reviewer_key=key,
+            idempotency_key=idempotency_key,
+            heldout_fraction=settings.heldout_fraction,
+        )
+    except Conflict as conflict:
+        raise Conflict(
+            conflict.message, CorrectionOut.model_validate(conflict.stored).model_dump(mode="json")
+        ) from None
     if not created:
         response.status_code = status.HTTP_200_OK
     return correction

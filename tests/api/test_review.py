@@ -54,8 +54,9 @@ def test_correction_is_idempotent_and_conflicts_are_409(client, keys, session):
 
     conflict = correct(client, keys, draft["id"], {"verdict": "rejected"})
     assert conflict.status_code == 409 and "different correction" in conflict.json()["detail"]
+    assert conflict.json()["stored"] == created.json()  # what is kept, to show the reviewer
     reused = correct(client, keys, new_draft(client, keys)["id"], {"verdict": "accepted"}, idempotency_key="k-1")
-    assert reused.status_code == 409
+    assert reused.status_code == 409 and reused.json()["stored"] == created.json()
     assert session.get(Correction, created.json()["id"]).final_text == "Hi Sam, it ships today."
 
 
