@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from agent.adapters import AdapterCache, AdapterRef
 from agent.engine import Engine, TokenStream, in_fresh_thread
 from agent.model import LoadedModel, load_base_model
-from agent.prompt import IncomingEmail, build_messages, fit_messages, prompt_token_ids
+from agent.prompt import END_OF_TURN, IncomingEmail, build_messages, fit_messages, prompt_token_ids
 from agent.repetition import RepetitionGuard
 from core.errors import RateLimited
 from core.settings import Settings, get_settings
@@ -34,7 +34,7 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     ids = {tokenizer.eos_token_id}
     configured = model.generation_config.eos_token_id
     ids.update(configured if isinstance(configured, list) else [configured])
-    ids.add(tokenizer.get_vocab().get("<|im_end|>"))
+    ids.add(tokenizer.get_vocab().get(END_OF_TURN))
     ids.discard(None)
     if not ids:
         raise ValueError("the tokenizer has no end-of-sequence token")
@@ -134,11 +134,7 @@ class Drafter:
     ) -> list[TokenStream]:
         """Start drafting every prompt, or none of them (429 past the tenant's share of the
         drafting queue, 503 when the queue is full)."""
-        limit = self.settings.max_new_tokens_limit
-        if max_new_tokens is None:
-            max_new_tokens = min(self.settings.max_new_tokens, limit)
-        if not 1 <= max_new_tokens <= limit:
-            raise ValueError(f"max_new_tokens must be between 1 and {limit}, got {max_new_tokens}")
+        max_new_tokens = self.settings.reply_length(max_new_tokens)
         self._take_share(tenant_id, len(prompts))
         streams: list[TokenStream] = []
         try:

@@ -11,6 +11,7 @@ DEFAULT_INSTRUCTIONS = (
     "You are an email assistant. Write a polite, helpful and concise reply to the email below. "
     "Write only the body of the reply."
 )
+END_OF_TURN = "<|im_end|>"  # ChatML's: a reply ends with it, in training and in drafting
 QUOTE_TRIMMED_MARK = "[quoted history trimmed]"
 BODY_TRUNCATED_MARK = "[email truncated]"
 
@@ -108,3 +109,8 @@ def fit_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_p
 def _plain(text: str) -> str:
     """Break chat-control markers such as <|im_end|> so email text cannot open or close a turn."""
     return text.replace("<|", "< |")
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that pads a batch of prompts: the tokenizer's pad token, else its end of sequence."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

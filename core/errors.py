@@ -23,7 +23,7 @@ class Conflict(DomainError):
         self.stored = stored
 
 
-class Invalid(DomainError):
+class Invalid(DomainError, ValueError):
     status_code = 422
 
 

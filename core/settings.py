@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.errors import Invalid
+
 EMBEDDED_BASE_MODEL = "embedded"
 
 
@@ -81,7 +83,18 @@ class Settings(BaseSettings):
     def _adapters_under_var(self) -> "Settings":
         if self.adapter_dir is None:
             self.adapter_dir = self.var_dir / "adapters"
+        if self.max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(
+                f"max_new_tokens {self.max_new_tokens} is over max_new_tokens_limit {self.max_new_tokens_limit}"
+            )
         return self
+
+    def reply_length(self, requested: int | None, name: str = "max_new_tokens") -> int:
+        """The most tokens a draft may take: the request's (sent as `name`), or the default."""
+        length = self.max_new_tokens if requested is None else requested
+        if not 1 <= length <= self.max_new_tokens_limit:
+            raise Invalid(f"{name} is {length}; it must be at least 1 and the limit is {self.max_new_tokens_limit}")
+        return length
 
     @property
     def reports_dir(self) -> Path:

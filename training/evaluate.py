@@ -12,9 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from agent.adapters import AdapterRef
 from agent.drafting import Drafter
-from agent.prompt import prompt_token_ids
-
-END_OF_TURN = "<|im_end|>"
+from agent.prompt import END_OF_TURN, pad_token_id, prompt_token_ids
 
 
 def _completion_ids(tokenizer: PreTrainedTokenizerBase, row: dict) -> list[int]:
@@ -26,7 +24,7 @@ def _completion_ids(tokenizer: PreTrainedTokenizerBase, row: dict) -> list[int]:
 @torch.inference_mode()
 def example_nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict], batch_size: int = 8):
     """Mean token negative log-likelihood of each row's completion given its prompt."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     scores = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]

@@ -219,6 +219,12 @@ def rollback(session: Session, tenant_id: int, *, actor: str, reason: str) -> Ad
 _verified: dict[tuple[int, str, str], Path] = {}
 
 
+def champion_ref(session: Session, settings: Settings, tenant_id: int, base_fingerprint: str) -> AdapterRef | None:
+    """The tenant's champion as the agent loads it, or None: the tenant drafts with the base model."""
+    current = champion(session, tenant_id)
+    return serving_ref(settings, current, base_fingerprint) if current is not None else None
+
+
 def serving_ref(settings: Settings, adapter: Adapter, base_fingerprint: str) -> AdapterRef:
     """The adapter as the agent loads it, verified once per process (versions are immutable)."""
     key = (adapter.id, adapter.content_hash, base_fingerprint)

@@ -32,11 +32,10 @@ def _adapter(model: str, key: ApiKey, session, drafter: Drafter, settings: Setti
     if model == "base":
         return None
     if model == "champion":
-        adapter = registry.champion(session, key.tenant_id)
-        if adapter is None:
+        if (champion := registry.champion_ref(session, settings, key.tenant_id, drafter.fingerprint)) is None:
             raise NotFound("this tenant has no champion adapter yet; use model 'base'")
-    else:
-        adapter = registry.get_adapter(session, key.tenant_id, version=int(model.removeprefix("v")))
+        return champion
+    adapter = registry.get_adapter(session, key.tenant_id, version=int(model.removeprefix("v")))
     return registry.serving_ref(settings, adapter, drafter.fingerprint)
 
 
@@ -44,10 +43,7 @@ def _prepare(request: ChatCompletionRequest, key: ApiKey, session, drafter: Draf
     """The prompt ids, the adapter and the token budget of a request, or a clear error."""
     if request.temperature not in (None, 0) or (request.n or 1) != 1:
         raise Invalid("draftloop decodes greedily: send temperature 0 (or none) and n 1 (or none)")
-    limit = settings.max_new_tokens_limit
-    max_new_tokens = request.max_completion_tokens or request.max_tokens or settings.max_new_tokens
-    if max_new_tokens > limit:
-        raise Invalid(f"max_tokens is {max_new_tokens}; the limit is {limit}")
+    max_new_tokens = settings.reply_length(request.max_completion_tokens or request.max_tokens, "max_tokens")
     messages = [{"role": m.role, "content": m.text} for m in request.messages]
     if messages[0]["role"] != "system":  # the tenant's instructions, unless the client sends its own
         messages.insert(0, {"role": "system", "content": key.tenant.instructions})

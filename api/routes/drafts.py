@@ -15,7 +15,7 @@ from agent.repetition import RepetitionGuard
 from api import disconnect
 from api.deps import AgentKey, AnyKey, DrafterDep, SessionDep, SessionsDep, SettingsDep
 from api.schemas import DecodingOptions, DraftBatchRequest, DraftOut, DraftPage, DraftRequest, EmailIn, Id
-from core.errors import Invalid, TooLarge
+from core.errors import TooLarge
 from core.settings import Settings
 from feedback import service
 from feedback.models import ApiKey, Draft
@@ -31,8 +31,7 @@ class _Job:
     tenant_id: int
     key_id: int
     instructions: str
-    adapter: AdapterRef | None
-    adapter_id: int | None
+    adapter: AdapterRef | None  # the champion's; None: the base model
     max_new_tokens: int
     guard: RepetitionGuard
 
@@ -41,15 +40,11 @@ def _job(emails: list[EmailIn], options: DecodingOptions, key: ApiKey, session, 
     for email in emails:
         if len(email.body) > settings.max_email_chars:
             raise TooLarge(f"an email body has {len(email.body)} characters; the limit is {settings.max_email_chars}")
-    max_new_tokens = options.max_new_tokens or settings.max_new_tokens
-    if max_new_tokens > settings.max_new_tokens_limit:
-        raise Invalid(f"max_new_tokens is {max_new_tokens}; the limit is {settings.max_new_tokens_limit}")
-    champion = registry.champion(session, key.tenant_id)
-    adapter = registry.serving_ref(settings, champion, drafter.fingerprint) if champion else None
-    adapter_id = champion.id if champion else None
+    max_new_tokens = settings.reply_length(options.max_new_tokens)
+    adapter = registry.champion_ref(session, settings, key.tenant_id, drafter.fingerprint)
     guard = drafter.guard_with(**options.guard_overrides())
     session.commit()  # nothing is held while the model works
-    return _Job(key.tenant_id, key.id, key.tenant.instructions, adapter, adapter_id, max_new_tokens, guard)
+    return _Job(key.tenant_id, key.id, key.tenant.instructions, adapter, max_new_tokens, guard)
 
 
 def _store(session, job: _Job, drafter: Drafter, email: EmailIn, result: DraftResult) -> Draft:
@@ -62,7 +57,7 @@ def _store(session, job: _Job, drafter: Drafter, email: EmailIn, result: DraftRe
         body=email.body,
         draft_text=result.text,
         base_model=drafter.model_id,
-        adapter_id=job.adapter_id,
+        adapter_id=job.adapter.id if job.adapter else None,
         generation={"max_new_tokens": job.max_new_tokens, "decoding": "greedy", **dataclasses.asdict(job.guard)},
         prompt_tokens=result.prompt_tokens,
         tokens_generated=result.tokens_generated,

@@ -36,7 +36,7 @@ def test_max_new_tokens_is_bounded_by_the_limit(tiny_model, tmp_path):
     assert drafter.draft("", email(), max_new_tokens=3).tokens_generated == 3
     assert drafter.draft("", email(), max_new_tokens=32).tokens_generated == 32
     for bad in (33, 0):
-        with pytest.raises(ValueError, match="max_new_tokens must be between 1 and 32"):
+        with pytest.raises(ValueError, match=f"max_new_tokens is {bad}; it must be at least 1 and the limit is 32"):
             drafter.draft("", email(), max_new_tokens=bad)
 
 
