@@ -9,6 +9,9 @@ from sqlalchemy.orm import Session
 from feedback import service
 from feedback.models import ApiKey, Correction, Draft, Role, Tenant, Verdict
 
+# An incoming email as the draft routes take it
+EMAIL = {"sender": "Dana <dana@example.com>", "subject": "[NW-10001] Brakes", "body": "My brake squeals."}
+
 
 def make_tenant(session: Session, instructions: str = "You answer for a bicycle shop.") -> Tenant:
     slug = f"t-{uuid.uuid4().hex[:10]}"

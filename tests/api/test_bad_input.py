@@ -6,7 +6,7 @@ import os
 import pytest
 import redis
 
-from tests.api.test_drafts import EMAIL
+from tests.factories import EMAIL
 
 BIG_IDS = [0, 2**31, 2**63, 2**64]
 ID_ROUTES = [

@@ -2,8 +2,7 @@ from sqlalchemy import func, select
 
 from agent.prompt import IncomingEmail
 from feedback.models import Draft
-
-EMAIL = {"sender": "Dana <dana@example.com>", "subject": "[NW-10001] Brakes", "body": "My brake squeals."}
+from tests.factories import EMAIL
 
 
 def count_drafts(session) -> int:

@@ -5,7 +5,7 @@ from selenium.webdriver.common.keys import Keys
 from sqlalchemy import select
 
 from feedback.models import ApiKey, Correction, Verdict, utcnow
-from tests.web.conftest import EMAILS
+from tests.web.samples import EMAILS
 
 
 def correction(committed, draft_id: int) -> Correction | None:
