@@ -1,1 +1,2 @@
-"""Base model loading, prompt building, drafting, and the adapter cache."""
+"""Base model loading, prompt building, drafting through the serving engine with its repetition
+guard, and the adapter cache."""

@@ -1,1 +1,1 @@
-"""The HTTP API, the CLI and (later) the review page."""
+"""The HTTP API, the review pages and the admin dashboard, and the `draftloop` CLI."""

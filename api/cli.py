@@ -121,7 +121,8 @@ def train(
     set_: Annotated[list[str], typer.Option("--set", help="Override a training setting, NAME=VALUE")] = [],  # noqa: B006
 ) -> None:
     """Train, evaluate and gate a new adapter now, in this process, showing progress."""
-    from training.pipeline import create_run, execute_run
+    from training.pipeline import execute_run
+    from training.runs import create_run
 
     with _reported():
         with session_scope() as session:
@@ -200,22 +201,13 @@ def datasets_export(
 ) -> None:
     """Write a split's SFT rows as JSONL that datasets.load_dataset("json") and TRL read as they are."""
     from agent.model import load_tokenizer
-    from training.dataset import build_dataset, write_jsonl
-    from training.train import TrainConfig
+    from training.dataset import tenant_dataset, write_jsonl
 
     settings = get_settings()
     with _reported():
         with session_scope() as session:
             found = service.get_tenant_by_slug(session, tenant)
-            dataset = build_dataset(
-                session,
-                tenant_id=found.id,
-                instructions=found.instructions,
-                split=split,
-                tokenizer=load_tokenizer(settings),
-                settings=settings,
-                max_length=TrainConfig().max_length,
-            )
+            dataset = tenant_dataset(session, found, split, load_tokenizer(settings), settings)
     write_jsonl(dataset.rows, out)
     typer.echo(f"{len(dataset.rows)} rows (dropped {dataset.dropped or 'none'}), hash {dataset.content_hash} -> {out}")
 

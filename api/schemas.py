@@ -8,7 +8,7 @@ from annotated_types import Interval
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WrapValidator
 
 from feedback.models import Role, Split, Verdict
-from training.train import TrainOverrides
+from training.config import TrainOverrides
 
 # Every id and version column is a PostgreSQL `integer`: ids outside its range name nothing stored.
 Id = Annotated[int, Interval(ge=1, le=2**31 - 1)]

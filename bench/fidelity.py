@@ -93,7 +93,8 @@ def run_tenant(tenant: str) -> dict:
     from feedback.samples import SampleEmail, record_history
     from migrations import upgrade
     from training.models import TrainingRun
-    from training.pipeline import create_run, execute_run
+    from training.pipeline import execute_run
+    from training.runs import create_run
 
     settings = get_settings()
     upgrade(settings.resolved_database_url)
@@ -146,7 +147,7 @@ def compare_guards(tenant: str, run_id: int, settings) -> dict:
     from training import registry
     from training.evaluate import greedy_drafts, score_drafts
     from training.models import Adapter, TrainingRun
-    from training.pipeline import export_snapshot
+    from training.runs import export_snapshot
 
     loaded = load_base_model(settings)
     with session_scope() as session:

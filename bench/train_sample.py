@@ -124,21 +124,12 @@ def train_rows(tenant_id: int) -> list[dict]:
     from core.db import session_scope
     from core.settings import get_settings
     from feedback.models import Split, Tenant
-    from training.dataset import build_dataset
-    from training.train import TrainConfig
+    from training.dataset import tenant_dataset
 
     settings = get_settings()
     with session_scope() as session:
         tenant = session.get(Tenant, tenant_id)
-        return build_dataset(
-            session,
-            tenant_id=tenant_id,
-            instructions=tenant.instructions,
-            split=Split.train,
-            tokenizer=load_tokenizer(settings),
-            settings=settings,
-            max_length=TrainConfig().max_length,
-        ).rows
+        return tenant_dataset(session, tenant, Split.train, load_tokenizer(settings), settings).rows
 
 
 def reference(tenant_id: int) -> dict:
@@ -150,7 +141,8 @@ def reference(tenant_id: int) -> dict:
 
     from agent.model import load_tokenizer, model_source
     from core.settings import get_settings
-    from training.train import TrainConfig, load_training_base
+    from training.config import TrainConfig
+    from training.train import load_training_base
 
     settings = get_settings()
     tokenizer, rows = load_tokenizer(settings), train_rows(tenant_id)
@@ -204,7 +196,8 @@ def timed_steps(tenant_id: int, overrides: dict) -> dict:
     """draftloop's training over a few steps of the sample's train rows (longest batch first)."""
     from agent.model import load_tokenizer, model_source
     from core.settings import get_settings
-    from training.train import TrainConfig, load_training_base, train_adapter
+    from training.config import TrainConfig
+    from training.train import load_training_base, train_adapter
 
     settings = get_settings()
     rows = train_rows(tenant_id)
@@ -231,7 +224,8 @@ def pipeline_run(tenant_id: int, overrides: dict, shuffle: bool) -> dict:
     from core.settings import get_settings
     from training import dataset
     from training.models import TrainingRun
-    from training.pipeline import create_run, execute_run
+    from training.pipeline import execute_run
+    from training.runs import create_run
 
     if shuffle:  # replies shuffled across emails: fluent house style, wrong answers
         build = dataset.build_dataset
@@ -245,9 +239,7 @@ def pipeline_run(tenant_id: int, overrides: dict, shuffle: bool) -> dict:
                     row["completion"] = reply
             return built
 
-        import training.pipeline
-
-        training.pipeline.build_dataset = shuffled
+        dataset.build_dataset = shuffled  # tenant_dataset builds with it
     with session_scope() as session:
         run_id = create_run(session, tenant_id, trigger="bench", requested_by="bench", overrides=overrides).id
     outcome = {}

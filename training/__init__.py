@@ -1,2 +1,2 @@
 """Turning corrections into better adapters: datasets, QLoRA training, evaluation, the gate,
-the adapter registry, and (later) the Celery tasks that run it on a schedule."""
+the adapter registry, and the Celery tasks and beat schedule that run it."""

@@ -18,7 +18,8 @@ from transformers import PreTrainedTokenizerBase
 
 from agent.prompt import IncomingEmail, build_prompt_completion, fit_messages
 from core.settings import Settings
-from feedback.models import Correction, Draft, Split, Verdict
+from feedback.models import Correction, Draft, Split, Tenant, Verdict
+from training.config import TrainConfig
 from training.models import DatasetSnapshot
 
 
@@ -101,6 +102,27 @@ def build_dataset(
         dropped=dict(sorted(dropped.items())),
         content_hash=content_hash,
         max_correction_id=max((c.id for c, _ in pairs), default=0),
+    )
+
+
+def tenant_dataset(
+    session: Session,
+    tenant: Tenant,
+    split: Split,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: Settings,
+    max_length: int = TrainConfig.max_length,
+) -> Dataset:
+    """The tenant's rows in one split as of now, with its current instructions, at a run's
+    max_length (the default run's unless given)."""
+    return build_dataset(
+        session,
+        tenant_id=tenant.id,
+        instructions=tenant.instructions,
+        split=split,
+        tokenizer=tokenizer,
+        settings=settings,
+        max_length=max_length,
     )
 
 

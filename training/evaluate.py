@@ -3,7 +3,7 @@ the agent serves them, scored by chrF, by whether they loop, and by house-style 
 the promotion gate with a paired bootstrap confidence interval and a rule against looping."""
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -159,9 +159,6 @@ class GateDecision:
     ci_high: float
     champion_loops: int = 0  # held-out drafts that loop, of the same drafted examples
     candidate_loops: int = 0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def decide(

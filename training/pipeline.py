@@ -2,18 +2,20 @@
 evaluate it against the champion on the same held-out snapshot, and let the gate decide.
 
 Each phase commits on its own so progress is visible while the run goes on; the champion
-changes only in the last transaction, so a crash at any point leaves it untouched."""
+changes only in the last transaction, so a crash at any point leaves it untouched. The run's
+rows themselves (creating, looking up, exporting) are in training/runs.py."""
 
 import json
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from transformers import PreTrainedTokenizerBase
 
 from agent.adapters import attach
 from agent.drafting import Drafter
@@ -24,87 +26,55 @@ from core.settings import Settings
 from feedback.models import Split, Tenant
 from feedback.service import get_tenant_by_slug
 from training import attempts, plots, registry
-from training.dataset import build_dataset, record_snapshot
-from training.evaluate import decide, example_nll, greedy_drafts, score_drafts
-from training.models import (
-    ACTIVE_RUN_STATUSES,
-    Adapter,
-    AdapterStatus,
-    DatasetSnapshot,
-    RunStatus,
-    TrainingRun,
-    utcnow,
-)
-from training.train import TrainConfig, load_training_base, train_adapter
+from training.config import TrainConfig
+from training.dataset import Dataset, record_snapshot, tenant_dataset
+from training.evaluate import GateDecision, decide, example_nll, greedy_drafts, score_drafts
+from training.models import Adapter, AdapterStatus, RunStatus, TrainingRun, utcnow
+from training.runs import run_dir
+from training.train import load_training_base, train_adapter
 
 Echo = Callable[[str], None]
 
 
-def create_run(
-    session: Session, tenant_id: int, *, trigger: str, requested_by: str, overrides: dict | None = None
-) -> TrainingRun:
-    """A queued run; the database refuses a second active run for the same tenant."""
-    config = TrainConfig.with_overrides(overrides)
-    run = TrainingRun(
-        tenant_id=tenant_id,
-        status=RunStatus.queued,
-        trigger=trigger,
-        requested_by=requested_by,
-        config=config.as_dict(),
-        loss_history=[],
-    )
-    try:
-        with session.begin_nested():
-            session.add(run)
-    except IntegrityError:
-        active = active_run(session, tenant_id)
-        raise Conflict(
-            f"run {active.id if active else '?'} is already {active.status if active else 'active'} "
-            "for this tenant; wait for it to finish"
-        ) from None
-    return run
+@dataclass(frozen=True)
+class RunContext:
+    """What every phase of one attempt at a run works with."""
+
+    attempt: attempts.Attempt
+    tenant_id: int
+    config: TrainConfig
+    settings: Settings
+    echo: Echo
+
+    @property
+    def run_id(self) -> int:
+        return self.attempt.run_id
 
 
-def active_run(session: Session, tenant_id: int) -> TrainingRun | None:
-    return session.scalar(
-        select(TrainingRun).where(TrainingRun.tenant_id == tenant_id, TrainingRun.status.in_(ACTIVE_RUN_STATUSES))
-    )
+@dataclass(frozen=True)
+class Versions:
+    candidate: int
+    champion: int | None
+    champion_id: int | None  # the champion when the run was evaluated: promotion checks it is still so
 
 
-def get_run(session: Session, tenant_id: int, run_id: int) -> TrainingRun:
-    run = session.scalar(select(TrainingRun).where(TrainingRun.id == run_id, TrainingRun.tenant_id == tenant_id))
-    if run is None:
-        raise NotFound(f"no training run {run_id}")
-    return run
+@dataclass(frozen=True)
+class EvaluationReport:
+    """What the evaluation measured and the gate decided; stored (as_json) in report.json and,
+    without per_example, in the run's report."""
 
+    run_id: int
+    versions: Versions
+    heldout_examples: int
+    drafted_examples: int
+    summary: dict[str, dict[str, float]]  # model -> its totals (_summary)
+    per_example: dict[str, dict[str, list]]  # model -> score -> one value per held-out example
+    drafts: list[dict]  # per drafted example: the reference, each model's draft and finish reason
+    decision: GateDecision
+    training: dict | None = None  # what training did, added once the report is built
 
-def list_runs(session: Session, tenant_id: int, *, limit: int) -> list[TrainingRun]:
-    query = select(TrainingRun).where(TrainingRun.tenant_id == tenant_id).order_by(TrainingRun.id.desc())
-    return list(session.scalars(query.limit(limit)))
-
-
-def export_snapshot(session: Session, snapshot_id: int, settings: Settings) -> str:
-    """A stored dataset snapshot as JSONL, rebuilt from its corrections and checked against its hash."""
-    snapshot = session.get(DatasetSnapshot, snapshot_id)
-    dataset = build_dataset(
-        session,
-        tenant_id=snapshot.tenant_id,
-        instructions=snapshot.instructions,
-        split=Split(snapshot.split),
-        tokenizer=load_tokenizer(settings),
-        settings=settings,
-        max_length=snapshot.max_length,
-        up_to_correction_id=snapshot.max_correction_id,
-    )
-    if dataset.content_hash != snapshot.content_hash:
-        raise Conflict(f"snapshot {snapshot_id} can no longer be rebuilt exactly (its hash differs)")
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in dataset.rows)
-
-
-def run_dir(settings: Settings, run_id: int) -> Path:
-    folder = settings.reports_dir / f"run-{run_id}"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    def as_json(self) -> dict:
+        return asdict(self)
 
 
 def execute_run(run_id: int, settings: Settings, *, sessions: Sessions = session_scope, echo: Echo = print):
@@ -120,12 +90,11 @@ def execute_run(run_id: int, settings: Settings, *, sessions: Sessions = session
             echo(f"run {run_id} is {run.status}; not started again")
             return run.status
         _reject_candidates(session, run_id, f"run {run_id} attempt did not finish")  # from a dead attempt
-        tenant = session.get(Tenant, run.tenant_id)
-        tenant_id, instructions, config = tenant.id, tenant.instructions, TrainConfig.with_overrides(run.config)
-    attempt = attempts.Attempt(run_id, number, sessions)
+        attempt = attempts.Attempt(run_id, number, sessions)
+        context = RunContext(attempt, run.tenant_id, TrainConfig.with_overrides(run.config), settings, echo)
     try:
         with attempt.heartbeat(every_s=settings.stale_after_s / 6):
-            return _execute(attempt, tenant_id, instructions, config, settings, echo)
+            return _execute(context)
     except attempts.RunTaken as taken:
         echo(f"run {run_id}: this attempt stops: {taken}")
         return RunStatus(taken.status)
@@ -149,41 +118,51 @@ def _reject_candidates(session: Session, run_id: int, reason: str) -> None:
             registry.reject(session, adapter, actor="training", reason=reason)
 
 
-def _execute(attempt: attempts.Attempt, tenant_id, instructions, config: TrainConfig, settings, echo: Echo):
-    run_id, sessions = attempt.run_id, attempt.sessions
-    tokenizer = load_tokenizer(settings)
-    with sessions() as session:
-        datasets = {
-            split: build_dataset(
-                session,
-                tenant_id=tenant_id,
-                instructions=instructions,
-                split=split,
-                tokenizer=tokenizer,
-                settings=settings,
-                max_length=config.max_length,
-            )
+def _execute(context: RunContext) -> RunStatus:
+    tokenizer = load_tokenizer(context.settings)
+    train, heldout, train_snapshot_id = _snapshot_datasets(context, tokenizer)
+    if len(heldout.rows) < context.settings.gate_min_heldout:
+        reason = (
+            f"only {len(heldout.rows)} held-out examples; the gate needs at least {context.settings.gate_min_heldout}"
+        )
+        return _finish(context, RunStatus.rejected, reason)
+    candidate_id, training = _train_candidate(context, tokenizer, train, train_snapshot_id)
+    report = replace(evaluate_run(context, candidate_id, heldout.rows), training=training)
+    status = RunStatus.promoted if report.decision.promote else RunStatus.rejected
+    return _finish(context, status, report.decision.reason, report, candidate_id)
+
+
+def _snapshot_datasets(context: RunContext, tokenizer: PreTrainedTokenizerBase) -> tuple[Dataset, Dataset, int]:
+    """The train and held-out datasets as of now, recorded as the run's snapshots."""
+    with context.attempt.sessions() as session:
+        tenant = session.get(Tenant, context.tenant_id)
+        train, heldout = (
+            tenant_dataset(session, tenant, split, tokenizer, context.settings, context.config.max_length)
             for split in (Split.train, Split.heldout)
-        }
-        train, heldout = datasets[Split.train], datasets[Split.heldout]
-        run = attempt.owned(session)
+        )
+        run = context.attempt.owned(session)
         run.train_snapshot_id = record_snapshot(session, train).id
         run.heldout_snapshot_id = record_snapshot(session, heldout).id
         train_snapshot_id = run.train_snapshot_id
-    echo(
-        f"run {run_id}: {len(train.rows)} train rows (dropped {train.dropped or 'none'}), "
+    context.echo(
+        f"run {context.run_id}: {len(train.rows)} train rows (dropped {train.dropped or 'none'}), "
         f"{len(heldout.rows)} held-out rows; snapshot {train.content_hash[:12]}"
     )
-    if len(heldout.rows) < settings.gate_min_heldout:
-        reason = f"only {len(heldout.rows)} held-out examples; the gate needs at least {settings.gate_min_heldout}"
-        return _finish(attempt, RunStatus.rejected, reason, None, settings, echo)
+    return train, heldout, train_snapshot_id
 
-    # Train a candidate ---------------------------------------------------------------------
+
+def _train_candidate(
+    context: RunContext, tokenizer: PreTrainedTokenizerBase, train: Dataset, train_snapshot_id: int
+) -> tuple[int, dict]:
+    """Train on the train rows and store the adapter as the run's candidate; the run goes on to
+    evaluating. Returns the candidate's id and what training did, for the report."""
+    attempt, config, settings = context.attempt, context.config, context.settings
+    run_id, echo = context.run_id, context.echo
     source = model_source(settings)
     started = time.perf_counter()
 
     def progress(step: int, total_steps: int, loss: float | None) -> None:
-        with sessions() as session:
+        with attempt.sessions() as session:
             run = attempt.owned(session)
             run.step, run.total_steps, run.heartbeat_at = step, total_steps, utcnow()
             if loss is not None:
@@ -197,12 +176,12 @@ def _execute(attempt: attempts.Attempt, tenant_id, instructions, config: TrainCo
         result = train_adapter(
             load_training_base(source, config), tokenizer, train.rows, config, Path(scratch), progress
         )
-        with sessions() as session:
+        with attempt.sessions() as session:
             run = attempt.owned(session)  # before the files are copied: one attempt stores at a time
             candidate = registry.store_candidate(
                 session,
                 settings,
-                tenant_id=tenant_id,
+                tenant_id=context.tenant_id,
                 trained_dir=Path(scratch),
                 base_model=model_id(settings),
                 base_fingerprint=fingerprint(source),
@@ -212,44 +191,41 @@ def _execute(attempt: attempts.Attempt, tenant_id, instructions, config: TrainCo
             )
             run.status, run.heartbeat_at = RunStatus.evaluating, utcnow()
             candidate_id = candidate.id
+    tokens_per_s = result.trained_tokens / result.seconds
     echo(
         f"run {run_id}: trained {result.steps} steps in {result.seconds:.0f}s "
-        f"({result.trained_tokens / result.seconds:.0f} tokens/s); evaluating on held-out"
+        f"({tokens_per_s:.0f} tokens/s); evaluating on held-out"
     )
     plots.loss_curve(result.loss_history, run_dir(settings, run_id) / "loss.png", f"run {run_id} training loss")
-
-    # Evaluate candidate and champion on the same held-out snapshot, then decide -------------
-    report = evaluate_run(attempt, tenant_id, candidate_id, heldout.rows, settings, echo)
-    report["training"] = {
+    return candidate_id, {
         "rows": len(train.rows),
         "dropped": train.dropped,
         "steps": result.steps,
         "seconds": round(result.seconds, 1),
         "trained_tokens": result.trained_tokens,
         "reply_tokens": result.reply_tokens,
-        "tokens_per_s": round(result.trained_tokens / result.seconds, 1),
+        "tokens_per_s": round(tokens_per_s, 1),
         "selection": result.selection,
         "config": config.as_dict(),
     }
-    decision = report["decision"]
-    status = RunStatus.promoted if decision["promote"] else RunStatus.rejected
-    return _finish(attempt, status, decision["reason"], report, settings, echo, candidate_id=candidate_id)
 
 
-def evaluate_run(attempt: attempts.Attempt, tenant_id, candidate_id, rows, settings: Settings, echo: Echo) -> dict:
-    run_id = attempt.run_id
+def evaluate_run(context: RunContext, candidate_id: int, rows: list[dict]) -> EvaluationReport:
+    """Score the base model, the champion (if any) and the candidate on the held-out rows (NLL
+    of each; greedy drafts of the first few), and let the gate decide."""
+    attempt, settings, echo, run_id = context.attempt, context.settings, context.echo, context.run_id
     loaded = load_base_model(settings)
     with attempt.sessions() as session:
         candidate = session.get(Adapter, candidate_id)
-        current = registry.champion(session, tenant_id)
+        current = registry.champion(session, context.tenant_id)
         refs = {"candidate": registry.serving_ref(settings, candidate, loaded.fingerprint)}
         if current is not None:
             refs["champion"] = registry.serving_ref(settings, current, loaded.fingerprint)
-        versions = {
-            "candidate": candidate.version,
-            "champion": current.version if current else None,
-            "champion_id": current.id if current else None,
-        }
+        versions = Versions(
+            candidate=candidate.version,
+            champion=current.version if current else None,
+            champion_id=current.id if current else None,
+        )
     sample = rows[: settings.eval_draft_examples]
     names = ["base", *(["champion"] if "champion" in refs else []), "candidate"]
     started = time.perf_counter()
@@ -289,14 +265,14 @@ def evaluate_run(attempt: attempts.Attempt, tenant_id, candidate_id, rows, setti
         folder / "heldout.png",
         f"run {run_id}: held-out NLL per example",
     )
-    return {
-        "run_id": run_id,
-        "versions": versions,
-        "heldout_examples": len(rows),
-        "drafted_examples": len(sample),
-        "summary": {name: _summary(s) for name, s in scores.items()},
-        "per_example": scores,
-        "drafts": [
+    return EvaluationReport(
+        run_id=run_id,
+        versions=versions,
+        heldout_examples=len(rows),
+        drafted_examples=len(sample),
+        summary={name: _summary(s) for name, s in scores.items()},
+        per_example=scores,
+        drafts=[
             {
                 "reference": row["completion"][0]["content"],
                 **{name: drafts[name][i].text for name in drafts},
@@ -304,8 +280,8 @@ def evaluate_run(attempt: attempts.Attempt, tenant_id, candidate_id, rows, setti
             }
             for i, row in enumerate(sample)
         ],
-        "decision": decision.as_dict(),
-    }
+        decision=decision,
+    )
 
 
 def _mean(values: list[float]) -> float:
@@ -326,24 +302,33 @@ def _summary(scores: dict[str, list]) -> dict[str, float]:
     }
 
 
-def _finish(attempt: attempts.Attempt, status, reason, report, settings, echo: Echo, candidate_id=None):
+def _finish(
+    context: RunContext,
+    status: RunStatus,
+    reason: str,
+    report: EvaluationReport | None = None,
+    candidate_id: int | None = None,
+) -> RunStatus:
     """The one transaction that decides: the run's outcome and, if promoted, the new champion,
-    written only while this attempt still owns the run."""
-    run_id = attempt.run_id
+    written only while this attempt still owns the run. A run rejected before training has no
+    report and no candidate."""
+    attempt, settings, run_id = context.attempt, context.settings, context.run_id
+    stored = None
     if report is not None:
         path = run_dir(settings, run_id) / "report.json"
-        path.write_text(json.dumps(report, indent=2))
-        report = {key: value for key, value in report.items() if key != "per_example"} | {"path": str(path)}
+        data = report.as_json()
+        path.write_text(json.dumps(data, indent=2))
+        stored = {key: value for key, value in data.items() if key != "per_example"} | {"path": str(path)}
     with attempt.sessions() as session:
         run = attempt.owned(session)
         if candidate_id is not None:
             registry.lock_tenant(session, run.tenant_id)
             current = registry.champion(session, run.tenant_id)
             candidate = session.get(Adapter, candidate_id)
-            if status == RunStatus.promoted and (current.id if current else None) != report["versions"]["champion_id"]:
+            if status == RunStatus.promoted and (current.id if current else None) != report.versions.champion_id:
                 status, reason = RunStatus.rejected, "the champion changed while this run was evaluated; not promoted"
-            candidate.metrics = report["summary"]["candidate"] | {"run_id": run_id}
-        run.status, run.decision_reason, run.report, run.finished_at = status, reason, report, utcnow()
+            candidate.metrics = report.summary["candidate"] | {"run_id": run_id}
+        run.status, run.decision_reason, run.report, run.finished_at = status, reason, stored, utcnow()
         session.flush()  # the run is decided, so the registry no longer counts it as evaluating
         if candidate_id is not None:
             actor = f"gate (run {run_id})"
@@ -351,7 +336,7 @@ def _finish(attempt: attempts.Attempt, status, reason, report, settings, echo: E
                 registry.promote(session, settings, candidate, actor=actor, reason=reason)
             else:
                 registry.reject(session, candidate, actor=actor, reason=reason)
-    echo(f"run {run_id}: {status}: {reason}")
+    context.echo(f"run {run_id}: {status}: {reason}")
     return status
 
 
@@ -361,15 +346,7 @@ def evaluate_tenant(slug: str, settings: Settings, *, sessions: Sessions = sessi
     loaded = load_base_model(settings)
     with sessions() as session:
         tenant = get_tenant_by_slug(session, slug)
-        heldout = build_dataset(
-            session,
-            tenant_id=tenant.id,
-            instructions=tenant.instructions,
-            split=Split.heldout,
-            tokenizer=loaded.tokenizer,
-            settings=settings,
-            max_length=TrainConfig().max_length,
-        )
+        heldout = tenant_dataset(session, tenant, Split.heldout, loaded.tokenizer, settings)
         current = registry.champion(session, tenant.id)
         ref = registry.serving_ref(settings, current, loaded.fingerprint) if current else None
         versions = [

@@ -11,7 +11,7 @@ from core.errors import Conflict
 from core.settings import Settings
 from feedback.models import Correction, Split, Tenant
 from training.models import ACTIVE_RUN_STATUSES, DatasetSnapshot, RunStatus, TrainingRun, utcnow
-from training.pipeline import create_run
+from training.runs import create_run
 
 
 def new_train_corrections(session: Session, tenant_id: int) -> int:

@@ -12,7 +12,6 @@ from core.settings import get_settings
 from training import scheduling
 from training.celery_app import app
 from training.models import TrainingRun, utcnow
-from training.pipeline import execute_run
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +47,8 @@ def waiting_in_broker() -> set[int]:
 
 @app.task(name="training.tasks.train_run")
 def train_run(run_id: int) -> str:
+    from training.pipeline import execute_run  # the trainer and the evaluation: heavy, and only the worker runs them
+
     try:
         return execute_run(run_id, get_settings(), echo=log.info)
     except SoftTimeLimitExceeded:

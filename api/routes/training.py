@@ -8,7 +8,7 @@ from api.schemas import AdapterOut, AuditReason, Id, RunOut, RunRequest
 from core.errors import NotFound
 from feedback.models import Split
 from training import registry
-from training.pipeline import create_run, export_snapshot, get_run, list_runs
+from training.runs import create_run, export_snapshot, get_run, list_runs
 from training.tasks import enqueue
 
 router = APIRouter(prefix="/v1", tags=["training"])

@@ -13,7 +13,7 @@ from api.web.templating import flash, render
 from core.errors import Invalid
 from feedback.service import review_stats_by_adapter
 from training import registry
-from training.pipeline import active_run, create_run, list_runs
+from training.runs import active_run, create_run, list_runs
 from training.tasks import enqueue
 
 router = APIRouter(prefix="/dashboard")

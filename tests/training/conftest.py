@@ -8,11 +8,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import committing
 from core.settings import get_settings
-from feedback import service
-from feedback.models import Role, Verdict
-from tests.factories import make_draft, make_tenant
-
-STYLE = "Hi {name},\n\nThanks for writing about order {n}. It ships on Monday.\n\nRide safe,\nMarta"
+from tests.factories import make_tenant
+from tests.training.helpers import add_corrections
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
@@ -26,27 +23,6 @@ def sessions(request):
             yield session
 
     return scope
-
-
-def add_corrections(session: Session, tenant, count: int, reply=STYLE, verdict=Verdict.edited) -> list:
-    """Drafts with reviewers' corrections; the split is decided by the stable hash, as in production."""
-    key, _ = service.create_api_key(session, tenant, name="reviewer", role=Role.reviewer)
-    corrections = []
-    for n in range(count):
-        draft = make_draft(
-            session, tenant, "draft", sender=f"Customer {n} <c{n}@example.com>", body=f"Where is order {n}?"
-        )
-        text = reply.format(name=f"Customer{n}", n=n) if reply else None
-        correction, _ = service.submit_correction(
-            session,
-            draft=draft,
-            correction=service.CorrectionInput(verdict, text),
-            reviewer_key=key,
-            idempotency_key=None,
-            heldout_fraction=0.25,
-        )
-        corrections.append(correction)
-    return corrections
 
 
 @pytest.fixture

@@ -11,10 +11,11 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from tests.factories import make_tenant
-from tests.training.test_pipeline import FAST, start
+from tests.training.helpers import FAST, start
 from training import attempts, registry, scheduling
 from training.models import Adapter, AdapterStatus, RunStatus, TrainingRun, utcnow
-from training.pipeline import create_run, execute_run
+from training.pipeline import execute_run
+from training.runs import create_run
 from training.tasks import enqueue, waiting_in_broker
 
 

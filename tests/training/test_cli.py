@@ -3,11 +3,10 @@ import json
 from typer.testing import CliRunner
 
 from api.cli import app
-from tests.training.test_tasks import tenant_with_history
+from tests.training.helpers import FAST, tenant_with_history
 
 runner = CliRunner()
-FAST = ["--set", "quantization=none", "--set", "compute_dtype=float32", "--set", "epochs=3"]
-FAST += ["--set", "batch_size=4", "--set", "learning_rate=0.01"]
+FAST_FLAGS = [arg for name, value in FAST.items() for arg in ("--set", f"{name}={value}")]
 
 
 def cli(*args: str) -> str:
@@ -18,7 +17,7 @@ def cli(*args: str) -> str:
 
 def test_train_eval_and_adapter_commands(worker_settings, tmp_path):
     tenant, _ = tenant_with_history()
-    trained = cli("train", "--tenant", tenant.slug, *FAST)
+    trained = cli("train", "--tenant", tenant.slug, *FAST_FLAGS)
     assert "step 1/" in trained and "promoted" in trained and "report:" in trained
 
     listed = cli("adapters", "list", "--tenant", tenant.slug)

@@ -9,16 +9,10 @@ from core.errors import Conflict
 from core.settings import get_settings
 from feedback.models import Role
 from tests.factories import make_key
+from tests.training.helpers import start
 from training import registry
 from training.models import Adapter, AdapterStatus, RunStatus, TrainingRun
-from training.pipeline import create_run, execute_run
-
-FAST = {"quantization": "none", "compute_dtype": "float32", "epochs": 3, "batch_size": 4, "learning_rate": 1e-2}
-
-
-def start(sessions, tenant, overrides=FAST) -> int:
-    with sessions() as session:
-        return create_run(session, tenant.id, trigger="manual", requested_by="test", overrides=overrides).id
+from training.pipeline import execute_run
 
 
 def test_a_run_is_promoted_then_an_equal_candidate_is_rejected(sessions, tenant_with_corrections, run_settings):

@@ -11,7 +11,8 @@ from feedback.samples import load_sample_tenant, record_history
 from tests.factories import make_tenant
 from training import registry
 from training.models import RunStatus, TrainingRun
-from training.pipeline import create_run, execute_run
+from training.pipeline import execute_run
+from training.runs import create_run
 
 SLICE = 30
 QUICK = {"epochs": 2, "learning_rate": 2e-3, "batch_size": 4, "max_length": 512}

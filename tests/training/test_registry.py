@@ -13,8 +13,8 @@ from core.settings import Settings
 from tests.factories import make_tenant
 from training import registry
 from training.models import Adapter, AdapterEvent, AdapterStatus, RunStatus
-from training.pipeline import create_run
 from training.registry import AdapterInvalid
+from training.runs import create_run
 
 
 def trained_dir(tmp_path, rank=8, peft_type="LORA"):

@@ -19,24 +19,12 @@ from api.app import create_app
 from api.deps import drafter
 from core.db import session_scope
 from core.errors import Conflict
-from feedback.models import Role
-from tests.factories import make_key, make_tenant
-from tests.training.conftest import add_corrections
+from tests.training.helpers import FAST, add_corrections, tenant_with_history
 from training import registry, scheduling
 from training.celery_app import app as celery_app
 from training.models import RunStatus, TrainingRun
-from training.pipeline import create_run
+from training.runs import create_run
 from training.tasks import enqueue, waiting_in_broker
-
-FAST = {"quantization": "none", "compute_dtype": "float32", "epochs": 3, "batch_size": 4, "learning_rate": 1e-2}
-
-
-def tenant_with_history(count=40, role=Role.admin):
-    with session_scope() as session:
-        tenant = make_tenant(session, instructions="Answer as Marta.")
-        add_corrections(session, tenant, count)
-        _, raw_key = make_key(session, tenant, role)
-        return tenant, raw_key
 
 
 def wait_for(run_id: int, done, timeout=180) -> list[str]:

@@ -3,15 +3,9 @@ import torch
 from safetensors.torch import load_file
 
 from core.errors import Invalid
-from training.train import TrainConfig, load_training_base, train_adapter
-
-ROWS = [
-    {
-        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Where is order {n}?"}],
-        "completion": [{"role": "assistant", "content": f"Hi, order {n} ships Monday. Ride safe, Marta"}],
-    }
-    for n in range(8)
-]
+from tests.training.helpers import ROWS
+from training.config import TrainConfig
+from training.train import load_training_base, train_adapter
 
 
 def base_weights(model) -> dict[str, torch.Tensor]:

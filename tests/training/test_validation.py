@@ -5,12 +5,11 @@ from sqlalchemy import select
 
 from feedback.models import Correction, Split
 from tests.factories import make_tenant
-from tests.training.conftest import add_corrections
-from tests.training.test_pipeline import FAST, start
-from tests.training.test_train import ROWS
+from tests.training.helpers import FAST, ROWS, add_corrections, start
+from training.config import TrainConfig
 from training.models import Adapter, TrainingRun
 from training.pipeline import execute_run
-from training.train import TrainConfig, load_training_base, split_validation, train_adapter
+from training.train import load_training_base, split_validation, train_adapter
 
 CHOOSING = FAST | {"validation_fraction": 0.3, "try_learning_rates": [1e-3]}
 MANY_ROWS = [

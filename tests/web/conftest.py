@@ -33,7 +33,7 @@ from tests.factories import make_correction, make_draft, make_key, make_tenant
 from tests.web.samples import EMAILS
 from training import registry
 from training.models import Adapter, RunStatus, TrainingRun
-from training.pipeline import create_run
+from training.runs import create_run
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 # Without these, headless chromium on a machine without network stalls on lookups and updates.
