@@ -12,7 +12,7 @@ from schemathesis.checks import not_a_server_error
 from agent.drafting import Drafter
 from api.app import create_app
 from core.settings import get_settings
-from tests.api.conftest import wire
+from tests.api.apps import wire
 from tests.factories import make_draft
 
 MAX_EXAMPLES = 10  # per operation and phase: about 20 s a database on 2 cores
