@@ -3,12 +3,13 @@ under its id never needs to be loaded again.
 
 Two consumers: training and evaluation attach adapters to the Hugging Face model with PEFT
 (`attach`); the serving engine reads the same files into per-layer matrices it applies itself,
-several adapters in one batch (`LoraWeights`), kept in a bounded LRU cache (`AdapterCache`)."""
+several adapters in one batch (`LoraWeights`), kept in a bounded LRU cache (`AdapterCache`);
+the adapters of a batch are stacked side by side (`BatchStacker`) into one `BatchLora`."""
 
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -129,3 +130,106 @@ class AdapterCache:
 
     def __contains__(self, adapter_id: int) -> bool:
         return adapter_id in self._entries
+
+
+@dataclass
+class BatchLora:
+    """The adapters of the rows in a batch, stacked so that each layer needs one matmul per input
+    group plus one per projection, however many adapters there are."""
+
+    a: list[dict[str, torch.Tensor]]  # per layer and group: [in, columns of every adapter]
+    b: list[dict[str, torch.Tensor]]  # per layer and projection: [its columns of every adapter, out]
+    cols: dict[str, tuple[int, int]]  # a projection's columns in its group's stacked A
+    row_mask: dict[str, torch.Tensor | None] = field(default_factory=dict)  # per group: [rows, columns]
+
+
+class BatchStacker:
+    """Builds the `BatchLora` of the engine's batch; keeps the last one, and the stacks of the
+    last two sets of adapters (stacking copies their weights)."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+        self._lora: BatchLora | None = None
+        self._key: tuple | None = None
+        self._stacks: OrderedDict[tuple[int, ...], BatchLora] = OrderedDict()
+
+    def stack(self, adapters: list[LoraWeights | None], rows: int) -> BatchLora | None:
+        """The stacked adapters of a batch, one entry of `adapters` per sequence of `rows` positions.
+
+        Rebuilt only when the batch's composition changes (a request joins or leaves), not every
+        step; a batch of one adapter needs no copy and no mask."""
+        key = (tuple(a.id if a else None for a in adapters), rows)
+        if key == self._key:
+            return self._lora
+        present = sorted({a.id: a for a in adapters if a is not None}.values(), key=lambda a: a.id)
+        lora = None
+        if len(present) == 1:
+            lora = BatchLora(a=present[0].a, b=present[0].b, cols=present[0].cols)
+        elif present:
+            ids = tuple(a.id for a in present)
+            if ids not in self._stacks:
+                self._stacks[ids] = _stack(present)
+                if len(self._stacks) > 2:  # stacks are large: keep the current and the previous
+                    self._stacks.popitem(last=False)
+            stacked = self._stacks[ids]
+            lora = BatchLora(a=stacked.a, b=stacked.b, cols=stacked.cols)
+        if lora is not None:
+            uniform = len(present) == 1 and None not in key[0]
+            for group, members in INPUT_GROUPS.items():
+                if uniform or group not in lora.a[0]:
+                    lora.row_mask[group] = None
+                    continue
+                mask = torch.zeros(len(adapters), lora.a[0][group].shape[1], dtype=self.dtype, device=self.device)
+                for row, adapter in enumerate(adapters):
+                    for proj in (p for p in members if adapter is not None and p in adapter.cols):
+                        start, end = _adapter_cols(lora, present, adapter, proj)
+                        mask[row, start:end] = 1
+                lora.row_mask[group] = mask.repeat_interleave(rows, dim=0)
+        self._lora, self._key = lora, key
+        return lora
+
+
+def _stack(adapters: list[LoraWeights]) -> BatchLora:
+    """Adapters side by side: in each group's A, the columns of projection p of every adapter
+    are contiguous (adapter order), so each projection's update is still a single matmul."""
+    projections = [p for members in INPUT_GROUPS.values() for p in members if any(p in a.cols for a in adapters)]
+    cols: dict[str, tuple[int, int]] = {}
+    for members in INPUT_GROUPS.values():
+        start = 0
+        for proj in (p for p in members if p in projections):
+            width = sum(_width(a, proj) for a in adapters)
+            cols[proj] = (start, start + width)
+            start += width
+    a_layers, b_layers = [], []
+    for layer in range(len(adapters[0].a)):
+        a_layers.append({})
+        b_layers.append({})
+        for group, members in INPUT_GROUPS.items():
+            parts = []
+            for proj in (p for p in members if p in projections):
+                for adapter in adapters:
+                    if proj in adapter.cols:
+                        start, end = adapter.cols[proj]
+                        parts.append(adapter.a[layer][group][:, start:end])
+                        b_layers[layer].setdefault(proj, []).append(adapter.b[layer][proj])
+            if parts:
+                a_layers[layer][group] = torch.cat(parts, dim=1)
+        b_layers[layer] = {proj: torch.cat(parts) for proj, parts in b_layers[layer].items()}
+    return BatchLora(a=a_layers, b=b_layers, cols=cols)
+
+
+def _width(adapter: LoraWeights, proj: str) -> int:
+    if proj not in adapter.cols:
+        return 0
+    start, end = adapter.cols[proj]
+    return end - start
+
+
+def _adapter_cols(lora: BatchLora, present: list[LoraWeights], adapter: LoraWeights, proj: str) -> tuple[int, int]:
+    """Where one adapter's columns for a projection sit in the batch's stacked A."""
+    start = lora.cols[proj][0]
+    for other in present:
+        if other.id == adapter.id:
+            return start, start + _width(other, proj)
+        start += _width(other, proj)
+    raise KeyError(adapter.id)

@@ -3,17 +3,19 @@
 Decoding one token reads every weight of the model once, so on a CPU it is bound by memory
 bandwidth. The engine stays close to that bound in two ways:
 
-- a hand-written Llama forward pass over the base weights (q/k/v and gate/up fused into one
-  matmul each, a preallocated KV cache, matrix-vector products split across both threads)
-  removes most of the per-token framework overhead of `generate`;
+- its own Llama forward pass over the base weights (agent/llama.py), with a preallocated KV
+  cache (agent/kv_cache.py), removes most of the per-token framework overhead of `generate`;
 - every request in flight is decoded in the same step, whatever its tenant: the base weights are
-  read once per step for all rows, and each row adds its own LoRA adapter's low-rank update.
+  read once per step for all rows, and each row adds its own LoRA adapter's low-rank update (the
+  batch's adapters stacked by agent/adapters.py).
 
-Requests wait in a bounded queue; past its bound `submit` raises `Overloaded`. A worker thread
-admits queued requests between decode steps (prefilling each prompt), so a new request never
-waits for the current batch to finish. Greedy decoding only, with each row's own repetition
-guard (agent/repetition.py); the output matches `generate` with the same weights and the same
-`repetition_penalty` / `no_repeat_ngram_size` (checked in the tests).
+This module is the scheduler. Requests wait in a bounded queue; past its bound `submit` raises
+`Overloaded`. A worker thread admits queued requests between decode steps (prefilling each
+prompt), so a new request never waits for the current batch to finish; a finished row leaves
+its slot to the last row, so the batch stays contiguous in the cache. Greedy decoding only,
+with each row's own repetition guard (agent/repetition.py); the output matches `generate` with
+the same weights and the same `repetition_penalty` / `no_repeat_ngram_size` (checked in the
+tests).
 """
 
 import asyncio
@@ -21,15 +23,16 @@ import math
 import queue
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from agent.adapters import INPUT_GROUPS, AdapterCache, AdapterRef, LoraWeights
+from agent.adapters import AdapterCache, AdapterRef, BatchStacker, LoraWeights
+from agent.kv_cache import KVCache
+from agent.llama import Llama
 from agent.repetition import RepetitionGuard, RowPenalties, cycle_start
 from core.errors import Overloaded
 
@@ -134,27 +137,6 @@ class _Request:
     stream: TokenStream
 
 
-@dataclass
-class _LayerWeights:
-    qkv: "_Weight"  # [q + k + v out, hidden]
-    o: "_Weight"
-    gate_up: "_Weight"  # [2 * intermediate, hidden]
-    down: "_Weight"
-    input_norm: torch.Tensor
-    post_attention_norm: torch.Tensor
-
-
-@dataclass
-class _BatchLora:
-    """The adapters of the rows in a batch, stacked so that each layer needs one matmul per input
-    group plus one per projection, however many adapters there are."""
-
-    a: list[dict[str, torch.Tensor]]  # per layer and group: [in, columns of every adapter]
-    b: list[dict[str, torch.Tensor]]  # per layer and projection: [its columns of every adapter, out]
-    cols: dict[str, tuple[int, int]]  # a projection's columns in its group's stacked A
-    row_mask: dict[str, torch.Tensor | None] = field(default_factory=dict)  # per group: [rows, columns]
-
-
 class Engine:
     def __init__(
         self,
@@ -167,63 +149,15 @@ class Engine:
         max_length: int,
         batch_window_s: float = 0.005,
     ):
-        config = model.config
-        if config.model_type != "llama" or getattr(config, "attention_bias", False) or config.mlp_bias:
-            raise ValueError("the serving engine runs Llama-architecture models without biases")
-        self.num_layers = config.num_hidden_layers
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        self.eps = config.rms_norm_eps
-        self.dtype = model.dtype
-        self.device = model.device
+        self.model = Llama(model, max_length)
+        self.device = self.model.device
         self.stop_ids = set(stop_ids)
         self.adapters = adapters
         self.max_batch, self.max_length, self.batch_window_s = max_batch, max_length, batch_window_s
-
-        base = model.model
-        self.embed = base.embed_tokens.weight.detach()
-        self.lm_head = _Weight(model.lm_head.weight.detach())
-        self.final_norm = base.norm.weight.detach()
-        self.layers = []
-        for layer in base.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            self.layers.append(
-                _LayerWeights(
-                    qkv=_Weight(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()),
-                    o=_Weight(attn.o_proj.weight.detach()),
-                    gate_up=_Weight(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()),
-                    down=_Weight(mlp.down_proj.weight.detach()),
-                    input_norm=layer.input_layernorm.weight.detach(),
-                    post_attention_norm=layer.post_attention_layernorm.weight.detach(),
-                )
-            )
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.intermediate = config.intermediate_size
-        self.out_sizes = {  # of each adaptable projection, for its slice of a fused output
-            "q_proj": self.q_size,
-            "k_proj": self.kv_size,
-            "v_proj": self.kv_size,
-            "o_proj": self.q_size,
-            "gate_proj": self.intermediate,
-            "up_proj": self.intermediate,
-            "down_proj": config.hidden_size,
-        }
-        # RoPE from the model's own rotary module, so positions match generate's exactly.
-        positions = torch.arange(max_length, device=self.device)[None]
-        probe = torch.zeros(1, device=self.device, dtype=self.dtype)
-        cos, sin = base.rotary_emb(probe, positions)
-        self.cos, self.sin = cos[0], sin[0]  # [max_length, head_dim]
-        shape = (max_batch, self.num_kv_heads, max_length, self.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in base.layers]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in base.layers]
-
+        self.cache = KVCache(self.model, max_batch, max_length)
+        self.stacker = BatchStacker(self.model.dtype, self.device)
         self._queue: queue.Queue[_Request] = queue.Queue(maxsize=max_queue)
         self._rows: list[_Row] = []
-        self._lora: _BatchLora | None = None
-        self._lora_key: tuple | None = None
-        self._stacks: OrderedDict[tuple[int, ...], _BatchLora] = OrderedDict()
         self._durations: deque[float] = deque(maxlen=32)
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -322,7 +256,7 @@ class Engine:
             # should run parallel torch work in a serving process.
             row.adapter = self.adapters.get(request.adapter) if request.adapter is not None else None
             if request.guard.processes_logits:
-                row.penalties = RowPenalties(request.guard, request.prompt, self.lm_head.full.shape[0], self.device)
+                row.penalties = RowPenalties(request.guard, request.prompt, self.model.vocab_size, self.device)
             row.next_token = self._choose(self._prefill(slot, request.prompt, row.adapter), [row])[0]
             row.length = len(request.prompt)
         except Exception as error:
@@ -359,56 +293,31 @@ class Engine:
         last = len(self._rows) - 1
         if slot != last:
             moved = self._rows[last]
-            for cache in (*self.k_cache, *self.v_cache):
-                cache[slot, :, : moved.length] = cache[last, :, : moved.length]
+            self.cache.move(last, slot, moved.length)
             self._rows[slot] = moved
         self._rows.pop()
 
-    # The model
+    # The model's steps
     @torch.inference_mode()
     def _prefill(self, slot: int, prompt: list[int], adapter: LoraWeights | None) -> torch.Tensor:
         """Fill the slot's cache with the prompt; returns the logits after it ([1, vocab])."""
         tokens = torch.tensor(prompt, device=self.device)
-        n = len(prompt)
-        lora = self._batch_lora([adapter], rows=n)
-        cos, sin = self.cos[:n, None], self.sin[:n, None]
-
-        def attend(layer: int, q, k, v):
-            self.k_cache[layer][slot, :, :n] = k[0]
-            self.v_cache[layer][slot, :, :n] = v[0]
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-        hidden = self._forward(tokens, lora, cos, sin, attend, batch=1, length=n)
-        return self._logits(hidden[-1:])
+        lora = self.stacker.stack([adapter], rows=len(prompt))
+        return self.model.prefill(tokens, lora, self.cache.prefill_attention(slot, len(prompt)))
 
     @torch.inference_mode()
     def _step(self) -> None:
         rows = self._rows
-        n = len(rows)
         tokens = torch.tensor([row.next_token for row in rows], device=self.device)
         positions = torch.tensor([row.length for row in rows], device=self.device)
-        span = max(row.length for row in rows) + 1
-        visible = torch.arange(span, device=self.device)[None] <= positions[:, None]  # [rows, span]
-        mask = visible[:, None, None, :]
-        slots = torch.arange(n, device=self.device)
-        lora = self._batch_lora([row.adapter for row in rows], rows=1)
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
-
-        def attend(layer: int, q, k, v):
-            k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
-            k_cache[slots, :, positions] = k[:, :, 0]
-            v_cache[slots, :, positions] = v[:, :, 0]
-            return F.scaled_dot_product_attention(
-                q, k_cache[:n, :, :span], v_cache[:n, :, :span], attn_mask=mask, enable_gqa=True
-            )
-
-        hidden = self._forward(tokens, lora, cos, sin, attend, batch=n, length=1)
-        next_tokens = self._choose(self._logits(hidden), rows)
+        attend = self.cache.decode_attention(positions, span=max(row.length for row in rows) + 1)
+        lora = self.stacker.stack([row.adapter for row in rows], rows=1)
+        next_tokens = self._choose(self.model.decode(tokens, positions, lora, attend), rows)
         self.steps += 1
         for row, token in zip(rows, next_tokens, strict=True):
             row.length += 1
             row.next_token = token
-        for slot in reversed(range(n)):  # reversed: retiring moves only rows already handled
+        for slot in reversed(range(len(rows))):  # reversed: retiring moves only rows already handled
             self._emitted(slot)
 
     @staticmethod
@@ -424,88 +333,6 @@ class Engine:
         for i, penalties in penalised:
             penalties.push(tokens[i])
         return tokens
-
-    def _forward(self, tokens, lora: _BatchLora | None, cos, sin, attend, *, batch: int, length: int):
-        """The decoder layers on `tokens` ([batch * length]); returns the final hidden states.
-        `cos` and `sin` are per token ([batch * length, 1, head_dim])."""
-        x = F.embedding(tokens, self.embed)
-        rows, heads = batch * length, self.num_heads + self.num_kv_heads
-        for index, weights in enumerate(self.layers):
-            h = self._norm(x, weights.input_norm)
-            qkv = self._project(h, weights.qkv, lora, index, "attn_in")
-            qk = _rope(qkv[:, : self.q_size + self.kv_size].view(rows, heads, self.head_dim), cos, sin)
-            v = qkv[:, self.q_size + self.kv_size :].view(batch, length, self.num_kv_heads, self.head_dim)
-            q, k = qk.view(batch, length, heads, self.head_dim).split([self.num_heads, self.num_kv_heads], dim=2)
-            attended = attend(index, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            attended = attended.transpose(1, 2).reshape(rows, self.q_size)
-            x = x + self._project(attended, weights.o, lora, index, "attn_out")
-            h = self._norm(x, weights.post_attention_norm)
-            gate, up = self._project(h, weights.gate_up, lora, index, "mlp_in").split(self.intermediate, dim=-1)
-            x = x + self._project(F.silu(gate) * up, weights.down, lora, index, "mlp_out")
-        return x
-
-    def _logits(self, hidden):
-        return _matmul(self._norm(hidden, self.final_norm), self.lm_head)
-
-    def _norm(self, x, weight):
-        """RMSNorm as Llama computes it: in float32, scaled in the model's dtype."""
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, weight.shape, weight, self.eps)  # one fused op, the same arithmetic
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * x32.to(x.dtype)
-
-    def _project(self, x, weight, lora: _BatchLora | None, layer: int, group: str):
-        """x @ weight^T plus each row's own LoRA update for the projections of this input group."""
-        out = _matmul(x, weight)
-        if lora is None or group not in lora.a[layer]:
-            return out
-        xa = x @ lora.a[layer][group]
-        if (mask := lora.row_mask[group]) is not None:
-            xa = xa * mask
-        offset = 0
-        for proj in INPUT_GROUPS[group]:
-            size = self.out_sizes[proj]
-            if proj in lora.cols:
-                start, end = lora.cols[proj]
-                out[:, offset : offset + size].addmm_(xa[:, start:end], lora.b[layer][proj])
-            offset += size
-        return out
-
-    def _batch_lora(self, adapters: list[LoraWeights | None], rows: int) -> _BatchLora | None:
-        """The stacked adapters of a batch, one entry of `adapters` per sequence of `rows` positions.
-
-        Rebuilt only when the batch's composition changes (a request joins or leaves), not every
-        step; a batch of one adapter needs no copy and no mask."""
-        key = (tuple(a.id if a else None for a in adapters), rows)
-        if key == self._lora_key:
-            return self._lora
-        present = sorted({a.id: a for a in adapters if a is not None}.values(), key=lambda a: a.id)
-        lora = None
-        if len(present) == 1:
-            lora = _BatchLora(a=present[0].a, b=present[0].b, cols=present[0].cols)
-        elif present:
-            ids = tuple(a.id for a in present)
-            if ids not in self._stacks:
-                self._stacks[ids] = _stack(present)
-                if len(self._stacks) > 2:  # stacks are large: keep the current and the previous
-                    self._stacks.popitem(last=False)
-            stacked = self._stacks[ids]
-            lora = _BatchLora(a=stacked.a, b=stacked.b, cols=stacked.cols)
-        if lora is not None:
-            uniform = len(present) == 1 and None not in key[0]
-            for group, members in INPUT_GROUPS.items():
-                if uniform or group not in lora.a[0]:
-                    lora.row_mask[group] = None
-                    continue
-                mask = torch.zeros(len(adapters), lora.a[0][group].shape[1], dtype=self.dtype, device=self.device)
-                for row, adapter in enumerate(adapters):
-                    for proj in (p for p in members if adapter is not None and p in adapter.cols):
-                        start, end = _adapter_cols(lora, present, adapter, proj)
-                        mask[row, start:end] = 1
-                lora.row_mask[group] = mask.repeat_interleave(rows, dim=0)
-        self._lora, self._lora_key = lora, key
-        return lora
 
 
 def in_fresh_thread(fn, *args):
@@ -529,77 +356,3 @@ def in_fresh_thread(fn, *args):
     if "error" in box:
         raise box["error"]
     return box["result"]
-
-
-SPLIT_BELOW = 64  # inputs of fewer rows (decode steps) use the row-split matrix product
-
-
-class _Weight:
-    """A weight matrix [out, in] and the same memory as two halves of its rows, transposed."""
-
-    def __init__(self, weight: torch.Tensor):
-        self.full = weight
-        self.halves = weight.view(2, weight.shape[0] // 2, weight.shape[1]).transpose(1, 2)
-
-
-def _matmul(x, weight: _Weight):
-    """x @ weight^T. For a few rows, MKL's matrix-vector product runs on one thread and reaches
-    about half the memory bandwidth (measured: 11 of 23-30 GB/s on 2 cores); multiplying the two
-    halves of the weight's rows as a batch of two runs one half per thread (1.5x faster)."""
-    rows = x.shape[0]
-    if rows >= SPLIT_BELOW:
-        return F.linear(x, weight.full)
-    halves = torch.bmm(x.expand(2, rows, x.shape[1]), weight.halves)  # [2, rows, out / 2]
-    return halves.view(1, -1) if rows == 1 else halves.transpose(0, 1).reshape(rows, -1)
-
-
-def _rope(x, cos, sin):
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-def _stack(adapters: list[LoraWeights]) -> _BatchLora:
-    """Adapters side by side: in each group's A, the columns of projection p of every adapter
-    are contiguous (adapter order), so each projection's update is still a single matmul."""
-    projections = [p for members in INPUT_GROUPS.values() for p in members if any(p in a.cols for a in adapters)]
-    cols: dict[str, tuple[int, int]] = {}
-    for members in INPUT_GROUPS.values():
-        start = 0
-        for proj in (p for p in members if p in projections):
-            width = sum(_width(a, proj) for a in adapters)
-            cols[proj] = (start, start + width)
-            start += width
-    a_layers, b_layers = [], []
-    for layer in range(len(adapters[0].a)):
-        a_layers.append({})
-        b_layers.append({})
-        for group, members in INPUT_GROUPS.items():
-            parts = []
-            for proj in (p for p in members if p in projections):
-                for adapter in adapters:
-                    if proj in adapter.cols:
-                        start, end = adapter.cols[proj]
-                        parts.append(adapter.a[layer][group][:, start:end])
-                        b_layers[layer].setdefault(proj, []).append(adapter.b[layer][proj])
-            if parts:
-                a_layers[layer][group] = torch.cat(parts, dim=1)
-        b_layers[layer] = {proj: torch.cat(parts) for proj, parts in b_layers[layer].items()}
-    return _BatchLora(a=a_layers, b=b_layers, cols=cols)
-
-
-def _width(adapter: LoraWeights, proj: str) -> int:
-    if proj not in adapter.cols:
-        return 0
-    start, end = adapter.cols[proj]
-    return end - start
-
-
-def _adapter_cols(lora: _BatchLora, present: list[LoraWeights], adapter: LoraWeights, proj: str) -> tuple[int, int]:
-    """Where one adapter's columns for a projection sit in the batch's stacked A."""
-    start = lora.cols[proj][0]
-    for other in present:
-        if other.id == adapter.id:
-            return start, start + _width(other, proj)
-        start += _width(other, proj)
-    raise KeyError(adapter.id)

@@ -124,7 +124,7 @@ def adapter_timings(drafter: Drafter, folder: Path, count: int = 8) -> dict:
         shutil.copytree(folder, folder.parent / f"copy-{i}")
         refs.append(AdapterRef(100 + i, folder.parent / f"copy-{i}"))
     engine = drafter.engine
-    model_shape = {"num_layers": engine.num_layers, "dtype": engine.dtype, "device": engine.device}
+    model_shape = {"num_layers": engine.model.num_layers, "dtype": engine.model.dtype, "device": engine.device}
     cold = []
     for ref in refs:
         cache = AdapterCache(max_count=count, max_bytes=2**40, **model_shape)
@@ -135,11 +135,11 @@ def adapter_timings(drafter: Drafter, folder: Path, count: int = 8) -> dict:
     single, mixed = [], []
     for i in range(200):
         started = time.perf_counter()
-        engine._batch_lora([weights[i % count]], rows=1)
+        engine.stacker.stack([weights[i % count]], rows=1)
         single.append(time.perf_counter() - started)
         rows = [weights[(i + j) % count] for j in range(count)] + ([weights[0]] if i % 2 else [])
         started = time.perf_counter()
-        engine._batch_lora(rows, rows=1)  # every other time a row joins: a new composition
+        engine.stacker.stack(rows, rows=1)  # every other time a row joins: a new composition
         mixed.append(time.perf_counter() - started)
     return {
         "adapter_mb": round(weights[0].nbytes / 2**20, 1),

@@ -1,0 +1,59 @@
+"""The serving engine's KV cache: keys and values of every sequence in the batch, preallocated.
+
+Sequence i of the batch lives in slot i, and the slots in use stay contiguous (`move`), so a
+decode step attends over the first `batch` slots as one tensor. The cache hands the forward
+pass (agent/llama.py) its attention: one function per forward, called once per layer, that
+writes the layer's new keys and values into their positions and attends over the cached ones.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from agent.llama import Attend, Llama
+
+
+class KVCache:
+    """Per layer of the model, keys and values [max_batch, kv_heads, max_length, head_dim]."""
+
+    def __init__(self, model: Llama, max_batch: int, max_length: int):
+        self.device = model.device
+        shape = (max_batch, model.num_kv_heads, max_length, model.head_dim)
+        self.k = [torch.zeros(shape, dtype=model.dtype, device=self.device) for _ in range(model.num_layers)]
+        self.v = [torch.zeros(shape, dtype=model.dtype, device=self.device) for _ in range(model.num_layers)]
+
+    def prefill_attention(self, slot: int, length: int) -> Attend:
+        """Attention for a prompt of `length` tokens (a batch of one): its keys and values fill
+        positions [0, length) of the slot, and each token attends to those before it."""
+        k_cache, v_cache = self.k, self.v
+
+        def attend(layer: int, q, k, v):  # q [1, heads, length, head_dim]; k, v [1, kv_heads, length, head_dim]
+            k_cache[layer][slot, :, :length] = k[0]
+            v_cache[layer][slot, :, :length] = v[0]
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        return attend
+
+    def decode_attention(self, positions: torch.Tensor, span: int) -> Attend:
+        """Attention for one decode step of the sequences in slots [0, batch): each one's new key
+        and value go to its own position (`positions` [batch]), and it attends to the cache up to
+        there; `span` is the longest sequence's length after the step."""
+        batch = positions.shape[0]
+        visible = torch.arange(span, device=self.device)[None] <= positions[:, None]  # [batch, span]
+        mask = visible[:, None, None, :]
+        slots = torch.arange(batch, device=self.device)
+        k_cache, v_cache = self.k, self.v
+
+        def attend(layer: int, q, k, v):  # q [batch, heads, 1, head_dim]; k, v [batch, kv_heads, 1, head_dim]
+            layer_k, layer_v = k_cache[layer], v_cache[layer]
+            layer_k[slots, :, positions] = k[:, :, 0]
+            layer_v[slots, :, positions] = v[:, :, 0]
+            return F.scaled_dot_product_attention(
+                q, layer_k[:batch, :, :span], layer_v[:batch, :, :span], attn_mask=mask, enable_gqa=True
+            )
+
+        return attend
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` into slot `dst`, in every layer."""
+        for cache in (*self.k, *self.v):
+            cache[dst, :, :length] = cache[src, :, :length]

@@ -1,0 +1,184 @@
+"""The base model's forward pass, hand-written over its loaded weights, for the serving engine.
+
+Decoding one token reads every weight of the model once, so on a CPU it is bound by memory
+bandwidth. This forward stays close to that bound: q/k/v and gate/up are fused into one matmul
+each, matrix-vector products are split across both threads (`_matmul`), and there is none of the
+per-token framework overhead of `generate`. Each row of a batch adds its own LoRA adapter's
+low-rank update (a `BatchLora`, stacked in agent/adapters.py); attention, and with it the KV
+cache, is a function the caller passes in (agent/kv_cache.py).
+
+Shapes: `rows` is batch * length, the tokens of one forward (a prompt's, or one per sequence in
+a decode step); `hidden` the model's width; q/k/v are [batch, heads, length, head_dim].
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from agent.adapters import INPUT_GROUPS, BatchLora
+
+# (layer, q, k, v) -> the attended values [batch, heads, length, head_dim]; it also stores k and v
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+SPLIT_BELOW = 64  # inputs of fewer rows (decode steps) use the row-split matrix product
+
+
+class _Weight:
+    """A weight matrix [out, in] and the same memory as two halves of its rows, transposed."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.full = weight
+        self.halves = weight.view(2, weight.shape[0] // 2, weight.shape[1]).transpose(1, 2)
+
+
+def _matmul(x, weight: _Weight):
+    """x @ weight^T. For a few rows, MKL's matrix-vector product runs on one thread and reaches
+    about half the memory bandwidth (measured: 11 of 23-30 GB/s on 2 cores); multiplying the two
+    halves of the weight's rows as a batch of two runs one half per thread (1.5x faster)."""
+    rows = x.shape[0]
+    if rows >= SPLIT_BELOW:
+        return F.linear(x, weight.full)
+    halves = torch.bmm(x.expand(2, rows, x.shape[1]), weight.halves)  # [2, rows, out / 2]
+    return halves.view(1, -1) if rows == 1 else halves.transpose(0, 1).reshape(rows, -1)
+
+
+def _rope(x, cos, sin):
+    """Rotary position embedding of x [rows, heads, head_dim], with cos and sin [rows, 1, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class _LayerWeights:
+    qkv: _Weight  # [q + k + v out, hidden]
+    o: _Weight  # [hidden, q out]
+    gate_up: _Weight  # [2 * intermediate, hidden]
+    down: _Weight  # [hidden, intermediate]
+    input_norm: torch.Tensor  # [hidden]
+    post_attention_norm: torch.Tensor  # [hidden]
+
+
+class Llama:
+    """A Llama-architecture model's weights as the forward reads them (q/k/v and gate/up
+    concatenated; the others shared with the Hugging Face model, not copied) and its forward
+    pass for a prompt (`prefill`) and for one decode step of a batch (`decode`). RoPE covers
+    positions below `max_length`."""
+
+    def __init__(self, model: PreTrainedModel, max_length: int):
+        config = model.config
+        if config.model_type != "llama" or getattr(config, "attention_bias", False) or config.mlp_bias:
+            raise ValueError("the serving engine runs Llama-architecture models without biases")
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.eps = config.rms_norm_eps
+        self.dtype = model.dtype
+        self.device = model.device
+
+        base = model.model
+        self.embed = base.embed_tokens.weight.detach()  # [vocab, hidden]
+        self.lm_head = _Weight(model.lm_head.weight.detach())  # [vocab, hidden]
+        self.vocab_size = self.lm_head.full.shape[0]
+        self.final_norm = base.norm.weight.detach()
+        self.layers = []
+        for layer in base.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(
+                _LayerWeights(
+                    qkv=_Weight(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()),
+                    o=_Weight(attn.o_proj.weight.detach()),
+                    gate_up=_Weight(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()),
+                    down=_Weight(mlp.down_proj.weight.detach()),
+                    input_norm=layer.input_layernorm.weight.detach(),
+                    post_attention_norm=layer.post_attention_layernorm.weight.detach(),
+                )
+            )
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.intermediate = config.intermediate_size
+        self.out_sizes = {  # of each adaptable projection, for its slice of a fused output
+            "q_proj": self.q_size,
+            "k_proj": self.kv_size,
+            "v_proj": self.kv_size,
+            "o_proj": self.q_size,
+            "gate_proj": self.intermediate,
+            "up_proj": self.intermediate,
+            "down_proj": config.hidden_size,
+        }
+        # RoPE from the model's own rotary module, so positions match generate's exactly.
+        positions = torch.arange(max_length, device=self.device)[None]
+        probe = torch.zeros(1, device=self.device, dtype=self.dtype)
+        cos, sin = base.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0], sin[0]  # [max_length, head_dim]
+
+    def prefill(self, tokens: torch.Tensor, lora: BatchLora | None, attend: Attend) -> torch.Tensor:
+        """One prompt, `tokens` [length]; returns the logits after its last token [1, vocab]."""
+        n = tokens.shape[0]
+        cos, sin = self.cos[:n, None], self.sin[:n, None]  # [length, 1, head_dim]
+        hidden = self._forward(tokens, lora, cos, sin, attend, batch=1, length=n)  # [length, hidden]
+        return self.logits(hidden[-1:])
+
+    def decode(
+        self, tokens: torch.Tensor, positions: torch.Tensor, lora: BatchLora | None, attend: Attend
+    ) -> torch.Tensor:
+        """One new token per sequence, `tokens` [batch] at `positions` [batch]; returns the
+        logits after each [batch, vocab]."""
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [batch, 1, head_dim]
+        hidden = self._forward(tokens, lora, cos, sin, attend, batch=tokens.shape[0], length=1)  # [batch, hidden]
+        return self.logits(hidden)
+
+    def logits(self, hidden):
+        """hidden [rows, hidden] -> logits [rows, vocab]."""
+        return _matmul(self._norm(hidden, self.final_norm), self.lm_head)
+
+    def _forward(self, tokens, lora: BatchLora | None, cos, sin, attend: Attend, *, batch: int, length: int):
+        """The decoder layers on `tokens` ([batch * length]); returns the final hidden states
+        [batch * length, hidden]. `cos` and `sin` are per token ([batch * length, 1, head_dim])."""
+        x = F.embedding(tokens, self.embed)  # [rows, hidden]
+        rows, heads = batch * length, self.num_heads + self.num_kv_heads
+        for index, weights in enumerate(self.layers):
+            h = self._norm(x, weights.input_norm)
+            qkv = self._project(h, weights.qkv, lora, index, "attn_in")  # [rows, q_size + 2 * kv_size]
+            # q and k rotated together: [rows, heads + kv_heads, head_dim]
+            qk = _rope(qkv[:, : self.q_size + self.kv_size].view(rows, heads, self.head_dim), cos, sin)
+            v = qkv[:, self.q_size + self.kv_size :].view(batch, length, self.num_kv_heads, self.head_dim)
+            q, k = qk.view(batch, length, heads, self.head_dim).split([self.num_heads, self.num_kv_heads], dim=2)
+            # q [batch, heads, length, head_dim]; k, v [batch, kv_heads, length, head_dim]
+            attended = attend(index, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            attended = attended.transpose(1, 2).reshape(rows, self.q_size)  # [rows, q_size]
+            x = x + self._project(attended, weights.o, lora, index, "attn_out")  # [rows, hidden]
+            h = self._norm(x, weights.post_attention_norm)
+            gate, up = self._project(h, weights.gate_up, lora, index, "mlp_in").split(self.intermediate, dim=-1)
+            x = x + self._project(F.silu(gate) * up, weights.down, lora, index, "mlp_out")  # [rows, hidden]
+        return x
+
+    def _norm(self, x, weight):
+        """RMSNorm as Llama computes it: in float32, scaled in the model's dtype."""
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, weight.shape, weight, self.eps)  # one fused op, the same arithmetic
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * x32.to(x.dtype)
+
+    def _project(self, x, weight: _Weight, lora: BatchLora | None, layer: int, group: str):
+        """x [rows, in] @ weight^T [in, out], plus each row's own LoRA update for the projections
+        of this input group (each one's slice of the fused output)."""
+        out = _matmul(x, weight)
+        if lora is None or group not in lora.a[layer]:
+            return out
+        xa = x @ lora.a[layer][group]  # [rows, columns of every adapter]
+        if (mask := lora.row_mask[group]) is not None:
+            xa = xa * mask
+        offset = 0
+        for proj in INPUT_GROUPS[group]:
+            size = self.out_sizes[proj]
+            if proj in lora.cols:
+                start, end = lora.cols[proj]
+                out[:, offset : offset + size].addmm_(xa[:, start:end], lora.b[layer][proj])
+            offset += size
+        return out
