@@ -12,8 +12,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from agent.adapters import AdapterCache, AdapterRef
+from agent.base_model import LoadedModel, load_base_model
 from agent.engine import Engine, TokenStream, in_fresh_thread
-from agent.model import LoadedModel, load_base_model
 from agent.prompt import END_OF_TURN, IncomingEmail, build_messages, fit_messages, prompt_token_ids
 from agent.repetition import RepetitionGuard
 from core.errors import RateLimited

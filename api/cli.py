@@ -56,7 +56,7 @@ def tenants_create(
     instructions_file: Annotated[Path | None, typer.Option(exists=True, dir_okay=False)] = None,
 ) -> None:
     """Create a tenant."""
-    from agent.model import load_tokenizer
+    from agent.base_model import load_tokenizer
     from agent.prompt import check_instructions
 
     if instructions_file is not None:
@@ -200,7 +200,7 @@ def datasets_export(
     split: Annotated[Split, typer.Option(help="train or heldout")] = Split.train,
 ) -> None:
     """Write a split's SFT rows as JSONL that datasets.load_dataset("json") and TRL read as they are."""
-    from agent.model import load_tokenizer
+    from agent.base_model import load_tokenizer
     from training.dataset import tenant_dataset, write_jsonl
 
     settings = get_settings()

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from agent.adapters import AdapterCache, AdapterRef, attach
+from agent.base_model import load_base_model
 from agent.drafting import Drafter, generate_greedy
 from agent.engine import in_fresh_thread
-from agent.model import load_base_model
 from agent.prompt import IncomingEmail
 from bench.report import save
 from core.settings import Settings

@@ -141,8 +141,8 @@ def compare_guards(tenant: str, run_id: int, settings) -> dict:
     GUARDS: loops, style, chrF, length stops."""
     from sqlalchemy import select
 
+    from agent.base_model import load_base_model
     from agent.drafting import Drafter
-    from agent.model import load_base_model
     from core.db import session_scope
     from training import registry
     from training.evaluate import greedy_drafts, score_drafts

@@ -35,7 +35,7 @@ ENV = {
 def set_up() -> dict[str, list[str]]:
     """Two groups of 8 tenants with agent keys: `mixed` with a champion adapter each, `base` without."""
     os.environ.update(ENV)
-    from agent.model import fingerprint, load_base_model, model_id, model_source
+    from agent.base_model import fingerprint, load_base_model, model_id, model_source
     from bench.decode import random_adapter
     from core.db import session_scope
     from core.settings import get_settings

@@ -83,7 +83,7 @@ def model_flops_per_token(reply_share: float) -> float:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from agent.model import model_source
+    from agent.base_model import model_source
     from core.settings import get_settings
 
     config = AutoConfig.from_pretrained(model_source(get_settings()), local_files_only=True)
@@ -97,7 +97,7 @@ def model_flops_per_token(reply_share: float) -> float:
 def measured(train) -> dict:
     """Run `train` (returning trained tokens, reply tokens, steps, seconds) between two timings of
     the ceiling, and report its throughput as a share of it."""
-    from agent.model import resolve_dtype
+    from agent.base_model import resolve_dtype
     from core.settings import get_settings
 
     dtype = resolve_dtype(get_settings().model_dtype)
@@ -120,7 +120,7 @@ def measured(train) -> dict:
 
 
 def train_rows(tenant_id: int) -> list[dict]:
-    from agent.model import load_tokenizer
+    from agent.base_model import load_tokenizer
     from core.db import session_scope
     from core.settings import get_settings
     from feedback.models import Split, Tenant
@@ -139,7 +139,7 @@ def reference(tenant_id: int) -> dict:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from agent.model import load_tokenizer, model_source
+    from agent.base_model import load_tokenizer, model_source
     from core.settings import get_settings
     from training.config import TrainConfig
     from training.train import load_training_base
@@ -194,7 +194,7 @@ def reference(tenant_id: int) -> dict:
 
 def timed_steps(tenant_id: int, overrides: dict) -> dict:
     """draftloop's training over a few steps of the sample's train rows (longest batch first)."""
-    from agent.model import load_tokenizer, model_source
+    from agent.base_model import load_tokenizer, model_source
     from core.settings import get_settings
     from training.config import TrainConfig
     from training.train import load_training_base, train_adapter

@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
 
+from agent.base_model import LoadedModel, load_base_model, load_tokenizer
 from agent.drafting import Drafter
-from agent.model import LoadedModel, load_base_model, load_tokenizer
 from core.db import make_engine
 from core.settings import Settings
 from migrations import upgrade

@@ -40,7 +40,12 @@ def make_draft(session: Session, tenant: Tenant, text: str = "Hello, thanks for 
 
 
 def make_correction(
-    session: Session, draft: Draft, key: ApiKey, verdict: Verdict, final_text: str | None = None
+    session: Session,
+    draft: Draft,
+    key: ApiKey,
+    verdict: Verdict,
+    final_text: str | None = None,
+    heldout_fraction: float = 0.2,
 ) -> Correction:
     correction, _ = service.submit_correction(
         session,
@@ -48,7 +53,7 @@ def make_correction(
         correction=service.CorrectionInput(verdict, final_text),
         reviewer_key=key,
         idempotency_key=None,
-        heldout_fraction=0.2,
+        heldout_fraction=heldout_fraction,
     )
     return correction
 

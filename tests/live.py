@@ -278,7 +278,7 @@ class Live:
 
 def tiny_base_model(folder: Path) -> Path:
     """The tests' tiny random Llama (tests/factories.py) saved in folder, for scripts outside pytest."""
-    from agent.model import load_tokenizer
+    from agent.base_model import load_tokenizer
     from core.settings import Settings
     from tests.factories import save_tiny_llama
 

@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 from transformers import PreTrainedTokenizerBase
 
 from agent.adapters import attach
+from agent.base_model import fingerprint, load_base_model, load_tokenizer, model_id, model_source
 from agent.drafting import Drafter
-from agent.model import fingerprint, load_base_model, load_tokenizer, model_id, model_source
 from core.db import Sessions, session_scope
 from core.errors import Conflict, NotFound
 from core.settings import Settings

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from agent.adapters import AdapterRef
-from agent.model import fingerprint, model_source
+from agent.base_model import fingerprint, model_source
 from core.errors import Conflict, DomainError, NotFound
 from core.settings import Settings
 from feedback.models import Tenant

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from agent.model import load_tokenizer
+from agent.base_model import load_tokenizer
 from core.errors import Conflict, NotFound
 from core.settings import Settings
 from feedback.models import Split

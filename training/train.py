@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
-from agent.model import nf4_quantization_config, resolve_dtype
+from agent.base_model import nf4_quantization_config, resolve_dtype
 from core.errors import Invalid
 from training import qlora
 from training.config import TrainConfig

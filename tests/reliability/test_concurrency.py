@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy.orm import Session
 from transformers import LlamaConfig
 
-from agent.model import fingerprint
+from agent.base_model import fingerprint
 from tests.factories import random_lora
 from training import registry
 from training.models import AdapterEvent, AdapterStatus

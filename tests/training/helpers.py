@@ -6,7 +6,7 @@ from sqlalchemy.orm import Session
 from core.db import session_scope
 from feedback import service
 from feedback.models import Role, Verdict
-from tests.factories import make_draft, make_key, make_tenant
+from tests.factories import make_correction, make_draft, make_key, make_tenant
 from training.runs import create_run
 
 STYLE = "Hi {name},\n\nThanks for writing about order {n}. It ships on Monday.\n\nRide safe,\nMarta"
@@ -32,15 +32,7 @@ def add_corrections(session: Session, tenant, count: int, reply=STYLE, verdict=V
             session, tenant, "draft", sender=f"Customer {n} <c{n}@example.com>", body=f"Where is order {n}?"
         )
         text = reply.format(name=f"Customer{n}", n=n) if reply else None
-        correction, _ = service.submit_correction(
-            session,
-            draft=draft,
-            correction=service.CorrectionInput(verdict, text),
-            reviewer_key=key,
-            idempotency_key=None,
-            heldout_fraction=0.25,
-        )
-        corrections.append(correction)
+        corrections.append(make_correction(session, draft, key, verdict, text, heldout_fraction=0.25))
     return corrections
 
 

@@ -1,8 +1,8 @@
 import pytest
 from fastapi.testclient import TestClient
 
+from agent.base_model import load_base_model
 from agent.drafting import Drafter
-from agent.model import load_base_model
 from api.app import create_app
 from api.deps import drafter, get_db
 from core.errors import Conflict

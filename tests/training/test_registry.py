@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from sqlalchemy.exc import IntegrityError
 
-from agent.model import fingerprint
+from agent.base_model import fingerprint
 from core.errors import Conflict
 from core.settings import Settings
 from tests.factories import make_tenant

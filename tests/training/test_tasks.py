@@ -13,8 +13,8 @@ from celery.contrib.testing.worker import start_worker
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from agent.base_model import load_base_model
 from agent.drafting import Drafter
-from agent.model import load_base_model
 from api.app import create_app
 from api.deps import drafter
 from core.db import session_scope

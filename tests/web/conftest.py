@@ -24,7 +24,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import delete
 from sqlalchemy.orm import Session, sessionmaker
 
-from agent.model import fingerprint, model_source
+from agent.base_model import fingerprint, model_source
 from api.app import create_app
 from core.db import committing
 from core.settings import get_settings

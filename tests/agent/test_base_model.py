@@ -4,8 +4,8 @@ import gguf
 import pytest
 import torch
 
+from agent.base_model import EMBEDDED_CACHE_NAME, EMBEDDED_MODEL_ID, load_base_model, load_tokenizer, publish_dir
 from agent.drafting import Drafter
-from agent.model import EMBEDDED_CACHE_NAME, EMBEDDED_MODEL_ID, load_base_model, load_tokenizer, publish_dir
 from agent.prompt import IncomingEmail
 from core.settings import Settings
 
@@ -87,6 +87,6 @@ def test_publish_dir_keeps_the_first_complete_copy(tmp_path):
 def _gguf_path() -> str:
     import importlib.util
 
-    from agent.model import EMBEDDED_GGUF_FILE, EMBEDDED_PACKAGE
+    from agent.base_model import EMBEDDED_GGUF_FILE, EMBEDDED_PACKAGE
 
     return f"{importlib.util.find_spec(EMBEDDED_PACKAGE).submodule_search_locations[0]}/{EMBEDDED_GGUF_FILE}"
