@@ -11,7 +11,7 @@ from agent.adapters import attach
 from agent.drafting import stop_token_ids
 from agent.engine import PLAIN_GREEDY
 from agent.repetition import RepetitionGuard, cycle_start
-from tests.agent.test_engine import engine_for, prompts
+from tests.agent.engines import engine_for, prompts
 
 
 def generate(model, tokenizer, prompt: list[int], max_new_tokens: int, **processors) -> list[int]:

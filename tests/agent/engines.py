@@ -1,0 +1,23 @@
+"""Engines on a test's model, and prompts for them to decode."""
+
+from agent.adapters import AdapterCache
+from agent.drafting import stop_token_ids
+from agent.engine import Engine
+from agent.prompt import IncomingEmail, build_messages, prompt_token_ids
+
+
+def prompts(tokenizer, count: int) -> list[list[int]]:
+    bodies = ["Where is order 1182?", "Can I return a helmet after 40 days?", "Thanks!", "My brakes squeal " * 5]
+    return [
+        prompt_token_ids(
+            tokenizer, build_messages("Be brief.", IncomingEmail("a@example.com", "Hi", body), quoted_history_chars=500)
+        )
+        for body in (bodies * count)[:count]
+    ]
+
+
+def engine_for(loaded, **overrides) -> Engine:
+    options = {"max_batch": 8, "max_queue": 16, "max_length": 512} | overrides
+    model = loaded.model
+    cache = AdapterCache(4, 2**30, num_layers=model.config.num_hidden_layers, dtype=model.dtype, device=model.device)
+    return Engine(model, stop_ids=stop_token_ids(model, loaded.tokenizer), adapters=cache, **options)
