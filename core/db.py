@@ -69,6 +69,16 @@ def get_engine() -> Engine:
     return make_engine(settings.resolved_database_url)
 
 
+def reading_engine(engine: Engine) -> Engine:
+    """The engine for transactions that only read: on SQLite they take no write lock."""
+    return engine.execution_options(**{READ_ONLY: True})
+
+
+@lru_cache
+def get_reading_engine() -> Engine:
+    return reading_engine(get_engine())
+
+
 @lru_cache
 def get_sessionmaker() -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(), expire_on_commit=False)
@@ -89,7 +99,7 @@ def committing(session: Session) -> Iterator[Session]:
 def session_scope(*, read_only: bool = False) -> Iterator[Session]:
     """A new session for one unit of work (a request, a task, a CLI command); with read_only, its
     transactions take no write lock on SQLite."""
-    bind = get_engine().execution_options(**{READ_ONLY: True}) if read_only else get_engine()
+    bind = get_reading_engine() if read_only else get_engine()
     with get_sessionmaker()(bind=bind) as session, committing(session):
         yield session
 

@@ -17,7 +17,7 @@ from agent.drafting import Drafter
 from agent.prompt import IncomingEmail
 from api.app import create_app
 from api.deps import drafter, get_sessions
-from core.db import READ_ONLY, committing
+from core.db import committing, reading_engine
 from feedback.models import Draft, Role, Tenant
 from tests.factories import make_key, make_tenant
 
@@ -65,7 +65,7 @@ def live(engine, tiny_drafter):
 
     @contextmanager
     def sessions(read_only: bool = False):
-        bind = engine.execution_options(**{READ_ONLY: True}) if read_only else engine
+        bind = reading_engine(engine) if read_only else engine
         with factory(bind=bind) as session, committing(session):
             yield session
 

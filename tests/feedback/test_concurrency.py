@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import db
-from core.db import READ_ONLY, as_domain_error, committing, make_engine
+from core.db import as_domain_error, committing, make_engine, reading_engine
 from core.errors import Conflict, Overloaded
 from feedback import service
 from feedback.models import ApiKey, Correction, Role, Verdict
@@ -71,7 +71,7 @@ def test_reads_take_no_write_lock_on_sqlite(sqlite_file):
     tenant_id, key_id, (first, _) = _setup(sqlite_file)
     with sqlite_file() as writer, committing(writer):
         _submit(writer, first, tenant_id, key_id, "Held.")  # holds the write lock
-        with sqlite_file(bind=sqlite_file.kw["bind"].execution_options(**{READ_ONLY: True})) as reader:
+        with sqlite_file(bind=reading_engine(sqlite_file.kw["bind"])) as reader:
             assert service.get_draft(reader, tenant_id, first).id == first  # not blocked
 
 
