@@ -15,7 +15,7 @@ from training.pipeline import execute_run
 from training.runs import create_run
 
 SLICE = 30
-QUICK = {"epochs": 2, "learning_rate": 2e-3, "batch_size": 4, "max_length": 512}
+QUICK = {"epochs": 3, "learning_rate": 2e-3, "batch_size": 4, "max_length": 512}
 
 
 def test_the_embedded_model_learns_the_house_style_on_a_slice(postgres_engine, model_settings, tmp_path):
@@ -32,7 +32,7 @@ def test_the_embedded_model_learns_the_house_style_on_a_slice(postgres_engine, m
             "adapter_dir": tmp_path / "adapters",
             "model_dtype": "auto",
             "gate_min_heldout": 4,
-            "eval_draft_examples": 2,
+            "eval_draft_examples": 4,
             "eval_max_new_tokens": 24,
         }
     )
@@ -51,4 +51,5 @@ def test_the_embedded_model_learns_the_house_style_on_a_slice(postgres_engine, m
         assert status == RunStatus.promoted, lines
         assert summary["candidate"]["nll"] < 0.9 * summary["base"]["nll"], summary
         assert registry.champion(session, tenant.id).training_run_id == run_id
-        assert run.report["drafts"][0]["candidate"].startswith("Hi "), run.report["drafts"][0]
+        # The house opening ("Hi <name>,") on most unseen emails, and more often than the base
+        assert summary["candidate"]["opening"] >= 0.75 > summary["base"]["opening"], run.report["drafts"]
