@@ -30,6 +30,7 @@ _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.w
 class AdapterRef:
     id: int  # the registry's adapter id: immutable, so a safe cache key
     path: Path  # a verified PEFT folder (adapter_config.json + adapter_model.safetensors)
+    name: str = ""  # the immutable name a remote server knows it by (training/registry.served_name)
 
 
 def attach(model: PreTrainedModel, adapter: AdapterRef) -> PreTrainedModel:

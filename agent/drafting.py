@@ -6,15 +6,18 @@ import dataclasses
 import math
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from agent.adapters import AdapterCache, AdapterRef
-from agent.base_model import LoadedModel, load_base_model
+from agent.base_model import LoadedModel, fingerprint, load_base_model, load_tokenizer, model_id, model_source
 from agent.engine import Engine, TokenStream, in_fresh_thread
 from agent.prompt import END_OF_TURN, IncomingEmail, build_messages, fit_messages, prompt_token_ids
+from agent.remote import RemoteBackend
 from agent.repetition import RepetitionGuard
 from core.errors import RateLimited
 from core.settings import Settings, get_settings
@@ -29,16 +32,36 @@ class DraftResult:
     finish_reason: str  # "stop" | "length" | "repetition" (a cycle the guard stopped)
 
 
-def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def stop_token_ids(generation_config: GenerationConfig, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """End-of-turn ids: the tokenizer's eos, the model's configured eos, and ChatML's <|im_end|>."""
     ids = {tokenizer.eos_token_id}
-    configured = model.generation_config.eos_token_id
+    configured = generation_config.eos_token_id
     ids.update(configured if isinstance(configured, list) else [configured])
     ids.add(tokenizer.get_vocab().get(END_OF_TURN))
     ids.discard(None)
     if not ids:
         raise ValueError("the tokenizer has no end-of-sequence token")
     return sorted(ids)
+
+
+class Backend(Protocol):
+    """What decodes drafts: the in-process engine (agent/engine.py) or a remote server
+    (agent/remote.py). `submit` raises `Overloaded` when no more work fits."""
+
+    name: str  # recorded on each draft: "local", or "remote <url>"
+
+    def submit(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        adapter: AdapterRef | None,
+        guard: RepetitionGuard,
+        on_finish: Callable[[], None] | None = None,
+    ) -> TokenStream: ...
+
+    def retry_after_s(self) -> int: ...
+
+    def close(self) -> None: ...
 
 
 @torch.inference_mode()
@@ -65,39 +88,83 @@ def generate_greedy(
 
 
 class Drafter:
-    """Drafts replies on the shared base model with each tenant's adapter, through the engine:
+    """Drafts replies on the shared base model with each tenant's adapter, through a backend:
     concurrent drafts (of any tenants) are decoded together in one batch."""
 
-    def __init__(self, loaded: LoadedModel, settings: Settings):
-        self.tokenizer = loaded.tokenizer
-        self.model_id = loaded.model_id
-        self.fingerprint = loaded.fingerprint
+    def __init__(
+        self,
+        *,
+        tokenizer: PreTrainedTokenizerBase,
+        model_id: str,
+        fingerprint: str,
+        backend: Backend,
+        settings: Settings,
+    ):
+        self.tokenizer, self.model_id, self.fingerprint = tokenizer, model_id, fingerprint
+        self.backend = backend
         self.settings = settings
         self.guard = RepetitionGuard(
             repetition_penalty=settings.repetition_penalty,
             no_repeat_ngram_size=settings.no_repeat_ngram_size,
             stop_cycles=settings.stop_repeating_cycles,
         )
-        self.stop_ids = stop_token_ids(loaded.model, loaded.tokenizer)
-        self.adapters = AdapterCache(
+        # Drafts in progress or waiting, per tenant, and the most one tenant may have
+        self.tenant_limit = max(1, math.floor(settings.tenant_draft_share * (settings.max_batch + settings.max_queue)))
+        self._in_flight: Counter[int] = Counter()
+        self._in_flight_lock = threading.Lock()
+
+    @classmethod
+    def local(cls, loaded: LoadedModel, settings: Settings) -> "Drafter":
+        """Drafting in this process, by the serving engine over the loaded weights."""
+        adapters = AdapterCache(
             settings.adapter_cache_count,
             settings.adapter_cache_mb * 2**20,
             num_layers=loaded.model.config.num_hidden_layers,
             dtype=loaded.model.dtype,
             device=loaded.model.device,
         )
-        self.engine = Engine(
+        engine = Engine(
             loaded.model,
-            stop_ids=self.stop_ids,
-            adapters=self.adapters,
+            stop_ids=stop_token_ids(loaded.model.generation_config, loaded.tokenizer),
+            adapters=adapters,
             max_batch=settings.max_batch,
             max_queue=settings.max_queue,
             max_length=settings.max_prompt_tokens + settings.max_new_tokens_limit,
         )
-        # Drafts in progress or waiting, per tenant, and the most one tenant may have
-        self.tenant_limit = max(1, math.floor(settings.tenant_draft_share * (settings.max_batch + settings.max_queue)))
-        self._in_flight: Counter[int] = Counter()
-        self._in_flight_lock = threading.Lock()
+        return cls(
+            tokenizer=loaded.tokenizer,
+            model_id=loaded.model_id,
+            fingerprint=loaded.fingerprint,
+            backend=engine,
+            settings=settings,
+        )
+
+    @classmethod
+    def remote(cls, settings: Settings) -> "Drafter":
+        """Drafting on the server at `remote_url`: this process loads the tokenizer, never the weights."""
+        if not settings.remote_url:
+            raise ValueError("drafting_backend is remote: set DRAFTLOOP_REMOTE_URL to the drafting server's address")
+        source = model_source(settings)
+        tokenizer = load_tokenizer(settings)
+        base_fingerprint = fingerprint(source)
+        backend = RemoteBackend(
+            url=settings.remote_url,
+            model=settings.remote_model,
+            api_key=settings.backend_api_key,
+            base_fingerprint=base_fingerprint,
+            stop_ids=stop_token_ids(GenerationConfig.from_pretrained(source, local_files_only=True), tokenizer),
+            max_in_flight=settings.max_batch + settings.max_queue,
+            publish_dir=settings.remote_publish_dir,
+            load_route=settings.remote_load_route,
+            timeout_s=settings.remote_timeout_s,
+        )
+        return cls(
+            tokenizer=tokenizer,
+            model_id=model_id(settings),
+            fingerprint=base_fingerprint,
+            backend=backend,
+            settings=settings,
+        )
 
     def prompt(self, instructions: str, email: IncomingEmail) -> list[int]:
         """The token ids the agent drafts from: the one prompt builder, fitted to the prompt budget."""
@@ -140,7 +207,7 @@ class Drafter:
         try:
             for prompt in prompts:
                 done = (lambda: self._give_back(tenant_id, 1)) if tenant_id is not None else None
-                streams.append(self.engine.submit(prompt, max_new_tokens, adapter, guard or self.guard, done))
+                streams.append(self.backend.submit(prompt, max_new_tokens, adapter, guard or self.guard, done))
         except BaseException:
             for stream in streams:
                 stream.cancel()
@@ -161,7 +228,7 @@ class Drafter:
                 raise RateLimited(
                     f"this tenant has {self._in_flight[tenant_id]} drafts in progress or waiting; its share of the "
                     f"drafting queue is {self.tenant_limit}: retry when some have finished",
-                    retry_after_s=self.engine.retry_after_s(),
+                    retry_after_s=self.backend.retry_after_s(),
                 )
             self._in_flight[tenant_id] += count
 
@@ -174,9 +241,9 @@ class Drafter:
                 del self._in_flight[tenant_id]
 
     def close(self) -> None:
-        """Finish the drafts in progress and stop the engine's thread (for one-off drafting,
+        """Finish the drafts in progress and stop the backend's threads (for one-off drafting,
         such as an evaluation inside a training worker)."""
-        self.engine.close()
+        self.backend.close()
 
     def text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
@@ -246,5 +313,8 @@ def get_drafter(settings: Settings | None = None) -> Drafter:
     with _drafter_lock:
         if _drafter is None:
             settings = settings or get_settings()
-            _drafter = in_fresh_thread(lambda: Drafter(load_base_model(settings), settings))
+            if settings.drafting_backend == "remote":
+                _drafter = Drafter.remote(settings)
+            else:
+                _drafter = in_fresh_thread(lambda: Drafter.local(load_base_model(settings), settings))
         return _drafter

@@ -106,6 +106,16 @@ class TokenStream:
             yield token
         self._raise_error()
 
+    async def started(self) -> None:
+        """Wait for the first token or the end; a stream that failed before its first token
+        raises here (so a route can answer with the error before a response has started)."""
+        while not self.tokens and not self._done.is_set():
+            self._wake.clear()
+            if not self.tokens and not self._done.is_set():
+                await self._wake.wait()
+        if not self.tokens:
+            self._raise_error()
+
     def result(self, timeout: float | None = None) -> list[int]:
         if not self._done.wait(timeout):
             raise TimeoutError("the draft did not finish in time")
@@ -115,6 +125,30 @@ class TokenStream:
     def _raise_error(self) -> None:
         if self.error is not None:
             raise self.error
+
+
+def emit(stream: TokenStream, token: int, stop_ids: set[int], guard: RepetitionGuard, max_new_tokens: int) -> bool:
+    """Hand a new token to its stream and finish the stream if the draft is done: at a stop
+    token, at a cycle the guard stops (the tokens end after its first copy), at the length
+    limit, or when the client cancelled. Every backend ends drafts by this one rule."""
+    stream._emit(token)
+    tokens = stream.tokens
+    reason = (
+        "stop"
+        if token in stop_ids
+        else "repetition"
+        if guard.stop_cycles and (start := cycle_start(tokens)) is not None
+        else "length"
+        if len(tokens) >= max_new_tokens
+        else "cancelled"
+        if stream.cancelled
+        else None
+    )
+    if reason == "repetition":
+        del tokens[start:]
+    if reason is not None:
+        stream._finish(reason)
+    return reason is not None
 
 
 @dataclass
@@ -138,6 +172,10 @@ class _Request:
 
 
 class Engine:
+    """The in-process backend (agent/drafting.Backend)."""
+
+    name = "local"
+
     def __init__(
         self,
         model: PreTrainedModel,
@@ -268,23 +306,7 @@ class Engine:
     def _emitted(self, slot: int) -> None:
         """Hand the row's new token to its stream; retire the row if it is done."""
         row = self._rows[slot]
-        row.stream._emit(row.next_token)
-        tokens = row.stream.tokens
-        reason = (
-            "stop"
-            if row.next_token in self.stop_ids
-            else "repetition"
-            if row.guard.stop_cycles and (start := cycle_start(tokens)) is not None
-            else "length"
-            if len(tokens) >= row.max_new_tokens
-            else "cancelled"
-            if row.stream.cancelled
-            else None
-        )
-        if reason == "repetition":
-            del tokens[start:]
-        if reason is not None:
-            row.stream._finish(reason)
+        if emit(row.stream, row.next_token, self.stop_ids, row.guard, row.max_new_tokens):
             self._durations.append(row.stream.finished_at - row.stream.submitted_at)
             self._retire(slot)
 

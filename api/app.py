@@ -11,7 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from api.body_limit import BodyLimit
 from api.rate_limit import KeyRateLimit
-from api.routes import admin, completions, drafts, health, review, training
+from api.routes import admin, completions, drafts, health, review, serving, training
 from api.web import PREFIX, create_web_app
 from core.db import as_domain_error
 from core.errors import Conflict, DomainError, RetryLater
@@ -63,7 +63,7 @@ def create_app() -> FastAPI:
         body = {"detail": error.message}
         if isinstance(error, Conflict) and isinstance(error.stored, dict):  # what a route shows of it
             body["stored"] = error.stored
-        if request.url.path in completions.PATHS:  # the error shape OpenAI clients read
+        if request.url.path in completions.PATHS + serving.PATHS:  # the error shape OpenAI clients read
             body = {"error": {"message": error.message, "type": type(error).__name__, "code": error.status_code}}
         return JSONResponse(body, status_code=error.status_code, headers=headers)
 
@@ -83,7 +83,7 @@ def create_app() -> FastAPI:
     app.state.rate_limit = KeyRateLimit(settings.redis_url, settings.rate_limit_per_key)
 
     app.include_router(health.router)
-    for module in (drafts, completions, review, training, admin):
+    for module in (drafts, completions, serving, review, training, admin):
         app.include_router(module.router, responses=ERRORS)
 
     @app.get("/", include_in_schema=False)

@@ -116,6 +116,7 @@ class DraftOut(BaseModel):
     draft_text: str
     base_model: str
     adapter_id: int | None
+    backend: str = Field(description='What decoded it: "local" (this server) or "remote <url>"')
     generation: dict
     prompt_tokens: int
     tokens_generated: int
@@ -286,3 +287,24 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+TokenId = Annotated[int, Interval(ge=0, le=2**31 - 1)]
+
+
+class TokenCompletionRequest(BaseModel):
+    """The subset of vLLM's /v1/completions the remote drafting backend sends (agent/remote.py)."""
+
+    model: str = Field(max_length=200, description="base, or an adapter's served name (tenant-<id>-v<NNNN>-<hash>)")
+    prompt: list[TokenId] = Field(min_length=1, description="The prompt as token ids of the base model's tokenizer")
+    max_tokens: int = Field(ge=1)
+    temperature: float | None = Field(None, description="Only 0: decoding is greedy")
+    stream: bool = False
+    stop_token_ids: list[TokenId] = Field(default_factory=list, description="Only the model's end-of-turn ids")
+    repetition_penalty: float | None = Field(None, ge=1.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    no_repeat_ngram_size: int | None = Field(None, ge=0, le=64)
+    return_token_ids: bool = False
+    skip_special_tokens: bool = True
+    base_fingerprint: str | None = Field(None, max_length=64, description="Refused unless it is this server's")

@@ -70,7 +70,7 @@ def random_adapter(model, folder: Path, seed: int = 0) -> AdapterRef:
 
 
 def time_engine(drafter: Drafter, prompt: list[int], adapter) -> dict:
-    drafter.engine.stop_ids = set()  # always NEW_TOKENS tokens, for timing
+    drafter.backend.stop_ids = set()  # always NEW_TOKENS tokens, for timing
     runs = []
     for _ in range(RUNS + 1):  # the first is a warm-up
         stream = drafter.submit(prompt, max_new_tokens=NEW_TOKENS, adapter=adapter)
@@ -106,7 +106,7 @@ def time_generate(model, prompt: list[int], pad_id: int) -> dict:
 def same_tokens(drafter: Drafter, model, prompt: list[int], adapter) -> bool:
     """The engine's greedy draft (with its real stop tokens) against generate's."""
     stops = sorted(drafter.stop_ids)
-    drafter.engine.stop_ids = set(stops)
+    drafter.backend.stop_ids = set(stops)
     ours = drafter.submit(prompt, max_new_tokens=NEW_TOKENS, adapter=adapter).result()
     theirs = in_fresh_thread(
         lambda: generate_greedy(model, [prompt], max_new_tokens=NEW_TOKENS, stop_ids=stops, pad_id=stops[0])[0]
@@ -123,7 +123,7 @@ def adapter_timings(drafter: Drafter, folder: Path, count: int = 8) -> dict:
     for i in range(count):
         shutil.copytree(folder, folder.parent / f"copy-{i}")
         refs.append(AdapterRef(100 + i, folder.parent / f"copy-{i}"))
-    engine = drafter.engine
+    engine = drafter.backend
     model_shape = {"num_layers": engine.model.num_layers, "dtype": engine.model.dtype, "device": engine.device}
     cold = []
     for ref in refs:
@@ -131,7 +131,7 @@ def adapter_timings(drafter: Drafter, folder: Path, count: int = 8) -> dict:
         started = time.perf_counter()
         cache.get(ref)
         cold.append(time.perf_counter() - started)
-    weights = [drafter.adapters.get(ref) for ref in refs]
+    weights = [drafter.backend.adapters.get(ref) for ref in refs]
     single, mixed = [], []
     for i in range(200):
         started = time.perf_counter()

@@ -158,7 +158,7 @@ def compare_guards(tenant: str, run_id: int, settings) -> dict:
     results = {}
     for name, overrides in GUARDS.items():
         guarded = settings.model_copy(update=overrides | {"max_queue": len(rows) + 1})
-        drafter = Drafter(loaded, guarded)
+        drafter = Drafter.local(loaded, guarded)
         started = time.perf_counter()
         try:
             drafts = greedy_drafts(drafter, rows, {"candidate": ref}, settings.eval_max_new_tokens)["candidate"]

@@ -58,3 +58,9 @@ class RateLimited(RetryLater):
     """This caller sent more than its share."""
 
     status_code = 429
+
+
+class UpstreamFailed(DomainError):
+    """A server draftloop drafts through answered with an error or nonsense (a bad gateway)."""
+
+    status_code = 502

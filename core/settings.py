@@ -60,6 +60,18 @@ class Settings(BaseSettings):
     secret_key: str = ""
     secure_cookies: bool = False
 
+    # Where drafts are decoded: "local", the in-process engine, or "remote", an OpenAI-compatible
+    # multi-LoRA server at remote_url (vLLM, or another draftloop process; agent/remote.py)
+    drafting_backend: Literal["local", "remote"] = "local"
+    remote_url: str = ""
+    remote_model: str = "base"  # the name it serves the base model under (vLLM: --served-model-name)
+    remote_publish_dir: Path | None = None  # adapters published for it (vLLM: VLLM_LORA_RESOLVER_CACHE_DIR)
+    remote_load_route: bool = False  # also load each through /v1/load_lora_adapter (VLLM_ALLOW_RUNTIME_LORA_UPDATING)
+    remote_timeout_s: float = Field(60, gt=0)  # the longest wait for the server's next bytes
+    # The bearer token between draftloop and its drafting server: sent to the remote server
+    # (vLLM: --api-key); a draftloop server answers /v1/completions only to this key
+    backend_api_key: str = ""
+
     # Feedback
     heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     max_request_bytes: int = Field(1_000_000, ge=1024)

@@ -100,6 +100,7 @@ class Draft(Base):
     draft_text: Mapped[str] = mapped_column(Text)
     base_model: Mapped[str] = mapped_column(String(200))
     adapter_id: Mapped[int | None] = mapped_column(Integer)
+    backend: Mapped[str] = mapped_column(String(200), server_default="local")  # "local" or "remote <url>"
     generation: Mapped[dict] = mapped_column(JSON)
     prompt_tokens: Mapped[int] = mapped_column(Integer)
     tokens_generated: Mapped[int] = mapped_column(Integer)

@@ -136,4 +136,4 @@ def tiny_model(tiny_settings) -> LoadedModel:
 
 @pytest.fixture(scope="session")
 def tiny_drafter(tiny_model, model_settings) -> Drafter:
-    return Drafter(tiny_model, model_settings)
+    return Drafter.local(tiny_model, model_settings)

@@ -230,7 +230,7 @@ def evaluate_run(context: RunContext, candidate_id: int, rows: list[dict]) -> Ev
     names = ["base", *(["champion"] if "champion" in refs else []), "candidate"]
     started = time.perf_counter()
     # The engine reads the base weights now, before PEFT wraps the model for the NLL below.
-    drafter = Drafter(loaded, settings.model_copy(update={"max_queue": max(settings.max_queue, len(sample))}))
+    drafter = Drafter.local(loaded, settings.model_copy(update={"max_queue": max(settings.max_queue, len(sample))}))
     try:
         drafts = greedy_drafts(drafter, sample, {name: refs.get(name) for name in names}, settings.eval_max_new_tokens)
     finally:

@@ -5,6 +5,7 @@ the database allows at most one champion per tenant."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -230,4 +231,26 @@ def serving_ref(settings: Settings, adapter: Adapter, base_fingerprint: str) -> 
     key = (adapter.id, adapter.content_hash, base_fingerprint)
     if key not in _verified:
         _verified[key] = verified_path(settings, adapter, base_fingerprint)
-    return AdapterRef(adapter.id, _verified[key])
+    return AdapterRef(adapter.id, _verified[key], served_name(adapter))
+
+
+_SERVED_NAME = re.compile(r"tenant-(\d{1,18})-v(\d{1,9})-([0-9a-f]{12})")
+
+
+def served_name(adapter: Adapter) -> str:
+    """The name a remote drafting server knows a version by: tenant, version and content hash,
+    so a name is never reused, not even by a registry rebuilt from scratch."""
+    return f"tenant-{adapter.tenant_id}-v{adapter.version:04d}-{adapter.content_hash[:12]}"
+
+
+def by_served_name(session: Session, name: str) -> Adapter:
+    """The version a served name stands for; NotFound if there is none (or its files differ)."""
+    match = _SERVED_NAME.fullmatch(name)
+    if match is None:
+        raise NotFound(f"no model {name!r}: adapters are served as tenant-<id>-v<NNNN>-<12 hex digits>")
+    adapter = session.scalar(
+        select(Adapter).where(Adapter.tenant_id == int(match[1]), Adapter.version == int(match[2]))
+    )
+    if adapter is None or not adapter.content_hash.startswith(match[3]):
+        raise NotFound(f"no model {name!r}")
+    return adapter

@@ -91,7 +91,9 @@ async def chat_completions(
         prompt, max_new_tokens=max_new_tokens, adapter=adapter, guard=guard, tenant_id=key.tenant_id
     )
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    if not request.stream:
+    if request.stream:
+        await stream.started()  # errors before the first token are answered as errors, not as a stream
+    else:
         await disconnect.finished(http, [stream])
         result = drafter.result(prompt, stream)
         return ChatCompletion(

@@ -58,6 +58,7 @@ def _store(session, job: _Job, drafter: Drafter, email: EmailIn, result: DraftRe
         draft_text=result.text,
         base_model=drafter.model_id,
         adapter_id=job.adapter.id if job.adapter else None,
+        backend=drafter.backend.name,
         generation={"max_new_tokens": job.max_new_tokens, "decoding": "greedy", **dataclasses.asdict(job.guard)},
         prompt_tokens=result.prompt_tokens,
         tokens_generated=result.tokens_generated,
@@ -141,6 +142,7 @@ async def stream_draft(
     stream = drafter.submit(
         prompt, max_new_tokens=job.max_new_tokens, adapter=job.adapter, guard=job.guard, tenant_id=job.tenant_id
     )
+    await stream.started()  # a backend that is overloaded or unreachable answers 503 before the stream starts
 
     def store() -> str:
         result = drafter.result(prompt, stream)

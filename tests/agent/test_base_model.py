@@ -18,7 +18,7 @@ def test_embedded_model_drafts_a_sensible_reply(embedded_model, model_settings):
         subject="Order #4411 not delivered",
         body="Hi,\n\nMy order #4411 was due last Friday but has not arrived. Where is it?\n\nThanks,\nAlice",
     )
-    result = Drafter(embedded_model, model_settings).draft("", email)
+    result = Drafter.local(embedded_model, model_settings).draft("", email)
     assert result.finish_reason == "stop"
     assert 5 < result.tokens_generated < model_settings.max_new_tokens
     assert "order" in result.text.lower() or "4411" in result.text

@@ -21,7 +21,7 @@ def email(body: str = "Can I change the delivery address for order 1182?") -> In
 
 
 def test_draft_returns_text_and_token_counts(tiny_model, tmp_path):
-    result = Drafter(tiny_model, settings(tmp_path)).draft("Be brief.", email())
+    result = Drafter.local(tiny_model, settings(tmp_path)).draft("Be brief.", email())
     messages = build_messages("Be brief.", email(), quoted_history_chars=2000)
     assert result.prompt_tokens == len(prompt_token_ids(tiny_model.tokenizer, messages))
     assert result.tokens_generated == 8  # settings.max_new_tokens
@@ -32,7 +32,7 @@ def test_draft_returns_text_and_token_counts(tiny_model, tmp_path):
 
 
 def test_max_new_tokens_is_bounded_by_the_limit(tiny_model, tmp_path):
-    drafter = Drafter(tiny_model, settings(tmp_path))
+    drafter = Drafter.local(tiny_model, settings(tmp_path))
     assert drafter.draft("", email(), max_new_tokens=3).tokens_generated == 3
     assert drafter.draft("", email(), max_new_tokens=32).tokens_generated == 32
     for bad in (33, 0):
@@ -43,7 +43,8 @@ def test_max_new_tokens_is_bounded_by_the_limit(tiny_model, tmp_path):
 def test_long_email_is_cut_to_max_prompt_tokens(tiny_model, tmp_path):
     tokenizer = tiny_model.tokenizer
     long_body = "Please read all of this carefully. " * 2000
-    result = Drafter(tiny_model, settings(tmp_path, max_prompt_tokens=200)).draft("Sign as Bob.", email(long_body))
+    drafter = Drafter.local(tiny_model, settings(tmp_path, max_prompt_tokens=200))
+    result = drafter.draft("Sign as Bob.", email(long_body))
     assert 190 <= result.prompt_tokens <= 200
 
     messages = build_messages("Sign as Bob.", email(long_body), quoted_history_chars=2000)
@@ -58,13 +59,13 @@ def test_long_email_is_cut_to_max_prompt_tokens(tiny_model, tmp_path):
 
 
 def test_instructions_longer_than_the_prompt_budget_are_refused(tiny_model, tmp_path):
-    drafter = Drafter(tiny_model, settings(tmp_path, max_prompt_tokens=64))
+    drafter = Drafter.local(tiny_model, settings(tmp_path, max_prompt_tokens=64))
     with pytest.raises(Invalid, match="leave no room for the email within the prompt budget of 64 tokens"):
         drafter.draft("Always be polite. " * 50, email())
 
 
 def test_concurrent_drafts_match_sequential_ones(tiny_model, tmp_path):
-    drafter = Drafter(tiny_model, settings(tmp_path, max_new_tokens=12))
+    drafter = Drafter.local(tiny_model, settings(tmp_path, max_new_tokens=12))
     emails = [
         email(f"Question {i}: when does order {1000 + 37 * i} ship to {city}?")
         for i, city in enumerate(["Oslo", "Lima", "Pune", "Kyiv", "Accra", "Perth"])
@@ -105,7 +106,7 @@ def test_one_tenant_cannot_take_the_whole_drafting_queue(tiny_model, tmp_path):
     """max_batch 2 + max_queue 2 at a share of 0.5: two drafts per tenant, then 429 for that
     tenant only, and its share comes back as its drafts end (also when cancelled)."""
     limits = {"max_batch": 2, "max_queue": 2, "tenant_draft_share": 0.5, "max_new_tokens_limit": 1000}
-    drafter = Drafter(tiny_model, settings(tmp_path, **limits))
+    drafter = Drafter.local(tiny_model, settings(tmp_path, **limits))
     prompt = drafter.prompt("", email())
     busy = drafter.submit_many([prompt, prompt], max_new_tokens=1000, tenant_id=1)
     while any(stream.first_token_at is None for stream in busy):  # both decoding: the queue is empty

@@ -14,7 +14,7 @@ from tests.agent.engines import engine_for, prompts
 
 
 def plain(model, tokenizer, prompt: list[int], max_new_tokens: int) -> list[int]:
-    stops = stop_token_ids(model, tokenizer)
+    stops = stop_token_ids(model.generation_config, tokenizer)
     return generate_greedy(model, [prompt], max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=stops[0])[0]
 
 

@@ -15,7 +15,7 @@ from tests.agent.engines import engine_for, prompts
 
 
 def generate(model, tokenizer, prompt: list[int], max_new_tokens: int, **processors) -> list[int]:
-    stops = stop_token_ids(model, tokenizer)
+    stops = stop_token_ids(model.generation_config, tokenizer)
     output = model.generate(
         input_ids=torch.tensor([prompt]),
         attention_mask=torch.ones(1, len(prompt), dtype=torch.long),

@@ -24,7 +24,7 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 @pytest.fixture(scope="session")
 def fuzz_drafter(tiny_model, model_settings) -> Drafter:
     """The tiny model drafting at most 4 tokens: the fuzzer exercises the routes, not long decodes."""
-    return Drafter(tiny_model, model_settings.model_copy(update={"max_new_tokens": 2, "max_new_tokens_limit": 4}))
+    return Drafter.local(tiny_model, model_settings.model_copy(update={"max_new_tokens": 2, "max_new_tokens_limit": 4}))
 
 
 @pytest.fixture

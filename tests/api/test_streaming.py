@@ -127,7 +127,7 @@ def _draft_of(factory, tenant_id: int) -> Draft | None:
 
 
 def test_a_full_queue_answers_503_with_retry_after(client, keys, tiny_model, model_settings):
-    busy = Drafter(tiny_model, model_settings.model_copy(update={"max_batch": 1, "max_queue": 1}))
+    busy = Drafter.local(tiny_model, model_settings.model_copy(update={"max_batch": 1, "max_queue": 1}))
     client.app.dependency_overrides[drafter] = lambda: busy
     prompt = busy.prompt("", IncomingEmail(**EMAIL))
     running = busy.submit(prompt, max_new_tokens=1000)

@@ -82,7 +82,7 @@ def test_the_next_draft_uses_the_champion(sessions, tenant_with_corrections, run
 
     app.dependency_overrides[get_db] = db
     # A model of its own: attaching an adapter changes the model object in place.
-    app.dependency_overrides[drafter] = lambda: Drafter(load_base_model(run_settings), run_settings)
+    app.dependency_overrides[drafter] = lambda: Drafter.local(load_base_model(run_settings), run_settings)
     app.dependency_overrides[get_settings] = lambda: run_settings
     email = {"sender": "Dana <d@example.com>", "subject": "Order", "body": "Where is order 7?", "max_new_tokens": 12}
     with TestClient(app) as client:

@@ -43,7 +43,7 @@ def wait_for(run_id: int, done, timeout=180) -> list[str]:
 def test_a_triggered_run_is_trained_by_the_worker_and_the_next_draft_uses_it(worker_settings):
     tenant, admin_key = tenant_with_history()
     app = create_app()
-    app.dependency_overrides[drafter] = lambda: Drafter(load_base_model(worker_settings), worker_settings)
+    app.dependency_overrides[drafter] = lambda: Drafter.local(load_base_model(worker_settings), worker_settings)
     with start_worker(celery_app, pool="solo", perform_ping_check=False), TestClient(app) as client:
         response = client.post("/v1/runs", json={"overrides": FAST}, headers={"X-API-Key": admin_key})
         assert response.status_code == 202 and response.json()["status"] == "queued"
@@ -173,7 +173,7 @@ def test_with_redis_down_work_is_stored_and_the_run_is_sent_when_redis_is_back(w
     _reconnect()
     tenant, admin_key = tenant_with_history(count=4)
     app = create_app()
-    app.dependency_overrides[drafter] = lambda: Drafter(load_base_model(worker_settings), worker_settings)
+    app.dependency_overrides[drafter] = lambda: Drafter.local(load_base_model(worker_settings), worker_settings)
     email = {"sender": "Dana <d@example.com>", "subject": "Order", "body": "Where is it?", "max_new_tokens": 4}
     with TestClient(app) as client:
         headers = {"X-API-Key": admin_key}
