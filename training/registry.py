@@ -4,10 +4,12 @@ the database allows at most one champion per tenant."""
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -19,6 +21,8 @@ from core.errors import Conflict, DomainError, NotFound
 from core.settings import Settings
 from feedback.models import Tenant
 from training.models import ACTIVE_RUN_STATUSES, Adapter, AdapterEvent, AdapterStatus, TrainingRun, utcnow
+
+log = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MAX_RANK = 256
@@ -53,13 +57,19 @@ def store_candidate(
     """Copy a trained adapter into the registry as the tenant's next version (a candidate).
 
     Only the two PEFT files are copied, into a temporary folder renamed into place, so a
-    version folder is either complete or absent, and never changes afterwards."""
+    version folder is either complete or absent, and never changes afterwards. The registry may
+    be a filesystem shared by many machines: the rename is atomic there too, and versions are
+    numbered under the tenant's row lock. A folder of the new number that no row records was
+    left by a writer that died between its rename and its commit; it is set aside, not reused."""
+    lock_tenant(session, tenant_id)
     version = (session.scalar(select(func.max(Adapter.version)).where(Adapter.tenant_id == tenant_id)) or 0) + 1
     tenant_dir = settings.adapter_dir.resolve() / f"tenant-{tenant_id}"
     tenant_dir.mkdir(parents=True, exist_ok=True)
     folder = tenant_dir / f"v{version:04d}"
     if folder.exists():
-        raise Conflict(f"adapter folder {folder} already exists; versions are immutable")
+        orphan = tenant_dir / f".orphan-{folder.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(folder, orphan)
+        log.warning("set aside %s, which no registered version records, as %s", folder, orphan.name)
     scratch = Path(tempfile.mkdtemp(prefix=".incoming-", dir=tenant_dir))
     try:
         for name in ADAPTER_FILES:
@@ -132,7 +142,7 @@ def champion(session: Session, tenant_id: int) -> Adapter | None:
 
 
 def lock_tenant(session: Session, tenant_id: int) -> None:
-    """Serialize changes of the tenant's champion: concurrent promotions and rollbacks wait for
+    """Serialize changes of the tenant's adapters: new versions, promotions and rollbacks wait for
     each other here (SQLite's write transactions are serialized already)."""
     session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
 

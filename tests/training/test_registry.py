@@ -159,3 +159,61 @@ def test_promotion_refuses_another_base_model_and_a_candidate_still_being_evalua
     with pytest.raises(Conflict, match=f"still being evaluated by run {run.id}"):
         registry.promote(session, settings, evaluated, actor="op", reason="by hand")
     assert champions(session, tenant) == []
+
+
+def test_a_folder_left_by_a_writer_that_died_before_its_commit_is_set_aside(session, settings, tmp_path):
+    tenant = make_tenant(session)
+    orphan = settings.adapter_dir.resolve() / f"tenant-{tenant.id}" / "v0001"
+    orphan.mkdir(parents=True)
+    (orphan / "adapter_config.json").write_text("{}")  # renamed into place, never committed
+    adapter = store(session, settings, tenant, tmp_path)
+    assert adapter.version == 1
+    assert registry.verified_path(settings, adapter, fingerprint(settings.base_model)) == orphan
+    aside = [p.name for p in orphan.parent.iterdir() if p.name.startswith(".orphan-v0001-")]
+    assert len(aside) == 1 and (orphan.parent / aside[0] / "adapter_config.json").read_text() == "{}"
+
+
+def test_writers_on_several_machines_share_one_registry(postgres_engine, tiny_base_dir, tmp_path):
+    """Processes storing versions of one tenant at once into one registry folder (as workers on
+    several machines do on a shared filesystem): each gets its own version, whole and verified."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from sqlalchemy.orm import Session
+
+    settings = Settings(base_model=str(tiny_base_dir), adapter_dir=tmp_path / "shared-registry")
+    with Session(postgres_engine) as session:
+        tenant_id = make_tenant(session).id
+        session.commit()
+    folders = [trained_dir(tmp_path) for _ in range(6)]
+    url = postgres_engine.url.render_as_string(hide_password=False)
+    with ProcessPoolExecutor(3) as pool:
+        versions = list(pool.map(_store_in_a_process, [(url, settings, tenant_id, f) for f in folders]))
+    assert sorted(versions) == [1, 2, 3, 4, 5, 6]
+    with Session(postgres_engine) as session:
+        for adapter in registry.list_adapters(session, tenant_id):
+            registry.verified_path(settings, adapter, fingerprint(settings.base_model))
+            assert adapter.content_hash == registry.content_hash(folders[versions.index(adapter.version)])
+
+
+def _store_in_a_process(job) -> int:
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    url, settings, tenant_id, folder = job
+    engine = create_engine(url)
+    with Session(engine) as session:
+        adapter = registry.store_candidate(
+            session,
+            settings,
+            tenant_id=tenant_id,
+            trained_dir=folder,
+            base_model="tiny",
+            base_fingerprint=fingerprint(settings.base_model),
+            config={},
+            train_snapshot_id=None,
+            training_run_id=None,
+        )
+        session.commit()
+        version = adapter.version
+    engine.dispose()
+    return version
