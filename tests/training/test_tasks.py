@@ -286,3 +286,11 @@ def test_the_training_worker_runs_each_task_in_a_fresh_process(worker_settings, 
         assert len(set.union(*pools)) == 3, pools  # each task ran in a process of its own, then a third waits
     finally:
         kill9(worker)
+
+
+def test_the_scheduling_worker_loads_no_torch():
+    """The worker for beat's tasks imports what the tasks module imports: torch only on a training worker."""
+    heavy = ("torch", "transformers", "peft", "trl")
+    script = f"import sys, training.tasks; print([m for m in {heavy!r} if m in sys.modules])"
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
