@@ -30,7 +30,8 @@ test: install browser
 
 serve: install
 	$(VENV)/bin/draftloop db upgrade
-	trap 'kill 0' EXIT; $(VENV)/bin/draftloop worker & $(VENV)/bin/draftloop beat & $(VENV)/bin/draftloop serve
+	trap 'kill 0' EXIT; $(VENV)/bin/draftloop worker --queue training & $(VENV)/bin/draftloop worker --queue scheduling & \
+		$(VENV)/bin/draftloop beat & $(VENV)/bin/draftloop serve
 
 bench: bench-serving bench-fidelity
 	$(PY) -m bench.train_sample

@@ -213,11 +213,21 @@ def datasets_export(
 
 
 @app.command()
-def worker(loglevel: str = "INFO") -> None:
-    """Run a Celery worker for training runs and the periodic tasks (one task at a time)."""
+def worker(
+    queue: Annotated[
+        str,
+        typer.Option(help="training: trains runs, one at a time, each in a fresh process; scheduling: beat's tasks"),
+    ],
+    loglevel: str = "INFO",
+) -> None:
+    """Run a Celery worker for one queue. Run one of each: a training run never delays the scheduling."""
+    from training.celery_app import WORKER_OPTIONS
     from training.celery_app import app as celery_app
 
-    celery_app.worker_main(["worker", "--loglevel", loglevel, "--concurrency", "1", "--pool", "prefork"])
+    if queue not in WORKER_OPTIONS:
+        raise typer.BadParameter(f"{queue!r}: one of {', '.join(WORKER_OPTIONS)}", param_hint="--queue")
+    options = ["--queues", queue, "--hostname", f"{queue}@%h", *WORKER_OPTIONS[queue]]
+    celery_app.worker_main(["worker", "--loglevel", loglevel, *options])
 
 
 @app.command()
@@ -233,7 +243,7 @@ def beat(loglevel: str = "INFO") -> None:
 
 @app.command()
 def demo() -> None:
-    """The whole loop on the embedded defaults, with a real worker and beat (about 10 minutes)."""
+    """The whole loop on the embedded defaults, with real workers and beat (about 10 minutes)."""
     from api.demo import run_demo
 
     run_demo()

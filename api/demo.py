@@ -1,5 +1,5 @@
 """The main job: the whole loop on the embedded defaults (SQLite, the local Redis, the embedded
-base model) with a real Celery worker and beat.
+base model) with real Celery workers (training and scheduling) and beat.
 
 A fresh demo tenant; the base model drafts replies to the sample tenant's incoming emails; the
 reviewers' corrections go in through the API; beat notices the new corrections and queues a
@@ -51,9 +51,9 @@ def _show(title: str, text: str, width: int = 100) -> None:
         typer.echo(textwrap.indent(textwrap.fill(line, width) if line else "", "    "))
 
 
-def _start(command: str, log: Path) -> subprocess.Popen:
+def _start(log: Path, *args: str) -> subprocess.Popen:
     handle = log.open("w")
-    return subprocess.Popen([sys.executable, "-m", "api.cli", command], stdout=handle, stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-m", "api.cli", *args], stdout=handle, stderr=subprocess.STDOUT)
 
 
 def run_demo() -> None:
@@ -77,13 +77,17 @@ def run_demo() -> None:
     from feedback.models import Role
     from feedback.samples import load_sample_tenant
     from migrations import upgrade
+    from training.celery_app import SCHEDULING_QUEUE, TRAINING_QUEUE
     from training.celery_app import app as celery_app
 
     settings = get_settings()
     upgrade(settings.resolved_database_url)
     celery_app.control.purge()
-    worker, beat = _start("worker", DEMO_DIR / "worker.log"), _start("beat", DEMO_DIR / "beat.log")
-    typer.echo(f"worker and beat started (logs in {DEMO_DIR}/); database {settings.resolved_database_url}")
+    processes = [
+        _start(DEMO_DIR / f"worker-{queue}.log", "worker", "--queue", queue)
+        for queue in (TRAINING_QUEUE, SCHEDULING_QUEUE)
+    ] + [_start(DEMO_DIR / "beat.log", "beat")]
+    typer.echo(f"workers and beat started (logs in {DEMO_DIR}/); database {settings.resolved_database_url}")
     mark("start")
     try:
         sample = load_sample_tenant()
@@ -183,9 +187,9 @@ def run_demo() -> None:
         typer.echo(f"\nThe whole loop took {total:.0f}s: " + _phases(phases))
         (DEMO_DIR / "phases.json").write_text(json.dumps(phases | {"total": total}))
     finally:
-        for process in (beat, worker):
+        for process in processes:
             process.terminate()
-        for process in (beat, worker):
+        for process in processes:
             try:
                 process.wait(30)
             except subprocess.TimeoutExpired:
@@ -224,7 +228,7 @@ def _follow(client, headers, run_id: int, started: float, timeout: float, mark) 
         if run["status"] in ("promoted", "rejected", "failed"):
             return run
         time.sleep(2)
-    raise RuntimeError(f"run {run_id} did not finish within {timeout}s; see {DEMO_DIR}/worker.log")
+    raise RuntimeError(f"run {run_id} did not finish within {timeout}s; see {DEMO_DIR}/worker-training.log")
 
 
 def _version(client, headers, adapter_id: int | None) -> str:

@@ -1,8 +1,9 @@
 """The fault suite: reviewers keep submitting corrections (and the email product keeps asking for
 drafts) through a live API while faults are injected, one per cycle, in turn:
 
-- worker_kill: kill -9 of the Celery worker mid-training, then a new worker (the sweep queues
-  the silent run again after DRAFTLOOP_STALE_AFTER_S);
+- worker_kill: kill -9 of the training worker mid-training (its pool child too), then a new
+  worker (the sweep, on the scheduling worker, queues the silent run again after
+  DRAFTLOOP_STALE_AFTER_S);
 - api_kill: kill -9 of the API while requests are in flight, then a new API process;
 - redis_restart: the suite's own redis-server killed and started again, empty;
 - db_drop: every connection to the PostgreSQL database terminated (pg_terminate_backend).
@@ -36,6 +37,7 @@ from sqlalchemy.orm import Session
 
 from feedback.models import Correction, Draft
 from tests.live import Live, RedisServer, drop_database, fresh_database, kill9, terminate_connections, wait_until
+from training.celery_app import SCHEDULING_QUEUE, TRAINING_QUEUE
 from training.models import ACTIVE_RUN_STATUSES, Adapter, AdapterEvent, AdapterStatus, TrainingRun
 
 KINDS = ("worker_kill", "api_kill", "redis_restart", "db_drop")
@@ -171,12 +173,13 @@ class Suite:
     kind: str  # sqlite or postgres
     faults: Counter = field(default_factory=Counter)
     missed: Counter = field(default_factory=Counter)  # faults whose moment did not come (a run ended first)
-    worker: object = None
+    worker: object = None  # the training worker
     api: object = None
 
     def start(self) -> None:
         self.api = self.live.start_api()
-        self.worker = self.live.start_worker()
+        self.worker = self.live.start_worker(TRAINING_QUEUE)
+        self.live.start_worker(SCHEDULING_QUEUE)
         self.live.start_beat()
 
     def stored_corrections(self) -> int:
@@ -204,7 +207,7 @@ class Suite:
                 self.missed[fault] += 1
                 return
             kill9(self.worker)
-            self.worker = self.live.start_worker()
+            self.worker = self.live.start_worker(TRAINING_QUEUE)
         elif fault == "api_kill":
             time.sleep(1.0)  # requests are in flight at any moment: the clients never pause
             kill9(self.api)

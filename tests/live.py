@@ -1,6 +1,7 @@
-"""A live draftloop for tests and benchmarks: the API (`draftloop serve`), a Celery worker and
-beat as real subprocesses, on a database of their own (a fresh SQLite file or PostgreSQL
-database, migrated) and a Redis of their own, with helpers to kill them (-9) and start them again.
+"""A live draftloop for tests and benchmarks: the API (`draftloop serve`), the Celery workers
+(`draftloop worker --queue training`, `--queue scheduling`) and beat as real subprocesses, on
+a database of their own (a fresh SQLite file or PostgreSQL database, migrated) and a Redis of
+their own, with helpers to kill them (-9) and start them again.
 
     with Live(fresh_database("postgres", folder), redis_url, folder, base_model=...) as live:
         live.start_api()
@@ -233,8 +234,9 @@ class Live:
         wait_until(ready, timeout, f"the API on port {self.port}")
         return process
 
-    def start_worker(self) -> subprocess.Popen:
-        return self.draftloop("worker", "worker", "--loglevel", "WARNING")
+    def start_worker(self, queue: str) -> subprocess.Popen:
+        """`draftloop worker --queue <queue>` (training or scheduling), logged to worker-<queue>.log."""
+        return self.draftloop(f"worker-{queue}", "worker", "--queue", queue, "--loglevel", "WARNING")
 
     def start_beat(self) -> subprocess.Popen:
         return self.draftloop("beat", "beat", "--loglevel", "WARNING")

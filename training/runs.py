@@ -9,12 +9,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from agent.base_model import load_tokenizer
 from core.errors import Conflict, NotFound
 from core.settings import Settings
 from feedback.models import Split
 from training.config import TrainConfig
-from training.dataset import build_dataset
 from training.models import ACTIVE_RUN_STATUSES, DatasetSnapshot, RunStatus, TrainingRun
 
 
@@ -63,6 +61,9 @@ def list_runs(session: Session, tenant_id: int, *, limit: int) -> list[TrainingR
 
 def export_snapshot(session: Session, snapshot_id: int, settings: Settings) -> str:
     """A stored dataset snapshot as JSONL, rebuilt from its corrections and checked against its hash."""
+    from agent.base_model import load_tokenizer  # torch and transformers: not for the scheduler's worker
+    from training.dataset import build_dataset
+
     snapshot = session.get(DatasetSnapshot, snapshot_id)
     dataset = build_dataset(
         session,

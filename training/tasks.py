@@ -10,7 +10,7 @@ from sqlalchemy import update
 from core.db import session_scope
 from core.settings import get_settings
 from training import scheduling
-from training.celery_app import app
+from training.celery_app import TRAINING_QUEUE, app
 from training.models import TrainingRun, utcnow
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,9 @@ TASK_ID_PREFIX = "train-run-"
 
 
 def waiting_in_broker() -> set[int]:
-    """Runs with a message waiting in the broker's queue: not lost, only behind other work."""
+    """Runs with a message waiting in the training queue: not lost, only behind other runs."""
     with app.connection_for_read() as connection:
-        messages = connection.default_channel.client.lrange(app.conf.task_default_queue, 0, -1)
+        messages = connection.default_channel.client.lrange(TRAINING_QUEUE, 0, -1)
     task_ids = (json.loads(message)["headers"]["id"] for message in messages)
     return {int(t[len(TASK_ID_PREFIX) :].split("-")[0]) for t in task_ids if t.startswith(TASK_ID_PREFIX)}
 
@@ -56,14 +56,16 @@ def train_run(run_id: int) -> str:
         raise
 
 
-@app.task(name="training.tasks.schedule_due_runs")
+# The periodic tasks are short and idempotent, and the next tick does their work again: each is
+# acknowledged when a worker takes it, never given back hours later (the visibility timeout).
+@app.task(name="training.tasks.schedule_due_runs", acks_late=False)
 def schedule_due_runs() -> list[int]:
     with session_scope() as session:
         created = scheduling.schedule_due_runs(session, get_settings())
     return enqueue(created)
 
 
-@app.task(name="training.tasks.sweep_runs")
+@app.task(name="training.tasks.sweep_runs", acks_late=False)
 def sweep_runs() -> list[int]:
     settings = get_settings()
     with session_scope() as session:
