@@ -67,7 +67,7 @@ def set_up() -> dict[str, list[str]]:
                         train_snapshot_id=None,
                         training_run_id=None,
                     )
-                    registry.promote(session, adapter, actor="bench", reason="bench")
+                    registry.promote(session, settings, adapter, actor="bench", reason="bench")
     return keys
 
 
