@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     secret_key: str = ""
     secure_cookies: bool = False
 
+    # GET /metrics: open when empty (scrape it on an internal network); else it needs this bearer token
+    metrics_token: str = ""
+
     # Feedback
     heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     max_request_bytes: int = Field(1_000_000, ge=1024)
