@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
+from core import metrics
+
 # The projections the engine can adapt, by the input they read: one fused matmul per input.
 INPUT_GROUPS = {
     "attn_in": ("q_proj", "k_proj", "v_proj"),
@@ -119,10 +121,14 @@ class AdapterCache:
             if weights is None:
                 weights = LoraWeights.load(ref, *self._load_args)
                 self.loads += 1
+                metrics.ADAPTER_LOADS.inc()
                 self._entries[ref.id] = weights
+            else:
+                metrics.ADAPTER_HITS.inc()
             self._entries.move_to_end(ref.id)
             while len(self._entries) > 1 and (len(self._entries) > self.max_count or self.nbytes > self.max_bytes):
                 self._entries.popitem(last=False)
+                metrics.ADAPTER_EVICTIONS.inc()
             return weights
 
     @property

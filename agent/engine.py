@@ -34,6 +34,7 @@ from agent.adapters import AdapterCache, AdapterRef, BatchStacker, LoraWeights
 from agent.kv_cache import KVCache
 from agent.llama import Llama
 from agent.repetition import RepetitionGuard, RowPenalties, cycle_start
+from core import metrics
 from core.errors import Overloaded
 
 PLAIN_GREEDY = RepetitionGuard()
@@ -69,6 +70,7 @@ class TokenStream:
     def _emit(self, token: int) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+            metrics.TIME_TO_FIRST_TOKEN.observe(self.first_token_at - self.submitted_at)
         self.tokens.append(token)
         self._put(token)
 
@@ -132,6 +134,7 @@ def emit(stream: TokenStream, token: int, stop_ids: set[int], guard: RepetitionG
     token, at a cycle the guard stops (the tokens end after its first copy), at the length
     limit, or when the client cancelled. Every backend ends drafts by this one rule."""
     stream._emit(token)
+    metrics.GENERATED_TOKENS.inc()
     tokens = stream.tokens
     reason = (
         "stop"
@@ -254,6 +257,7 @@ class Engine:
     def _run(self) -> None:
         closing = False
         while not closing or self._rows:
+            metrics.QUEUE_DEPTH.set(self._queue.qsize())
             waiting: list[_Request] = []
             if not self._rows and not closing:
                 waiting.append(self._queue.get())  # idle: sleep until a request comes
@@ -330,12 +334,15 @@ class Engine:
     @torch.inference_mode()
     def _step(self) -> None:
         rows = self._rows
+        started = time.perf_counter()
         tokens = torch.tensor([row.next_token for row in rows], device=self.device)
         positions = torch.tensor([row.length for row in rows], device=self.device)
         attend = self.cache.decode_attention(positions, span=max(row.length for row in rows) + 1)
         lora = self.stacker.stack([row.adapter for row in rows], rows=1)
         next_tokens = self._choose(self.model.decode(tokens, positions, lora, attend), rows)
         self.steps += 1
+        metrics.STEP_DURATION.observe(time.perf_counter() - started)
+        metrics.BATCH_SIZE.observe(len(rows))
         for row, token in zip(rows, next_tokens, strict=True):
             row.length += 1
             row.next_token = token

@@ -1,4 +1,4 @@
-"""The FastAPI application: routers, the error handlers, the request size limit."""
+"""The FastAPI application: routers, the error handlers, the request size limit, the request metrics."""
 
 import math
 
@@ -11,7 +11,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from api.body_limit import BodyLimit
 from api.rate_limit import KeyRateLimit
-from api.routes import admin, completions, drafts, health, review, serving, training
+from api.request_metrics import RequestMetrics
+from api.routes import admin, completions, drafts, health, metrics, review, serving, training
 from api.web import PREFIX, create_web_app
 from core.db import as_domain_error
 from core.errors import Conflict, DomainError, RetryLater
@@ -80,9 +81,11 @@ def create_app() -> FastAPI:
 
     settings = get_settings()
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestMetrics, routes=app.routes)  # outermost: it sees the body limit's 413s too
     app.state.rate_limit = KeyRateLimit(settings.redis_url, settings.rate_limit_per_key)
 
     app.include_router(health.router)
+    app.include_router(metrics.router)
     for module in (drafts, completions, serving, review, training, admin):
         app.include_router(module.router, responses=ERRORS)
 

@@ -1,6 +1,8 @@
 """The `draftloop` command line."""
 
 import json
+import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,7 +101,12 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     """Serve the HTTP API (docs at /docs). Each worker process loads the base model once."""
     import uvicorn
 
-    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers)
+    from core.metrics import MULTIPROC_DIR
+
+    with tempfile.TemporaryDirectory(prefix="draftloop-metrics-") as folder:
+        if workers > 1:  # they share the port: each writes its metrics to files in this folder, and
+            os.environ.setdefault(MULTIPROC_DIR, folder)  # a scrape of any of them answers the sum of all
+        uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers)
 
 
 def _parse_overrides(values: list[str]) -> dict:

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     # (vLLM: --api-key); a draftloop server answers /v1/completions only to this key
     backend_api_key: str = ""
 
+    # GET /metrics: open when empty (scrape it on an internal network); else it needs this bearer token
+    metrics_token: str = ""
+
     # Feedback
     heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     max_request_bytes: int = Field(1_000_000, ge=1024)

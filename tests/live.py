@@ -219,9 +219,9 @@ class Live:
         self.processes.append(process)
         return process
 
-    def start_api(self, timeout: float = 120) -> subprocess.Popen:
+    def start_api(self, timeout: float = 120, workers: int = 1) -> subprocess.Popen:
         """`draftloop serve` on self.port; returns once /readyz answers 200."""
-        process = self.draftloop("api", "serve", "--port", str(self.port))
+        process = self.draftloop("api", "serve", "--port", str(self.port), "--workers", str(workers))
 
         def ready() -> bool:
             if process.poll() is not None:
