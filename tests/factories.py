@@ -81,7 +81,7 @@ def save_tiny_llama(tokenizer, folder: Path) -> Path:
     return folder
 
 
-def random_lora(model_config, folder: Path, *, rank: int = 4, targets=None, seed: int = 0) -> Path:
+def random_lora(model_config, folder: Path, *, rank: int = 4, targets=None, seed: int = 0, std: float = 0.2) -> Path:
     """A PEFT LoRA adapter for a model of this config, with random (non-zero) B matrices."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
@@ -91,6 +91,6 @@ def random_lora(model_config, folder: Path, *, rank: int = 4, targets=None, seed
     model = get_peft_model(LlamaForCausalLM(model_config), LoraConfig(r=rank, lora_alpha=16, target_modules=targets))
     for name, parameter in model.named_parameters():
         if "lora_B" in name:  # trained adapters have non-zero B; fresh ones would change nothing
-            torch.nn.init.normal_(parameter, std=0.2)
+            torch.nn.init.normal_(parameter, std=std)
     model.save_pretrained(folder)
     return folder

@@ -108,7 +108,7 @@ def test_remote_drafts_are_token_identical_to_local_ones(server, tenant, local, 
     folder = tmp_path / "published" / ref.name
     assert ref.name == f"tenant-{adapter.tenant_id}-v{adapter.version:04d}-{adapter.content_hash[:12]}"
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "base"
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_base_dir)
     original, published = (
         load_file(ref.path / "adapter_model.safetensors"),
         load_file(folder / "adapter_model.safetensors"),
