@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install browser vllm demo test serve bench bench-serving bench-fidelity bench-load faults lint
+.PHONY: install browser vllm demo test serve bench bench-serving bench-vllm bench-fidelity bench-load faults lint
 
 install: $(VENV)/.installed
 
@@ -58,6 +58,10 @@ bench-fidelity: install
 bench-serving: install
 	$(PY) -m bench.decode
 	$(PY) -m bench.serving
+
+# The 8-tenant load through the in-process engine, then through the remote backend on vLLM.
+bench-vllm: install vllm
+	$(PY) -m bench.serving --vllm
 
 # Reliability (PostgreSQL and Redis must be up; each starts its own API, worker, beat and redis-server).
 # faults: 12 cycles of kill -9 / Redis restart / dropped connections under traffic, on PostgreSQL and SQLite.

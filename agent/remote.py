@@ -168,7 +168,7 @@ class RemoteBackend:
             return
         text = response.read().decode(errors="replace")[:500]
         if response.status_code in (429, 503):
-            retry = int(response.headers.get("retry-after", "1") or 1)
+            retry = int(value) if (value := response.headers.get("retry-after", "")).isdigit() else 1
             raise Overloaded(f"the drafting server is busy ({response.status_code}): {text}", retry_after_s=retry)
         raise UpstreamFailed(f"the drafting server at {self.url} answered {response.status_code}: {text}")
 

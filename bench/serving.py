@@ -4,11 +4,17 @@ against `draftloop serve`; then the same load from 8 tenants without adapters (t
 
 For concurrency 1, 4 and 16: aggregate new tokens/s, and p50/p95 request latency; the ratio of
 mixed-adapter to base-only throughput. Each request drafts a reply to a different sample email
-with up to 64 new tokens (prefill included in every figure).
+with up to 64 new tokens (prefill included in every figure). Then the cost of a version the
+server has never seen: a tenant's first one-token draft against the same draft again.
 
-Run: .venv/bin/python -m bench.serving   (about 5 minutes on 2 CPU cores)
+With --vllm, the same load also goes through the remote backend: `draftloop serve` drafting on
+a real vLLM (the CPU build, `make vllm`) on the same machine, both in float32 on all cores, one
+after the other; the unseen version's cost then includes publishing it for vLLM's resolver.
+
+Run: .venv/bin/python -m bench.serving [--vllm]   (about 5 minutes on 2 CPU cores; 12 with --vllm)
 """
 
+import argparse
 import asyncio
 import os
 import socket
@@ -33,7 +39,8 @@ ENV = {
 
 
 def set_up() -> dict[str, list[str]]:
-    """Two groups of 8 tenants with agent keys: `mixed` with a champion adapter each, `base` without."""
+    """Two groups of 8 tenants with agent keys: `mixed` with a champion adapter each, `base`
+    without; and `unseen`: one tenant per server, whose champion no server has drafted with yet."""
     os.environ.update(ENV)
     from agent.base_model import fingerprint, load_base_model, model_id, model_source
     from bench.decode import random_adapter
@@ -48,14 +55,14 @@ def set_up() -> dict[str, list[str]]:
     upgrade(settings.resolved_database_url)
     model = load_base_model(settings).model
     base_fingerprint = fingerprint(model_source(settings))
-    keys: dict[str, list[str]] = {"mixed": [], "base": []}
+    keys: dict[str, list[str]] = {"mixed": [], "base": [], "unseen": []}
     with session_scope() as session:
         for group in keys:
-            for i in range(TENANTS):
+            for i in range(TENANTS if group != "unseen" else 2):
                 tenant = service.create_tenant(session, name=f"{group} {i}", slug=f"{group}-{i}", instructions="")
                 keys[group].append(service.create_api_key(session, tenant, name="bench", role=Role.agent)[1])
-                if group == "mixed":
-                    trained = random_adapter(model, WORK / f"trained-{i}", seed=i)
+                if group != "base":
+                    trained = random_adapter(model, WORK / f"trained-{group}-{i}", seed=i + 100 * (group == "unseen"))
                     adapter = registry.store_candidate(
                         session,
                         settings,
@@ -71,14 +78,14 @@ def set_up() -> dict[str, list[str]]:
     return keys
 
 
-def serve() -> tuple[subprocess.Popen, str]:
+def serve(env: dict) -> tuple[subprocess.Popen, str]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
     server = subprocess.Popen(
         [sys.executable, "-m", "api.cli", "serve", "--port", str(port)],
-        env=os.environ | ENV,
+        env=os.environ | ENV | env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -127,28 +134,94 @@ async def load(url: str, keys: list[str], emails: list[dict], concurrency: int, 
     }
 
 
-def main() -> None:
-    from bench.report import save
-    from feedback.samples import load_sample_tenant
+async def first_draft_cost(url: str, key: str, email: dict) -> dict:
+    """A one-token draft of a tenant whose version this server has never seen, then the same again."""
+    async with httpx.AsyncClient(timeout=600) as http:
+        times = []
+        for _ in range(2):
+            started = time.perf_counter()
+            response = await http.post(
+                f"{url}/v1/drafts", json=email | {"max_new_tokens": 1}, headers={"X-API-Key": key}
+            )
+            response.raise_for_status()
+            times.append(time.perf_counter() - started)
+    return {
+        "first_s": round(times[0], 3),
+        "again_s": round(times[1], 3),
+        "load_ms": round(1000 * (times[0] - times[1])),
+    }
 
-    keys = set_up()
-    emails = [{"sender": e.sender, "subject": e.subject, "body": e.body} for e in load_sample_tenant().emails]
-    server, url = serve()
-    figures: dict = {"tenants": TENANTS, "max_new_tokens": NEW_TOKENS}
+
+def measure(env: dict, keys: dict[str, list[str]], unseen_key: str, emails: list[dict], label: str) -> dict:
+    """The whole load against one server started with env."""
+    server, url = serve(env)
+    figures: dict = {}
     try:
         asyncio.run(load(url, keys["mixed"], emails, 8, 8))  # warm-up: every adapter loaded once
         for concurrency in CONCURRENCY:
             requests = max(8, 2 * concurrency)
-            row = {group: asyncio.run(load(url, keys[group], emails, concurrency, requests)) for group in keys}
+            row = {
+                group: asyncio.run(load(url, keys[group], emails, concurrency, requests)) for group in ("mixed", "base")
+            }
             row["mixed_over_base"] = round(row["mixed"]["tokens_per_s"] / row["base"]["tokens_per_s"], 2)
             figures[f"concurrency_{concurrency}"] = row
-            print(concurrency, row, flush=True)
+            print(label, concurrency, row, flush=True)
+        figures["unseen_version"] = asyncio.run(first_draft_cost(url, unseen_key, emails[0]))
+        print(label, "unseen version", figures["unseen_version"], flush=True)
     finally:
         server.terminate()
         server.wait(30)
-    ratios = {c: figures[f"concurrency_{c}"]["mixed_over_base"] for c in CONCURRENCY}
+    return figures
+
+
+def main() -> None:
+    from bench.report import save
+    from feedback.samples import load_sample_tenant
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vllm", action="store_true", help="also through the remote backend on a real vLLM")
+    with_vllm = parser.parse_args().vllm
+    if with_vllm:  # the same precision on both sides
+        ENV["DRAFTLOOP_MODEL_DTYPE"] = "float32"
+    keys = set_up()
+    emails = [{"sender": e.sender, "subject": e.subject, "body": e.body} for e in load_sample_tenant().emails]
+    figures: dict = {"tenants": TENANTS, "max_new_tokens": NEW_TOKENS}
+    figures["local"] = measure({}, keys, keys["unseen"][0], emails, "local")
+    if with_vllm:
+        figures["vllm"] = measure_vllm(keys, emails)
+        figures["vllm_over_local_tokens_per_s"] = {
+            f"{c}/{group}": round(
+                figures["vllm"][f"concurrency_{c}"][group]["tokens_per_s"]
+                / figures["local"][f"concurrency_{c}"][group]["tokens_per_s"],
+                2,
+            )
+            for c in CONCURRENCY
+            for group in ("mixed", "base")
+        }
+    ratios = {c: figures["local"][f"concurrency_{c}"]["mixed_over_base"] for c in CONCURRENCY}
     figures["targets"] = {"mixed_over_base >= 0.9": ratios}
-    save("serving", figures)
+    save("serving-vllm" if with_vllm else "serving", figures)
+
+
+def measure_vllm(keys: dict[str, list[str]], emails: list[dict]) -> dict:
+    from agent.base_model import model_source
+    from core.settings import get_settings
+    from tests.vllm import VllmServer
+
+    published = WORK / "published"
+    model_dir = Path(model_source(get_settings()))
+    with VllmServer(
+        model_dir, published, WORK / "vllm.log", api_key="bench", max_loras=TENANTS, all_cores=True
+    ) as vllm:
+        env = {
+            "DRAFTLOOP_DRAFTING_BACKEND": "remote",
+            "DRAFTLOOP_REMOTE_URL": vllm.url,
+            "DRAFTLOOP_BACKEND_API_KEY": "bench",
+            "DRAFTLOOP_REMOTE_PUBLISH_DIR": str(published),
+        }
+        figures = measure(env, keys, keys["unseen"][1], emails, "vllm")
+        figures["server"] = {"command": " ".join(vllm.command[1:]), "threads": "all cores"}
+    return figures
 
 
 if __name__ == "__main__":

@@ -16,7 +16,18 @@ SERVED_NAME = "base"
 
 
 class VllmServer:
-    def __init__(self, model_dir: Path, publish_dir: Path, log: Path, *, api_key: str, max_loras: int = 4):
+    def __init__(
+        self,
+        model_dir: Path,
+        publish_dir: Path,
+        log: Path,
+        *,
+        api_key: str,
+        max_loras: int = 4,
+        all_cores: bool = False,
+    ):
+        """all_cores: the model's threads on every core (for benchmarks), instead of vLLM's
+        default of one core left to its API process."""
         if not VLLM_PYTHON.exists():
             raise RuntimeError(f"{VLLM_PYTHON} is missing: run `make vllm` (vLLM's CPU build, about 90 s)")
         self.port, self.api_key, self.publish_dir, self.log = free_port(), api_key, publish_dir, log
@@ -37,6 +48,8 @@ class VllmServer:
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
         }
+        if all_cores:
+            self.env |= {"VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 300) -> "VllmServer":

@@ -127,3 +127,25 @@ def test_the_drafting_routes_work_through_vllm(vllm, embedded_model, model_setti
     finally:
         remote.close()
         local.close()
+
+
+def test_an_adapter_published_outside_the_resolvers_folder_is_loaded_through_the_load_route(
+    vllm, embedded_model, model_settings, tmp_path
+):
+    """With remote_load_route the backend tells vLLM where the version is: the resolver, which
+    only looks in its own folder, cannot have found this one."""
+    settings = remote_settings(model_settings, vllm, tmp_path).model_copy(
+        update={"remote_publish_dir": tmp_path / "elsewhere", "remote_load_route": True}
+    )
+    folder = random_lora(embedded_model.model.config, tmp_path / "trained", rank=8, seed=9, std=0.02)
+    ref = AdapterRef(200, folder, name=f"tenant-0-v0009-{registry.content_hash(folder)[:12]}")
+    remote, local = Drafter.remote(settings), Drafter.local(embedded_model, settings)
+    batch = prompts(remote.tokenizer, 2)
+    try:
+        ours = [s.result(timeout=300) for s in remote.submit_many(batch, max_new_tokens=24, adapter=ref)]
+        theirs = [s.result(timeout=300) for s in local.submit_many(batch, max_new_tokens=24, adapter=ref)]
+    finally:
+        remote.close()
+        local.close()
+    assert ours == theirs
+    assert (tmp_path / "elsewhere" / ref.name).is_dir() and not (vllm.publish_dir / ref.name).exists()
