@@ -295,6 +295,21 @@ TokenId = Annotated[int, Interval(ge=0, le=2**31 - 1)]
 class TokenCompletionRequest(BaseModel):
     """The subset of vLLM's /v1/completions the remote drafting backend sends (agent/remote.py)."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "tenant-3-v0002-5f0c9a1e77b2",
+                    "prompt": [1, 9690, 198, 2683],
+                    "max_tokens": 256,
+                    "stream": True,
+                    "stop_token_ids": [2],
+                    "return_token_ids": True,
+                }
+            ]
+        }
+    )
+
     model: str = Field(max_length=200, description="base, or an adapter's served name (tenant-<id>-v<NNNN>-<hash>)")
     prompt: list[TokenId] = Field(min_length=1, description="The prompt as token ids of the base model's tokenizer")
     max_tokens: int = Field(ge=1)
