@@ -32,7 +32,7 @@ def test_the_embedded_model_learns_the_house_style_on_a_slice(postgres_engine, m
             "adapter_dir": tmp_path / "adapters",
             "model_dtype": "auto",
             "gate_min_heldout": 4,
-            "eval_draft_examples": 4,
+            "eval_draft_examples": 8,
             "eval_max_new_tokens": 24,
         }
     )
@@ -51,5 +51,8 @@ def test_the_embedded_model_learns_the_house_style_on_a_slice(postgres_engine, m
         assert status == RunStatus.promoted, lines
         assert summary["candidate"]["nll"] < 0.9 * summary["base"]["nll"], summary
         assert registry.champion(session, tenant.id).training_run_id == run_id
-        # The house opening ("Hi <name>,") on most unseen emails, and more often than the base
-        assert summary["candidate"]["opening"] >= 0.75 > summary["base"]["opening"], run.report["drafts"]
+        # Unseen emails (8) drafted closer to the reviewers' replies than the base drafts them, with the
+        # house opening ("Hi <name>,") on most (the base, following the instructions, sometimes
+        # opens so too: the held-out emails change with the ids the database gives)
+        assert summary["candidate"]["chrf"] > summary["base"]["chrf"], summary
+        assert summary["candidate"]["opening"] >= 0.75, run.report["drafts"]
