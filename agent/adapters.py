@@ -4,7 +4,12 @@ under its id never needs to be loaded again.
 Two consumers: training and evaluation attach adapters to the Hugging Face model with PEFT
 (`attach`); the serving engine reads the same files into per-layer matrices it applies itself,
 several adapters in one batch (`LoraWeights`), kept in a bounded LRU cache (`AdapterCache`);
-the adapters of a batch are stacked side by side (`BatchStacker`) into one `BatchLora`."""
+the adapters of a batch are stacked side by side (`BatchStacker`) into one `BatchLora`.
+
+An adapter is applied at a scale (its strength): W x + scale * (alpha / r) * B A x, PEFT's
+`LoraLayer.set_scale`. The engine folds the scale into B when it loads the adapter, so an
+adapter at two scales is two cache entries, and a batch mixes scales per row as it mixes
+adapters."""
 
 import re
 import threading
@@ -33,10 +38,16 @@ class AdapterRef:
     id: int  # the registry's adapter id: immutable, so a safe cache key
     path: Path  # a verified PEFT folder (adapter_config.json + adapter_model.safetensors)
     name: str = ""  # the immutable name a remote server knows it by (training/registry.served_name)
+    scale: float = 1.0  # multiplies the adapter's update (training/registry.serving_ref resolves it)
+
+    @property
+    def key(self) -> tuple[int, float]:
+        """What the engine caches it under: the same adapter at another scale is other weights."""
+        return self.id, self.scale
 
 
 def attach(model: PreTrainedModel, adapter: AdapterRef) -> PreTrainedModel:
-    """Load the adapter onto the model with PEFT (once) and make it the active one.
+    """Load the adapter onto the model with PEFT (once) and make it the active one, at its scale.
 
     The first adapter wraps the base in a PeftModel; later ones are added beside it. The base
     weights are shared and never copied."""
@@ -48,17 +59,29 @@ def attach(model: PreTrainedModel, adapter: AdapterRef) -> PreTrainedModel:
     elif name not in model.peft_config:
         model.load_adapter(str(adapter.path), adapter_name=name, is_trainable=False)
     model.set_adapter(name)
+    set_scale(model, name, adapter.scale)
     return model
+
+
+def set_scale(model: PreTrainedModel, adapter_name: str, scale: float) -> None:
+    """PEFT's scale of one adapter: each LoRA layer's scaling becomes scale * alpha / r (not
+    cumulative: setting 1.0 restores the trained scaling)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.set_scale(adapter_name, scale)
 
 
 @dataclass
 class LoraWeights:
     """One adapter as the engine applies it: for layer l and input group g, `a[l][g]` is the
     stacked A matrices of the group's projections, transposed ([in, sum of ranks]), and
-    `b[l][proj]` that projection's B, transposed and scaled ([rank, out]); its columns in
-    `a[l][g]` are `cols[proj]`."""
+    `b[l][proj]` that projection's B, transposed and scaled ([rank, out]: the LoRA scaling
+    times the adapter's scale, as PEFT's set_scale computes it); its columns in `a[l][g]` are
+    `cols[proj]`. `key` is its AdapterRef's (id, scale)."""
 
-    id: int
+    key: tuple[int, float]
     a: list[dict[str, torch.Tensor]]
     b: list[dict[str, torch.Tensor]]
     cols: dict[str, tuple[int, int]]
@@ -72,7 +95,7 @@ class LoraWeights:
         if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
             raise ValueError(f"adapter {ref.id}: DoRA and per-module rank or alpha patterns are not supported")
         rank = config["r"]
-        scaling = config["lora_alpha"] / (rank**0.5 if config.get("use_rslora") else rank)
+        scaling = ref.scale * config["lora_alpha"] / (rank**0.5 if config.get("use_rslora") else rank)
         tensors: dict[tuple[int, str, str], torch.Tensor] = {}
         for key, value in load_file(ref.path / "adapter_model.safetensors").items():
             match = _KEY.search(key)
@@ -96,14 +119,15 @@ class LoraWeights:
                 for proj in present:
                     b[layer][proj] = (tensors[layer, proj, "B"] * scaling).t().contiguous()
         nbytes = sum(t.numel() * t.element_size() for layer in a + b for t in layer.values())
-        return cls(id=ref.id, a=a, b=b, cols=cols, nbytes=nbytes)
+        return cls(key=ref.key, a=a, b=b, cols=cols, nbytes=nbytes)
 
 
 _ALL_PROJECTIONS = [proj for members in INPUT_GROUPS.values() for proj in members]
 
 
 class AdapterCache:
-    """Loaded adapters, least recently used evicted past `max_count` adapters or `max_bytes`.
+    """Loaded adapters by (id, scale), least recently used evicted past `max_count` adapters or
+    `max_bytes`.
 
     Rows being decoded hold their own reference, so evicting an adapter never disturbs a draft
     in progress; the next request for it loads it again (the base model is never reloaded)."""
@@ -111,21 +135,21 @@ class AdapterCache:
     def __init__(self, max_count: int, max_bytes: int, num_layers: int, dtype: torch.dtype, device: torch.device):
         self.max_count, self.max_bytes = max_count, max_bytes
         self._load_args = (num_layers, dtype, device)
-        self._entries: OrderedDict[int, LoraWeights] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, float], LoraWeights] = OrderedDict()
         self._lock = threading.Lock()
         self.loads = 0  # cold loads, for the benchmarks and tests
 
     def get(self, ref: AdapterRef) -> LoraWeights:
         with self._lock:
-            weights = self._entries.get(ref.id)
+            weights = self._entries.get(ref.key)
             if weights is None:
                 weights = LoraWeights.load(ref, *self._load_args)
                 self.loads += 1
                 metrics.ADAPTER_LOADS.inc()
-                self._entries[ref.id] = weights
+                self._entries[ref.key] = weights
             else:
                 metrics.ADAPTER_HITS.inc()
-            self._entries.move_to_end(ref.id)
+            self._entries.move_to_end(ref.key)
             while len(self._entries) > 1 and (len(self._entries) > self.max_count or self.nbytes > self.max_bytes):
                 self._entries.popitem(last=False)
                 metrics.ADAPTER_EVICTIONS.inc()
@@ -135,8 +159,8 @@ class AdapterCache:
     def nbytes(self) -> int:
         return sum(w.nbytes for w in self._entries.values())
 
-    def __contains__(self, adapter_id: int) -> bool:
-        return adapter_id in self._entries
+    def __contains__(self, key: tuple[int, float]) -> bool:
+        return key in self._entries
 
 
 @dataclass
@@ -158,22 +182,22 @@ class BatchStacker:
         self.dtype, self.device = dtype, device
         self._lora: BatchLora | None = None
         self._key: tuple | None = None
-        self._stacks: OrderedDict[tuple[int, ...], BatchLora] = OrderedDict()
+        self._stacks: OrderedDict[tuple[tuple[int, float], ...], BatchLora] = OrderedDict()
 
     def stack(self, adapters: list[LoraWeights | None], rows: int) -> BatchLora | None:
         """The stacked adapters of a batch, one entry of `adapters` per sequence of `rows` positions.
 
         Rebuilt only when the batch's composition changes (a request joins or leaves), not every
         step; a batch of one adapter needs no copy and no mask."""
-        key = (tuple(a.id if a else None for a in adapters), rows)
+        key = (tuple(a.key if a else None for a in adapters), rows)
         if key == self._key:
             return self._lora
-        present = sorted({a.id: a for a in adapters if a is not None}.values(), key=lambda a: a.id)
+        present = sorted({a.key: a for a in adapters if a is not None}.values(), key=lambda a: a.key)
         lora = None
         if len(present) == 1:
             lora = BatchLora(a=present[0].a, b=present[0].b, cols=present[0].cols)
         elif present:
-            ids = tuple(a.id for a in present)
+            ids = tuple(a.key for a in present)
             if ids not in self._stacks:
                 self._stacks[ids] = _stack(present)
                 if len(self._stacks) > 2:  # stacks are large: keep the current and the previous
@@ -236,7 +260,7 @@ def _adapter_cols(lora: BatchLora, present: list[LoraWeights], adapter: LoraWeig
     """Where one adapter's columns for a projection sit in the batch's stacked A."""
     start = lora.cols[proj][0]
     for other in present:
-        if other.id == adapter.id:
+        if other.key == adapter.key:
             return start, start + _width(other, proj)
         start += _width(other, proj)
-    raise KeyError(adapter.id)
+    raise KeyError(adapter.key)

@@ -13,7 +13,11 @@ on the server.
 Adapters are published for the server before their first use, into `publish_dir`, one folder
 per name in the layout vLLM's filesystem LoRA resolver reads (`VLLM_LORA_RESOLVER_CACHE_DIR`);
 with `load_route`, the server is also told to load the folder through its load-adapter route.
-A draftloop server reads the shared registry itself and needs neither."""
+A draftloop server reads the shared registry itself and needs neither.
+
+vLLM has no per-request LoRA scale: an adapter served at a scale other than 1 is published with
+the scale folded into its `lora_alpha` (vLLM's scaling is alpha / r, as PEFT's), under a name
+that carries the scale; a draftloop server reads the scale from the name."""
 
 import json
 import logging
@@ -192,7 +196,8 @@ class RemoteBackend:
         """Write the adapter's folder under its name, whole or not at all (a temporary folder
         renamed into place); a folder already there is the same version, never rewritten.
         The config names the base model's folder, which vLLM's resolver requires to be the
-        `--model` it serves: the same folder as this process's (a shared filesystem)."""
+        `--model` it serves: the same folder as this process's (a shared filesystem). The
+        adapter's scale is folded into lora_alpha (its name says the scale)."""
         folder = self.publish_dir / adapter.name
         if folder.is_dir():
             return folder
@@ -201,6 +206,8 @@ class RemoteBackend:
         try:
             config = json.loads((adapter.path / "adapter_config.json").read_text())
             config["base_model_name_or_path"] = self.base_path
+            if adapter.scale != 1.0:
+                config["lora_alpha"] = adapter.scale * config["lora_alpha"]
             (scratch / "adapter_config.json").write_text(json.dumps(config, indent=2))
             shutil.copyfile(adapter.path / "adapter_model.safetensors", scratch / "adapter_model.safetensors")
             scratch.chmod(0o755)

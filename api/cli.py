@@ -71,6 +71,33 @@ def tenants_create(
             typer.echo(f"created tenant {tenant.slug} (id {tenant.id})")
 
 
+@tenants_app.command("adapter-scale")
+def tenants_adapter_scale(
+    tenant: Annotated[str, typer.Option(help="Tenant slug")],
+    scale: Annotated[float | None, typer.Argument(help="In (0, 2], at most two decimals; none: show it")] = None,
+    clear: Annotated[bool, typer.Option(help="Serve each version at its own chosen scale again")] = False,
+) -> None:
+    """Show or set the scale every version of the tenant's adapters is served at; it wins over the
+    scale chosen for each version on its validation slice."""
+    from training import registry
+
+    if scale is not None and clear:
+        raise typer.BadParameter("give a scale or --clear, not both")
+    with _reported():
+        with session_scope() as session:
+            found = service.get_tenant_by_slug(session, tenant)
+            if scale is not None or clear:
+                service.set_adapter_scale(session, found, scale)
+            current = registry.champion(session, found.id)
+            if found.adapter_scale is not None:
+                typer.echo(
+                    f"{tenant}: every adapter version is served at scale {found.adapter_scale:g} (the tenant's setting)"
+                )
+            else:
+                champion = f"the champion v{current.version} at {current.scale:g}" if current else "no champion yet"
+                typer.echo(f"{tenant}: each adapter version is served at its chosen scale; {champion}")
+
+
 @keys_app.command("create")
 def keys_create(
     tenant: Annotated[str, typer.Option(help="Tenant slug")],
@@ -158,12 +185,13 @@ def adapters_list(tenant: Annotated[str, typer.Option(help="Tenant slug")]) -> N
 
     with session_scope() as session:
         rows = registry.list_adapters(session, service.get_tenant_by_slug(session, tenant).id)
-        typer.echo(f"{'version':>7}  {'status':<9}  {'NLL':>6}  {'chrF':>5}  {'run':>4}  created")
+        typer.echo(f"{'version':>7}  {'status':<9}  {'scale':>5}  {'NLL':>6}  {'chrF':>5}  {'run':>4}  created")
         for a in rows:
             nll, chrf = a.metrics.get("nll", float("nan")), a.metrics.get("chrf", float("nan"))
             created = a.created_at.strftime("%Y-%m-%d %H:%M")
             typer.echo(
-                f"{a.version:>7}  {a.status:<9}  {nll:>6.3f}  {chrf:>5.1f}  {a.training_run_id or '':>4}  {created}"
+                f"{a.version:>7}  {a.status:<9}  {a.scale:>5g}  {nll:>6.3f}  {chrf:>5.1f}  {a.training_run_id or '':>4}"
+                f"  {created}"
             )
 
 

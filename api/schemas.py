@@ -5,9 +5,10 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from annotated_types import Interval
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WrapValidator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WrapValidator
 
 from feedback.models import Role, Split, Verdict
+from feedback.service import MAX_ADAPTER_SCALE, check_adapter_scale
 from training.config import TrainOverrides
 
 # Every id and version column is a PostgreSQL `integer`: ids outside its range name nothing stored.
@@ -158,6 +159,12 @@ class NewKeyOut(KeyOut):
     key: str = Field(description="The API key itself; shown this once, only its hash is stored")
 
 
+ADAPTER_SCALE = (
+    "The strength every version of the tenant's adapters is served at (it multiplies the adapter's update); "
+    "null: each version at the scale chosen for it on its validation slice"
+)
+
+
 class TenantOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -165,14 +172,20 @@ class TenantOut(BaseModel):
     slug: str
     name: str
     instructions: str
+    adapter_scale: float | None = Field(description=ADAPTER_SCALE)
 
 
 class TenantUpdate(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"instructions": "You answer for Northwind ..."}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"instructions": "You answer for Northwind ..."}, {"adapter_scale": 0.75}]}
+    )
 
     name: text(strip=True, min_length=1, max_length=200) | None = None
     instructions: text(max_length=10_000) | None = Field(
         None, description="The system prompt for drafting; it must leave half of the prompt budget to the email"
+    )
+    adapter_scale: Annotated[float, Field(gt=0, le=MAX_ADAPTER_SCALE), AfterValidator(check_adapter_scale)] | None = (
+        Field(None, description=f"{ADAPTER_SCALE}; at most two decimals; send null to clear it")
     )
 
 
@@ -219,6 +232,7 @@ class AdapterOut(BaseModel):
     base_model: str
     training_run_id: int | None
     config: dict
+    scale: float = Field(description="The scale chosen on its validation slice; the tenant's adapter_scale wins")
     metrics: dict
     created_at: datetime
     promoted_at: datetime | None
@@ -273,6 +287,7 @@ class ChatCompletion(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    adapter_scale: float | None = Field(description="The scale the adapter was applied at; null for the base model")
     choices: list[dict]
     usage: dict
 
@@ -310,7 +325,9 @@ class TokenCompletionRequest(BaseModel):
         }
     )
 
-    model: str = Field(max_length=200, description="base, or an adapter's served name (tenant-<id>-v<NNNN>-<hash>)")
+    model: str = Field(
+        max_length=200, description="base, or an adapter's served name (tenant-<id>-v<NNNN>-<hash>[-s<scale>])"
+    )
     prompt: list[TokenId] = Field(min_length=1, description="The prompt as token ids of the base model's tokenizer")
     max_tokens: int = Field(ge=1)
     temperature: float | None = Field(None, description="Only 0: decoding is greedy")

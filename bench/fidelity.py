@@ -154,7 +154,7 @@ def compare_guards(tenant: str, run_id: int, settings) -> dict:
         run = session.get(TrainingRun, run_id)
         rows = [json.loads(line) for line in export_snapshot(session, run.heldout_snapshot_id, settings).splitlines()]
         adapter = session.scalar(select(Adapter).where(Adapter.training_run_id == run_id))
-        ref = registry.serving_ref(settings, adapter, loaded.fingerprint)
+        ref = registry.serving_ref(session, settings, adapter, loaded.fingerprint)
     results = {}
     for name, overrides in GUARDS.items():
         guarded = settings.model_copy(update=overrides | {"max_queue": len(rows) + 1})

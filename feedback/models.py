@@ -69,6 +69,9 @@ class Tenant(Base):
     slug: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str] = mapped_column(String(200))
     instructions: Mapped[str] = mapped_column(Text, default="")
+    # The strength every version of the tenant's adapters is served at; None: each version's own
+    # scale, chosen on its validation slice (adapters.scale)
+    adapter_scale: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -16,6 +16,7 @@ from feedback.models import ApiKey, Correction, Draft, Role, Split, Tenant, Verd
 
 KEY_PREFIX = "dl_"
 SLUG_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
+MAX_ADAPTER_SCALE = 2.0
 
 
 # Tenants -----------------------------------------------------------------------------------
@@ -36,6 +37,21 @@ def get_tenant_by_slug(session: Session, slug: str) -> Tenant:
     tenant = session.scalar(select(Tenant).where(Tenant.slug == slug))
     if tenant is None:
         raise NotFound(f"no tenant with slug {slug!r}")
+    return tenant
+
+
+def check_adapter_scale(scale: float) -> float:
+    """A scale an adapter may be served at: in (0, 2], with at most two decimals (it is part of
+    the name a remote server knows the scaled adapter by, training/registry.served_name)."""
+    if not 0 < scale <= MAX_ADAPTER_SCALE or round(scale, 2) != scale:
+        raise Invalid(f"the adapter scale must be in (0, {MAX_ADAPTER_SCALE:g}] with at most two decimals, not {scale}")
+    return scale
+
+
+def set_adapter_scale(session: Session, tenant: Tenant, scale: float | None) -> Tenant:
+    """Serve every version of the tenant's adapters at `scale`; None: each at its own chosen scale."""
+    tenant.adapter_scale = check_adapter_scale(scale) if scale is not None else None
+    session.flush()
     return tenant
 
 

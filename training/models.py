@@ -115,6 +115,8 @@ class Adapter(Base):
     train_snapshot_id: Mapped[int | None] = mapped_column(ForeignKey("dataset_snapshots.id"))
     training_run_id: Mapped[int | None] = mapped_column(ForeignKey("training_runs.id"))
     config: Mapped[dict] = mapped_column(JSON)
+    # The strength it is served at unless its tenant sets one: chosen on the validation slice
+    scale: Mapped[float] = mapped_column(Float, default=1.0, server_default="1.0")
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

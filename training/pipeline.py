@@ -65,6 +65,7 @@ class EvaluationReport:
 
     run_id: int
     versions: Versions
+    scales: dict[str, float]  # model -> the scale its adapter was scored at (as it is served)
     heldout_examples: int
     drafted_examples: int
     summary: dict[str, dict[str, float]]  # model -> its totals (_summary)
@@ -188,6 +189,7 @@ def _train_candidate(
                 config=config.as_dict(),
                 train_snapshot_id=train_snapshot_id,
                 training_run_id=run_id,
+                scale=result.selection["scale"],
             )
             run.status, run.heartbeat_at = RunStatus.evaluating, utcnow()
             candidate_id = candidate.id
@@ -196,6 +198,12 @@ def _train_candidate(
         f"run {run_id}: trained {result.steps} steps in {result.seconds:.0f}s "
         f"({tokens_per_s:.0f} tokens/s); evaluating on held-out"
     )
+    if tried := result.selection["scales_tried"]:
+        scores = ", ".join(f"{t['scale']:g}: {t['validation_nll']:.4f}" for t in tried)
+        echo(
+            f"  adapter scale {result.selection['scale']:g} chosen by validation NLL ({scores}; "
+            f"{result.selection['scale_seconds']:.0f}s)"
+        )
     plots.loss_curve(result.loss_history, run_dir(settings, run_id) / "loss.png", f"run {run_id} training loss")
     return candidate_id, {
         "rows": len(train.rows),
@@ -212,15 +220,16 @@ def _train_candidate(
 
 def evaluate_run(context: RunContext, candidate_id: int, rows: list[dict]) -> EvaluationReport:
     """Score the base model, the champion (if any) and the candidate on the held-out rows (NLL
-    of each; greedy drafts of the first few), and let the gate decide."""
+    of each; greedy drafts of the first few), each adapter at the scale it would be served at,
+    and let the gate decide."""
     attempt, settings, echo, run_id = context.attempt, context.settings, context.echo, context.run_id
     loaded = load_base_model(settings)
     with attempt.sessions() as session:
         candidate = session.get(Adapter, candidate_id)
         current = registry.champion(session, context.tenant_id)
-        refs = {"candidate": registry.serving_ref(settings, candidate, loaded.fingerprint)}
+        refs = {"candidate": registry.serving_ref(session, settings, candidate, loaded.fingerprint)}
         if current is not None:
-            refs["champion"] = registry.serving_ref(settings, current, loaded.fingerprint)
+            refs["champion"] = registry.serving_ref(session, settings, current, loaded.fingerprint)
         versions = Versions(
             candidate=candidate.version,
             champion=current.version if current else None,
@@ -244,8 +253,9 @@ def evaluate_run(context: RunContext, candidate_id: int, rows: list[dict]) -> Ev
             model = attach(model, refs[name])
         scores[name] = {"nll": example_nll(model, loaded.tokenizer, rows), **score_drafts(drafts[name], sample)}
         attempt.beat()
+        at = f" (scale {refs[name].scale:g})" if name != "base" else ""
         echo(
-            f"  {name}: held-out NLL {_mean(scores[name]['nll']):.3f}, chrF {_mean(scores[name]['chrf']):.1f}, "
+            f"  {name}{at}: held-out NLL {_mean(scores[name]['nll']):.3f}, chrF {_mean(scores[name]['chrf']):.1f}, "
             f"loops {sum(scores[name]['loops'])}/{len(sample)}, opening {_mean(scores[name]['opening']):.0%}, "
             f"closing {_mean(scores[name]['closing']):.0%} ({time.perf_counter() - started:.0f}s)"
         )
@@ -268,6 +278,7 @@ def evaluate_run(context: RunContext, candidate_id: int, rows: list[dict]) -> Ev
     return EvaluationReport(
         run_id=run_id,
         versions=versions,
+        scales={name: ref.scale for name, ref in refs.items()},
         heldout_examples=len(rows),
         drafted_examples=len(sample),
         summary={name: _summary(s) for name, s in scores.items()},
@@ -348,7 +359,7 @@ def evaluate_tenant(slug: str, settings: Settings, *, sessions: Sessions = sessi
         tenant = get_tenant_by_slug(session, slug)
         heldout = tenant_dataset(session, tenant, Split.heldout, loaded.tokenizer, settings)
         current = registry.champion(session, tenant.id)
-        ref = registry.serving_ref(settings, current, loaded.fingerprint) if current else None
+        ref = registry.serving_ref(session, settings, current, loaded.fingerprint) if current else None
         versions = [
             {"label": f"v{a.version}", "nll": a.metrics["nll"], "status": a.status}
             for a in registry.list_adapters(session, tenant.id)
@@ -362,7 +373,10 @@ def evaluate_tenant(slug: str, settings: Settings, *, sessions: Sessions = sessi
             example_nll(attach(loaded.model, ref), loaded.tokenizer, heldout.rows)
         )
     for name, nll in scores.items():
-        echo(f"{name}: held-out NLL {nll:.3f} on {len(heldout.rows)} examples (snapshot {heldout.content_hash[:12]})")
+        at = f", scale {ref.scale:g}" if name != "base" else ""
+        echo(
+            f"{name}: held-out NLL {nll:.3f} on {len(heldout.rows)} examples (snapshot {heldout.content_hash[:12]}{at})"
+        )
     path = settings.reports_dir / f"{slug}-versions.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     points = [{"label": "base", "nll": scores["base"], "status": "retired"}, *versions]

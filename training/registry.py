@@ -20,6 +20,7 @@ from agent.base_model import fingerprint, model_source
 from core.errors import Conflict, DomainError, NotFound
 from core.settings import Settings
 from feedback.models import Tenant
+from feedback.service import MAX_ADAPTER_SCALE
 from training.models import ACTIVE_RUN_STATUSES, Adapter, AdapterEvent, AdapterStatus, TrainingRun, utcnow
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,10 @@ def store_candidate(
     config: dict,
     train_snapshot_id: int | None,
     training_run_id: int | None,
+    scale: float = 1.0,
 ) -> Adapter:
-    """Copy a trained adapter into the registry as the tenant's next version (a candidate).
+    """Copy a trained adapter into the registry as the tenant's next version (a candidate), to
+    be served at `scale` unless its tenant sets one.
 
     Only the two PEFT files are copied, into a temporary folder renamed into place, so a
     version folder is either complete or absent, and never changes afterwards. The registry may
@@ -93,6 +96,7 @@ def store_candidate(
         train_snapshot_id=train_snapshot_id,
         training_run_id=training_run_id,
         config=config,
+        scale=scale,
     )
     session.add(adapter)
     session.flush()
@@ -233,34 +237,51 @@ _verified: dict[tuple[int, str, str], Path] = {}
 def champion_ref(session: Session, settings: Settings, tenant_id: int, base_fingerprint: str) -> AdapterRef | None:
     """The tenant's champion as the agent loads it, or None: the tenant drafts with the base model."""
     current = champion(session, tenant_id)
-    return serving_ref(settings, current, base_fingerprint) if current is not None else None
+    return serving_ref(session, settings, current, base_fingerprint) if current is not None else None
 
 
-def serving_ref(settings: Settings, adapter: Adapter, base_fingerprint: str) -> AdapterRef:
-    """The adapter as the agent loads it, verified once per process (versions are immutable)."""
+def served_scale(session: Session, adapter: Adapter) -> float:
+    """The scale a version is served at: its tenant's setting when there is one, else the scale
+    chosen for it on its validation slice."""
+    override = session.get(Tenant, adapter.tenant_id).adapter_scale
+    return override if override is not None else adapter.scale
+
+
+def serving_ref(session: Session, settings: Settings, adapter: Adapter, base_fingerprint: str) -> AdapterRef:
+    """The adapter as the agent loads it, at the scale it is served at (served_scale)."""
+    return _ref(settings, adapter, base_fingerprint, served_scale(session, adapter))
+
+
+def _ref(settings: Settings, adapter: Adapter, base_fingerprint: str, scale: float) -> AdapterRef:
+    """Verified once per process (versions are immutable)."""
     key = (adapter.id, adapter.content_hash, base_fingerprint)
     if key not in _verified:
         _verified[key] = verified_path(settings, adapter, base_fingerprint)
-    return AdapterRef(adapter.id, _verified[key], served_name(adapter))
+    return AdapterRef(adapter.id, _verified[key], served_name(adapter, scale), scale)
 
 
-_SERVED_NAME = re.compile(r"tenant-(\d{1,18})-v(\d{1,9})-([0-9a-f]{12})")
+_SERVED_NAME = re.compile(r"tenant-(\d{1,18})-v(\d{1,9})-([0-9a-f]{12})(?:-s(\d(?:\.\d{1,2})?))?")
 
 
-def served_name(adapter: Adapter) -> str:
-    """The name a remote drafting server knows a version by: tenant, version and content hash,
-    so a name is never reused, not even by a registry rebuilt from scratch."""
-    return f"tenant-{adapter.tenant_id}-v{adapter.version:04d}-{adapter.content_hash[:12]}"
+def served_name(adapter: Adapter, scale: float) -> str:
+    """The name a remote drafting server knows a version at a scale by: tenant, version, content
+    hash and, other than 1, the scale (vLLM has no per-request scale: agent/remote.py publishes
+    it folded into the adapter), so a name is never reused, not even by a registry rebuilt from
+    scratch."""
+    name = f"tenant-{adapter.tenant_id}-v{adapter.version:04d}-{adapter.content_hash[:12]}"
+    return name if scale == 1.0 else f"{name}-s{scale:g}"
 
 
-def by_served_name(session: Session, name: str) -> Adapter:
-    """The version a served name stands for; NotFound if there is none (or its files differ)."""
+def ref_by_served_name(session: Session, settings: Settings, name: str, base_fingerprint: str) -> AdapterRef:
+    """The version a served name stands for, at the name's scale (the front server resolved it),
+    as the agent loads it; NotFound if there is none (or its files differ)."""
     match = _SERVED_NAME.fullmatch(name)
     if match is None:
-        raise NotFound(f"no model {name!r}: adapters are served as tenant-<id>-v<NNNN>-<12 hex digits>")
+        raise NotFound(f"no model {name!r}: adapters are served as tenant-<id>-v<NNNN>-<12 hex digits>[-s<scale>]")
     adapter = session.scalar(
         select(Adapter).where(Adapter.tenant_id == int(match[1]), Adapter.version == int(match[2]))
     )
-    if adapter is None or not adapter.content_hash.startswith(match[3]):
+    scale = float(match[4] or 1)
+    if adapter is None or not adapter.content_hash.startswith(match[3]) or not 0 < scale <= MAX_ADAPTER_SCALE:
         raise NotFound(f"no model {name!r}")
-    return adapter
+    return _ref(settings, adapter, base_fingerprint, scale)

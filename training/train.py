@@ -6,7 +6,9 @@ are the reply plus the end-of-turn token, and the model learns to stop.
 Chosen by validation, never by the held-out set (which train_adapter never sees): a slice of
 the train rows is set aside; each learning rate tried trains the first steps of its schedule and
 the one with the lowest validation NLL trains in full; the adapter kept is the epoch with the
-lowest validation NLL, and training stops once an epoch makes it worse.
+lowest validation NLL, and training stops once an epoch makes it worse; last, the kept adapter's
+validation NLL is scored at each scale of SCALES (its strength, applied at serving time) and
+the best is the scale it is served at.
 """
 
 import hashlib
@@ -41,6 +43,7 @@ class TrainResult:
 
 PROBE_BUDGET = 0.5  # the learning rates tried share this fraction of one run's steps
 MIN_VALIDATION_ROWS = 8  # fewer train rows than this on either side: no validation slice
+SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)  # the adapter strengths scored on the validation slice
 
 
 def split_validation(rows: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
@@ -209,6 +212,10 @@ def train_adapter(
         progress(done, done, None)
     trainer.model.save_pretrained(out_dir)
     kept = min(watch.scores, key=lambda s: s["validation_nll"]) if watch.scores else None
+    scale_started = time.perf_counter()
+    scales = _score_scales(trainer.model, tokenizer, validation, kept["validation_nll"]) if kept else []
+    # The lowest NLL; on a tie, the scale nearest the trained one
+    scale = min(scales, key=lambda s: (s["validation_nll"], abs(s["scale"] - 1)))["scale"] if scales else 1.0
     return TrainResult(
         steps=trainer.state.global_step,
         seconds=time.perf_counter() - started,
@@ -222,8 +229,29 @@ def train_adapter(
             "learning_rate": rate,
             "epochs_scored": watch.scores,
             "kept": kept,
+            "scales_tried": scales,
+            "scale": scale,
+            "scale_seconds": round(time.perf_counter() - scale_started, 1),
         },
     )
+
+
+def _score_scales(model, tokenizer, validation: list[dict], kept_nll: float) -> list[dict]:
+    """The kept adapter's validation NLL at each of SCALES, through PEFT's own scale (at 1 it is
+    the kept epoch's score)."""
+    from agent.adapters import set_scale
+    from training.evaluate import example_nll
+
+    def nll_at(scale: float) -> float:
+        if scale == 1.0:
+            return kept_nll
+        set_scale(model, model.active_adapter, scale)
+        return round(sum(example_nll(model, tokenizer, validation)) / len(validation), 4)
+
+    model.eval()
+    scores = [{"scale": scale, "validation_nll": nll_at(scale)} for scale in SCALES]
+    set_scale(model, model.active_adapter, 1.0)
+    return scores
 
 
 def _fit(model, tokenizer, rows, config: TrainConfig, learning_rate: float, watch: _Watch, counted: list[int]):

@@ -13,14 +13,20 @@ def get_tenant(key: AnyKey):
     return key.tenant
 
 
-@router.patch("/tenant", response_model=TenantOut, summary="Change the tenant's name or drafting instructions")
+@router.patch(
+    "/tenant", response_model=TenantOut, summary="Change the tenant's name, drafting instructions or adapter scale"
+)
 def update_tenant(request: TenantUpdate, key: AdminKey, session: SessionDep, drafter: DrafterDep):
-    """Instructions that would leave the email too little of the prompt budget are refused (422)."""
+    """Instructions that would leave the email too little of the prompt budget are refused (422).
+    Fields left out, or null, stay as they are; but `adapter_scale: null` clears the tenant's scale
+    (each version is then served at its own chosen scale)."""
     if request.instructions is not None:
         check_instructions(drafter.tokenizer, request.instructions, drafter.settings.max_prompt_tokens)
     tenant = key.tenant
-    for field, value in request.model_dump(exclude_none=True).items():
+    for field, value in request.model_dump(exclude_none=True, exclude={"adapter_scale"}).items():
         setattr(tenant, field, value)
+    if "adapter_scale" in request.model_fields_set:
+        service.set_adapter_scale(session, tenant, request.adapter_scale)
     session.flush()
     return tenant
 

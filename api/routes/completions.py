@@ -1,8 +1,9 @@
 """An OpenAI-compatible chat completions endpoint, so OpenAI SDK clients can draft with a tenant's
 adapters: `model` is `base`, `champion` or `v<N>` (an adapter version of the key's tenant).
 Greedy decoding only, with OpenAI's frequency and presence penalties and vLLM's
-repetition_penalty; a draft the repetition guard stopped finishes with "stop". Completions are
-answered, not stored: drafts for review go through /v1/drafts."""
+repetition_penalty; a draft the repetition guard stopped finishes with "stop". Each answer (and
+each chunk) says the adapter scale it was decoded with (`adapter_scale`, null for the base).
+Completions are answered, not stored: drafts for review go through /v1/drafts."""
 
 import json
 import time
@@ -36,7 +37,7 @@ def _adapter(model: str, key: ApiKey, session, drafter: Drafter, settings: Setti
             raise NotFound("this tenant has no champion adapter yet; use model 'base'")
         return champion
     adapter = registry.get_adapter(session, key.tenant_id, version=int(model.removeprefix("v")))
-    return registry.serving_ref(settings, adapter, drafter.fingerprint)
+    return registry.serving_ref(session, settings, adapter, drafter.fingerprint)
 
 
 def _prepare(request: ChatCompletionRequest, key: ApiKey, session, drafter: Drafter, settings: Settings):
@@ -91,6 +92,7 @@ async def chat_completions(
         prompt, max_new_tokens=max_new_tokens, adapter=adapter, guard=guard, tenant_id=key.tenant_id
     )
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    scale = adapter.scale if adapter else None
     if request.stream:
         await stream.started()  # errors before the first token are answered as errors, not as a stream
     else:
@@ -100,6 +102,7 @@ async def chat_completions(
             id=completion_id,
             created=created,
             model=request.model,
+            adapter_scale=scale,
             choices=[
                 {
                     "index": 0,
@@ -120,6 +123,7 @@ async def chat_completions(
             "object": "chat.completion.chunk",
             "created": created,
             "model": request.model,
+            "adapter_scale": scale,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
         }
         return f"data: {json.dumps(body)}\n\n"

@@ -59,7 +59,12 @@ def _store(session, job: _Job, drafter: Drafter, email: EmailIn, result: DraftRe
         base_model=drafter.model_id,
         adapter_id=job.adapter.id if job.adapter else None,
         backend=drafter.backend.name,
-        generation={"max_new_tokens": job.max_new_tokens, "decoding": "greedy", **dataclasses.asdict(job.guard)},
+        generation={
+            "max_new_tokens": job.max_new_tokens,
+            "decoding": "greedy",
+            "adapter_scale": job.adapter.scale if job.adapter else None,
+            **dataclasses.asdict(job.guard),
+        },
         prompt_tokens=result.prompt_tokens,
         tokens_generated=result.tokens_generated,
         finish_reason=result.finish_reason,

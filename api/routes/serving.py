@@ -3,9 +3,10 @@ subset of vLLM's protocol that agent/remote.py speaks, so that one draftloop pro
 model's weights drafts for others (front servers that hold only the tokenizer).
 
 `model` is `base` or an adapter's served name (training/registry.served_name), looked up in the
-shared registry and verified like any adapter the agent loads. Only callers holding the backend
-key (DRAFTLOOP_BACKEND_API_KEY, a bearer token) may use it: the names are not secret, and the
-tenant's share and rate limits were applied by the server that received the request."""
+shared registry and verified like any adapter the agent loads, and applied at the scale the
+name carries. Only callers holding the backend key (DRAFTLOOP_BACKEND_API_KEY, a bearer token)
+may use it: the names are not secret, and the tenant's share and rate limits were applied by the
+server that received the request."""
 
 import hmac
 import json
@@ -65,7 +66,7 @@ def _prepare(request: TokenCompletionRequest, session, drafter: Drafter, setting
     max_new_tokens = settings.reply_length(request.max_tokens, "max_tokens")
     adapter: AdapterRef | None = None
     if request.model != BASE:
-        adapter = registry.serving_ref(settings, registry.by_served_name(session, request.model), drafter.fingerprint)
+        adapter = registry.ref_by_served_name(session, settings, request.model, drafter.fingerprint)
     session.commit()  # nothing is held while the model works
     guard = RepetitionGuard(  # the caller stops cycles itself (agent/engine.emit)
         repetition_penalty=request.repetition_penalty or 1.0,

@@ -1,4 +1,5 @@
-"""The admin's dashboard: adapter versions and their scores, the last run, trigger, promote, roll back."""
+"""The admin's dashboard: adapter versions and their scores, the last run, trigger, promote, roll
+back, and the tenant's adapter scale."""
 
 from typing import Annotated
 
@@ -11,7 +12,7 @@ from api.web.auth import CSRF, AdminPageKey
 from api.web.chart import versions_chart
 from api.web.templating import flash, render
 from core.errors import Invalid
-from feedback.service import review_stats_by_adapter
+from feedback.service import review_stats_by_adapter, set_adapter_scale
 from training import registry
 from training.runs import active_run, create_run, list_runs
 from training.tasks import enqueue
@@ -35,12 +36,14 @@ def _back(request: Request) -> RedirectResponse:
 def dashboard(request: Request, key: AdminPageKey, session: SessionDep):
     adapters = registry.list_adapters(session, key.tenant_id)
     active = active_run(session, key.tenant_id)
+    champion = registry.champion(session, key.tenant_id)
     return render(
         request,
         "dashboard.html",
         key=key,
         adapters=adapters,
-        champion=registry.champion(session, key.tenant_id),
+        champion=champion,
+        served_scale=registry.served_scale(session, champion) if champion else None,
         run=active or next(iter(list_runs(session, key.tenant_id, limit=1)), None),
         active=active is not None,
         stats=review_stats_by_adapter(session, key.tenant_id),
@@ -76,4 +79,22 @@ def rollback(request: Request, key: AdminPageKey, session: SessionDep, reason: R
     restored = registry.rollback(session, key.tenant_id, actor=key.name, reason=_reason(reason))
     now = f"version {restored.version} is the champion" if restored else "drafts come from the base model"
     flash(request, f"Rolled back: {now}.")
+    return _back(request)
+
+
+Scale = Annotated[text(strip=True, max_length=20), Form()]
+
+
+@router.post("/scale", name="adapter_scale", dependencies=[CSRF])
+def adapter_scale(request: Request, key: AdminPageKey, session: SessionDep, scale: Scale = ""):
+    """Set the scale every version is served at; empty: each version at its own chosen scale."""
+    try:
+        value = float(scale) if scale else None
+    except ValueError:
+        raise Invalid(f"the adapter scale must be a number, not {scale!r}") from None
+    set_adapter_scale(session, key.tenant, value)
+    if value is None:
+        flash(request, "Each version is served at its own chosen scale now.")
+    else:
+        flash(request, f"Adapters are served at scale {value:g} now.")
     return _back(request)

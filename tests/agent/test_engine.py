@@ -2,6 +2,7 @@
 model and for every adapter, however requests of different tenants share a batch."""
 
 import asyncio
+import dataclasses
 
 import pytest
 import torch
@@ -43,6 +44,32 @@ def test_mixed_adapters_in_one_batch_match_peft(tiny_model, tiny_base_dir, adapt
             assert with_adapter != expected  # the adapter matters
             expected = with_adapter
         assert stream.result(timeout=60) == expected, (choice, n)
+
+
+def test_scaled_adapters_match_peft_at_the_same_scale(tiny_model, tiny_base_dir, adapters):
+    """A scale multiplies each row's adapter update as PEFT's set_scale does, per row: in one batch,
+    adapters at different scales, the same adapter at two scales, and the bare base."""
+    engine = engine_for(tiny_model)
+    choices = [(0, 0.5), (1, 1.5), (0, 1.5), None, (2, 0.5), (0, 1.0), (1, 0.75)]
+    requests = list(zip(prompts(tiny_model.tokenizer, 7), choices, [12, 9, 14, 6, 11, 13, 10], strict=True))
+    refs = [dataclasses.replace(adapters[c[0]], scale=c[1]) if c else None for c in choices]
+    streams = [engine.submit(p, n, ref) for (p, _, n), ref in zip(requests, refs, strict=True)]
+    results = [stream.result(timeout=60) for stream in streams]
+    assert engine.adapters.loads == 6  # an adapter at another scale is loaded as other weights
+
+    reference = LlamaForCausalLM.from_pretrained(tiny_base_dir).eval()  # PEFT modifies the model it wraps
+    for (prompt, choice, n), ref, got in zip(requests, refs, results, strict=True):
+        if ref is None:
+            assert got == plain(tiny_model.model, tiny_model.tokenizer, prompt, n)
+            continue
+        reference = attach(reference, dataclasses.replace(ref, scale=1.0))
+        unscaled = plain(reference, tiny_model.tokenizer, prompt, n)
+        reference = attach(reference, ref)  # PEFT's LoraLayer.set_scale
+        layer, name = reference.base_model.model.model.layers[0].self_attn.q_proj, f"adapter-{ref.id}"
+        assert layer.scaling[name] == ref.scale * layer.lora_alpha[name] / layer.r[name]
+        expected = plain(reference, tiny_model.tokenizer, prompt, n)
+        assert ref.scale == 1.0 or expected != unscaled, choice  # the scale matters
+        assert got == expected, choice
 
 
 def test_the_embedded_model_decodes_as_generate_does(embedded_model, tokenizer):
@@ -87,16 +114,17 @@ def test_adapter_cache_evicts_the_least_recently_used(tiny_model, adapters):
     cache.get(adapters[1])
     assert cache.get(adapters[0]) is first and cache.loads == 2  # cached: not loaded again
     cache.get(adapters[2])  # evicts adapters[1], the least recently used
-    assert 1 in cache and 2 not in cache and 3 in cache
+    assert (1, 1.0) in cache and (2, 1.0) not in cache and (3, 1.0) in cache
     cache.get(adapters[1])
-    assert cache.loads == 4 and 1 not in cache  # loaded again on demand
+    assert cache.loads == 4 and (1, 1.0) not in cache  # loaded again on demand
 
     small = AdapterCache(
         max_count=10, max_bytes=first.nbytes, num_layers=layers, dtype=torch.float32, device=torch.device("cpu")
     )
     small.get(adapters[0])
     small.get(adapters[1])
-    assert 1 not in small and 2 in small and small.nbytes <= max(first.nbytes, small.get(adapters[1]).nbytes)
+    assert (1, 1.0) not in small and (2, 1.0) in small
+    assert small.nbytes <= max(first.nbytes, small.get(adapters[1]).nbytes)
 
 
 def test_incremental_text_never_splits_a_character(tokenizer):

@@ -41,3 +41,22 @@ def test_cli_refuses_instructions_beyond_the_prompt_budget(postgres_engine, pg_s
     created = runner.invoke(app, ["tenants", "create", "--slug", slug, "--name", "CLI Co", "--instructions", long])
     assert created.exit_code == 1 and "1536" in created.output and "tokens" in created.output, created.output
     assert pg_session.scalar(select(Tenant).where(Tenant.slug == slug)) is None
+
+
+def test_cli_shows_sets_and_clears_a_tenants_adapter_scale(postgres_engine, pg_session):
+    slug = f"cli-{uuid.uuid4().hex[:8]}"
+    assert runner.invoke(app, ["tenants", "create", "--slug", slug, "--name", "CLI Co"]).exit_code == 0
+
+    def scale(*args: str):
+        result = runner.invoke(app, ["tenants", "adapter-scale", "--tenant", slug, *args])
+        stored = pg_session.scalar(select(Tenant.adapter_scale).where(Tenant.slug == slug))
+        return result.exit_code, result.output, stored
+
+    assert scale() == (0, f"{slug}: each adapter version is served at its chosen scale; no champion yet\n", None)
+    assert scale("0.8") == (0, f"{slug}: every adapter version is served at scale 0.8 (the tenant's setting)\n", 0.8)
+    code, output, stored = scale("2.5")
+    assert code == 1 and "in (0, 2] with at most two decimals" in output and stored == 0.8
+    code, output, stored = scale("0.5", "--clear")
+    assert code == 2 and "not both" in output and stored == 0.8
+    code, output, stored = scale("--clear")
+    assert code == 0 and "its chosen scale" in output and stored is None

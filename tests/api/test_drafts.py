@@ -15,6 +15,7 @@ def test_agent_drafts_and_the_draft_is_stored(client, keys, session):
     draft = response.json()
     assert draft["draft_text"] and draft["tokens_generated"] <= 8 and draft["adapter_id"] is None
     assert draft["generation"]["max_new_tokens"] == 8 and draft["correction"] is None
+    assert draft["generation"]["adapter_scale"] is None  # the base model: no adapter to scale
     stored = session.get(Draft, draft["id"])
     assert stored.draft_text == draft["draft_text"] and stored.tenant_id == keys.tenant.id
 

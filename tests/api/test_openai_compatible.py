@@ -61,7 +61,7 @@ def test_model_names_an_adapter_version_of_the_tenant(sdk, client, keys, session
 
     messages = [{"role": "user", "content": QUESTION}]
     with_adapter = sdk.chat.completions.create(model="v1", messages=messages, max_tokens=12).choices[0].message.content
-    ref = registry.serving_ref(settings, adapter, tiny_drafter.fingerprint)
+    ref = registry.serving_ref(session, settings, adapter, tiny_drafter.fingerprint)
     assert with_adapter == expected(tiny_drafter, keys.tenant.instructions, 12, adapter=ref)
     assert with_adapter != expected(tiny_drafter, keys.tenant.instructions, 12)
 

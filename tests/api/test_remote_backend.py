@@ -3,6 +3,7 @@ drafting server, holding the model) that serves `/v1/completions` with token ids
 drafts through it are token-identical to the in-process engine's, for the base model and for a
 tenant's adapter, through every drafting route; a server that cannot be reached is a 503."""
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -90,10 +91,12 @@ def test_remote_drafts_are_token_identical_to_local_ones(server, tenant, local, 
     settings = front_settings(server, tiny_base_dir, remote_publish_dir=tmp_path / "published")
     remote = Drafter.remote(settings)
     try:
-        ref = registry.serving_ref(settings, adapter, remote.fingerprint)
+        with Session(server.engine) as session:
+            ref = registry.serving_ref(session, settings, adapter, remote.fingerprint)
+        scaled = dataclasses.replace(ref, scale=1.5, name=registry.served_name(adapter, 1.5))
         batch = prompts(remote.tokenizer, 6)
         reasons = set()
-        for served in (None, ref):
+        for served in (None, ref, scaled):  # the drafting server reads the scale from the name
             for guard in (remote.guard, RepetitionGuard()):  # the server's guard (cycle stop on), plain greedy
                 ours = remote.submit_many(batch, max_new_tokens=48, adapter=served, guard=guard)  # at once
                 theirs = local.submit_many(batch, max_new_tokens=48, adapter=served, guard=guard)
@@ -114,6 +117,10 @@ def test_remote_drafts_are_token_identical_to_local_ones(server, tenant, local, 
         load_file(folder / "adapter_model.safetensors"),
     )
     assert original.keys() == published.keys() and all(original[k].equal(published[k]) for k in original)
+    # A scale other than 1 is folded into lora_alpha (vLLM has no per-request scale), under its own name
+    assert scaled.name == f"{ref.name}-s1.5"
+    configs = [json.loads((tmp_path / "published" / r.name / "adapter_config.json").read_text()) for r in (ref, scaled)]
+    assert configs[1]["lora_alpha"] == 1.5 * configs[0]["lora_alpha"]
 
 
 def test_every_drafting_route_works_through_a_front_server(server, tenant, local, tiny_base_dir, tmp_path):
@@ -132,7 +139,8 @@ def test_every_drafting_route_works_through_a_front_server(server, tenant, local
         },
     )
     instructions = "You answer for a bicycle shop. Be brief."
-    ref = registry.serving_ref(front_settings(server, tiny_base_dir), adapter, local.fingerprint)
+    with Session(server.engine) as session:
+        ref = registry.serving_ref(session, front_settings(server, tiny_base_dir), adapter, local.fingerprint)
     expected = [d.text for d in local.draft_many(instructions, [IncomingEmail(**e) for e in EMAILS], adapter=ref)]
     with front, httpx.Client(base_url=front.url, timeout=120) as http:
         front.start_api()
@@ -203,9 +211,12 @@ def test_the_token_route_is_only_for_servers_holding_the_backend_key(server, ten
         ]:
             response = http.post("/v1/completions", json=body | bad, headers=auth)
             assert response.status_code == status and words in response.text, (bad, response.text)
-        name = registry.served_name(adapter)
-        served = http.post("/v1/completions", json=body | {"model": name}, headers=auth)
-        assert served.status_code == 200, served.text
+        for name in (registry.served_name(adapter, 1.0), registry.served_name(adapter, 0.75)):
+            served = http.post("/v1/completions", json=body | {"model": name}, headers=auth)
+            assert served.status_code == 200, served.text
+        unscaled = {"model": registry.served_name(adapter, 1.0) + "-s0"}
+        unscalable = http.post("/v1/completions", json=body | unscaled, headers=auth)
+        assert unscalable.status_code == 404, unscalable.text
 
 
 def test_a_server_without_a_backend_key_refuses_token_completions(session, tiny_drafter):

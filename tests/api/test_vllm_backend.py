@@ -1,9 +1,11 @@
 """The remote drafting backend against a real vLLM: the CPU build (`make vllm`, .venv-vllm)
 serving the embedded base model with LoRA. Drafts through it equal the in-process engine's, for
 the base model and for adapters it had never seen (published by the backend under their
-immutable names and loaded on demand by vLLM's filesystem resolver), and the drafting routes
+immutable names and loaded on demand by vLLM's filesystem resolver), at their trained scaling
+and at another scale (folded into the published adapter), and the drafting routes
 work through it: batches, streaming, the OpenAI route."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -70,6 +72,8 @@ def test_vllm_drafts_equal_the_in_process_engine(vllm, embedded_model, model_set
     for i in range(2):  # versions vLLM has never seen
         folder = random_lora(embedded_model.model.config, tmp_path / str(i), rank=8, seed=i, std=0.02)
         adapters.append(AdapterRef(100 + i, folder, name=f"tenant-0-v{i + 1:04d}-{registry.content_hash(folder)[:12]}"))
+    # The first at another scale: vLLM has none per request; it is published with it folded in
+    adapters.append(dataclasses.replace(adapters[0], name=f"{adapters[0].name}-s1.5", scale=1.5))
     batch = prompts(remote.tokenizer, 4)
     drafts = {}
     try:
@@ -101,7 +105,7 @@ def test_the_drafting_routes_work_through_vllm(vllm, embedded_model, model_setti
             limits = {"max_new_tokens": 24, "no_repeat_ngram_size": 0}
             batch = client.post("/v1/drafts/batch", json={"emails": emails, **limits}, headers=keys.agent)
             assert batch.status_code == 201, batch.text
-            ref = registry.serving_ref(settings, adapter, remote.fingerprint)
+            ref = registry.serving_ref(session, settings, adapter, remote.fingerprint)
             guard = remote.guard_with(no_repeat_ngram_size=0)
             expected = local.draft_many(
                 keys.tenant.instructions,

@@ -7,7 +7,7 @@ from api.app import create_app
 from api.deps import drafter, get_db
 from core.errors import Conflict
 from core.settings import get_settings
-from feedback.models import Role
+from feedback.models import Role, Tenant
 from tests.factories import make_key
 from tests.training.helpers import start
 from training import registry
@@ -28,16 +28,24 @@ def test_a_run_is_promoted_then_an_equal_candidate_is_rejected(sessions, tenant_
         assert summary["candidate"]["nll"] < summary["base"]["nll"] and "champion" not in summary
         assert run.report["decision"]["promote"] and run.decision_reason.startswith("held-out NLL")
         assert champion.metrics["nll"] == summary["candidate"]["nll"]
+        # Too few train rows for a validation slice: served at the trained scaling
+        assert run.report["training"]["selection"]["scale"] == champion.scale == run.report["scales"]["candidate"] == 1
     folder = run_settings.reports_dir / f"run-{first}"
     assert {p.name for p in folder.iterdir()} >= {"report.json", "loss.png", "heldout.png"}
     assert any("step" in line and "loss" in line for line in lines)
 
-    # The same data and seed give the same adapter: no better than the champion, so rejected.
+    # The same data and seed give the same adapter: no better than the champion, so rejected. The
+    # tenant's scale wins over each version's: both are scored at it, as they would be served.
+    with sessions() as session:
+        session.get(Tenant, tenant.id).adapter_scale = 0.5
     second = start(sessions, tenant)
     assert execute_run(second, run_settings, sessions=sessions, echo=lines.append) == RunStatus.rejected
     with sessions() as session:
         run = session.get(TrainingRun, second)
         assert "margin" in run.decision_reason and set(run.report["summary"]) == {"base", "champion", "candidate"}
+        assert run.report["scales"] == {"champion": 0.5, "candidate": 0.5}
+        assert any(line.startswith("  candidate (scale 0.5): held-out NLL") for line in lines)
+        assert run.report["summary"]["champion"]["nll"] != summary["candidate"]["nll"]  # the same weights, scaled
         assert registry.champion(session, tenant.id).id == champion.id
         candidate = session.query(Adapter).filter_by(training_run_id=second).one()
         assert candidate.status == AdapterStatus.rejected

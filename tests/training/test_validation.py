@@ -3,13 +3,15 @@
 from safetensors.torch import load_file
 from sqlalchemy import select
 
+from agent.adapters import AdapterRef, attach
 from feedback.models import Correction, Split
 from tests.factories import make_tenant
 from tests.training.helpers import FAST, ROWS, add_corrections, start
 from training.config import TrainConfig
+from training.evaluate import example_nll
 from training.models import Adapter, TrainingRun
 from training.pipeline import execute_run
-from training.train import load_training_base, split_validation, train_adapter
+from training.train import SCALES, load_training_base, split_validation, train_adapter
 
 CHOOSING = FAST | {"validation_fraction": 0.3, "try_learning_rates": [1e-3]}
 MANY_ROWS = [
@@ -45,6 +47,13 @@ def test_the_learning_rate_and_epoch_kept_are_the_best_on_validation(tiny_base_d
     nll = [s["validation_nll"] for s in scores]
     worse = [i for i in range(1, len(nll)) if nll[i] >= min(nll[:i])]
     assert len(scores) == (worse[0] + 1 if worse else 4)
+    # The kept adapter's strength: the scale with the lowest validation NLL, scored as PEFT applies it
+    scales = {s["scale"]: s["validation_nll"] for s in selection["scales_tried"]}
+    assert list(scales) == list(SCALES) and scales[1.0] == selection["kept"]["validation_nll"]
+    assert scales[selection["scale"]] == min(scales.values())
+    validation = split_validation(MANY_ROWS, 0.3)[1]
+    peft = attach(load_training_base(str(tiny_base_dir), config), AdapterRef(1, tmp_path, scale=0.5))
+    assert round(sum(example_nll(peft, tokenizer, validation)) / len(validation), 4) == scales[0.5]
 
 
 def test_the_heldout_set_never_influences_what_is_trained(sessions, run_settings):
@@ -65,8 +74,12 @@ def test_the_heldout_set_never_influences_what_is_trained(sessions, run_settings
         assert runs[0].heldout_snapshot_id != runs[1].heldout_snapshot_id  # the held-out set did change
         assert runs[0].train_snapshot_id == runs[1].train_snapshot_id
         selections = [run.report["training"]["selection"] for run in runs]
-        assert selections[0] == selections[1] and len(selections[0]["learning_rates_tried"]) == 2
+        drop_timing = [{k: v for k, v in s.items() if k != "scale_seconds"} for s in selections]
+        assert drop_timing[0] == drop_timing[1] and len(selections[0]["learning_rates_tried"]) == 2
+        assert len(selections[0]["scales_tried"]) == len(SCALES)
         adapters = [session.scalar(select(Adapter).where(Adapter.training_run_id == r)) for r in (first, second)]
+        for run, adapter in zip(runs, adapters, strict=True):  # stored with the version, scored at it
+            assert adapter.scale == selections[0]["scale"] == run.report["scales"]["candidate"]
         weights = [load_file(run_settings.adapter_dir / a.path / "adapter_model.safetensors") for a in adapters]
     assert weights[0].keys() == weights[1].keys()
     assert all((weights[0][k] == weights[1][k]).all() for k in weights[0])

@@ -157,6 +157,7 @@ def test_every_form_post_needs_the_session_csrf_token(client, versions, committe
         "/web/dashboard/promote": {"version": "1", "reason": "forged"},
         "/web/dashboard/rollback": {"reason": "forged"},
         "/web/dashboard/runs": {},
+        "/web/dashboard/scale": {"scale": "0.5"},
         "/web/signout": {},
     }
     for path, data in forms.items():
@@ -170,6 +171,7 @@ def test_every_form_post_needs_the_session_csrf_token(client, versions, committe
         assert registry.champion(session, shop.tenant_id).version == 2
         runs = session.scalar(select(func.count()).where(TrainingRun.tenant_id == shop.tenant_id))
         assert runs == 3
+        assert session.get(Tenant, shop.tenant_id).adapter_scale is None
     assert client.get("/web/queue").status_code == 200  # still signed in: sign-out was refused too
 
 
@@ -245,3 +247,26 @@ def test_page_ids_and_form_fields_are_checked_at_the_edge(client, versions, comm
     with committed() as session:
         assert session.scalar(select(Correction).where(Correction.draft_id == shop.draft_ids[0])) is None
         assert registry.champion(session, shop.tenant_id).version == 2
+
+
+def test_the_dashboard_sets_and_clears_the_tenants_adapter_scale(client, versions, committed):
+    shop = versions.shop
+    token = sign_in(client, shop.admin)
+
+    def stored() -> float | None:
+        with committed() as session:
+            return session.get(Tenant, shop.tenant_id).adapter_scale
+
+    page = client.get("/web/dashboard").text
+    assert "Served at scale 1, chosen on its validation slice." in page and 'name="scale" type="number"' in page
+    response = client.post("/web/dashboard/scale", data={"csrf_token": token, "scale": "0.75"})
+    assert response.status_code == 303 and stored() == 0.75
+    page = client.get("/web/dashboard").text
+    assert "Adapters are served at scale 0.75 now." in page and "served at scale 0.75, set for this tenant" in page
+    for bad in ("3", "0", "0.123", "many", "nan"):
+        response = client.post("/web/dashboard/scale", data={"csrf_token": token, "scale": bad})
+        assert response.status_code == 422 and "adapter scale must be" in response.text, bad
+    assert stored() == 0.75
+    response = client.post("/web/dashboard/scale", data={"csrf_token": token, "scale": ""})
+    assert response.status_code == 303 and stored() is None
+    assert "Each version is served at its own chosen scale now." in client.get("/web/dashboard").text
