@@ -28,6 +28,11 @@ def test_a_run_is_promoted_then_an_equal_candidate_is_rejected(sessions, tenant_
         assert summary["candidate"]["nll"] < summary["base"]["nll"] and "champion" not in summary
         assert run.report["decision"]["promote"] and run.decision_reason.startswith("held-out NLL")
         assert champion.metrics["nll"] == summary["candidate"]["nll"]
+        guard = run.report["decision"]["forgetting"]  # the forgetting guard passed it
+        assert not guard["forgot"] and guard["change"] <= guard["margin"] == run_settings.forgetting_margin
+        assert (summary["base"]["regression_nll"], summary["candidate"]["regression_nll"]) == pytest.approx(
+            (guard["base_nll"], guard["candidate_nll"]), abs=1e-4
+        )
     folder = run_settings.reports_dir / f"run-{first}"
     assert {p.name for p in folder.iterdir()} >= {"report.json", "loss.png", "heldout.png"}
     assert any("step" in line and "loss" in line for line in lines)
@@ -38,6 +43,7 @@ def test_a_run_is_promoted_then_an_equal_candidate_is_rejected(sessions, tenant_
     with sessions() as session:
         run = session.get(TrainingRun, second)
         assert "margin" in run.decision_reason and set(run.report["summary"]) == {"base", "champion", "candidate"}
+        assert "regression_nll" not in run.report["summary"]["champion"]  # the guard compares with the base
         assert registry.champion(session, tenant.id).id == champion.id
         candidate = session.query(Adapter).filter_by(training_run_id=second).one()
         assert candidate.status == AdapterStatus.rejected

@@ -50,6 +50,7 @@ def test_the_embedded_model_learns_the_house_style_on_a_slice(postgres_engine, m
         summary = run.report["summary"]
         assert status == RunStatus.promoted, lines
         assert summary["candidate"]["nll"] < 0.9 * summary["base"]["nll"], summary
+        assert not run.report["decision"]["forgetting"]["forgot"], run.report["decision"]
         assert registry.champion(session, tenant.id).training_run_id == run_id
         # The house opening ("Hi <name>,") on most unseen emails, and more often than the base
         assert summary["candidate"]["opening"] >= 0.75 > summary["base"]["opening"], run.report["drafts"]
