@@ -155,6 +155,8 @@ def run_demo() -> None:
                     f"drafts that loop {scores['loop_rate']:.0%}   house style {scores['style']:.0%}"
                 )
             typer.echo(f"   on {run['report']['heldout_examples']} held-out corrections; {run['decision_reason']}")
+            general, guard = run["report"]["regression_examples"], run["report"]["decision"]["forgetting"]
+            typer.echo(f"   forgetting guard, on {general} general emails: {guard['verdict']}")
         else:
             typer.echo(f"   {run['decision_reason'] or run['error']}")
 

@@ -212,7 +212,10 @@ class RunOut(BaseModel):
     total_steps: int
     loss: float | None
     loss_history: list[dict]
-    report: dict | None = Field(description="Held-out scores of base, champion and candidate, and the gate's decision")
+    report: dict | None = Field(
+        description="Held-out scores of base, champion and candidate; regression-set NLL of base and candidate; "
+        "the gate's decision, with the forgetting guard's verdict (decision.forgetting)"
+    )
     decision_reason: str | None
     error: str | None
     attempts: int

@@ -264,6 +264,7 @@ def pipeline_run(tenant_id: int, overrides: dict, shuffle: bool) -> dict:
         "heldout_nll_change_vs_base": round(
             report["summary"]["candidate"]["nll"] / report["summary"]["base"]["nll"] - 1, 3
         ),
+        "forgetting": report["decision"]["forgetting"],  # the regression set: base vs candidate
         "config": report["training"]["config"],
         "report": report["path"],
     }

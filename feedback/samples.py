@@ -29,12 +29,17 @@ class SampleTenant:
     emails: list[SampleEmail]
 
 
+def load_emails(path: Path) -> list[SampleEmail]:
+    """Bundled emails with their replies, one JSON object a line."""
+    emails = [SampleEmail(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    assert len({email.id for email in emails}) == len(emails), "sample ids must be unique"
+    return emails
+
+
 def load_sample_tenant(slug: str = "northwind") -> SampleTenant:
     folder = SAMPLES_DIR / slug
     tenant = json.loads((folder / "tenant.json").read_text())
-    lines = (folder / "emails.jsonl").read_text().splitlines()
-    emails = [SampleEmail(**json.loads(line)) for line in lines if line.strip()]
-    assert len({email.id for email in emails}) == len(emails), "sample ids must be unique"
+    emails = load_emails(folder / "emails.jsonl")
     return SampleTenant(slug=tenant["slug"], name=tenant["name"], instructions=tenant["instructions"], emails=emails)
 
 

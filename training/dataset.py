@@ -46,6 +46,15 @@ def row_tokens(tokenizer: PreTrainedTokenizerBase, row: dict) -> int:
     return len(tokenizer(full, add_special_tokens=False).input_ids)
 
 
+def email_row(
+    instructions: str, email: IncomingEmail, reply: str, tokenizer: PreTrainedTokenizerBase, settings: Settings
+) -> dict:
+    """One row: the prompt the agent would draft this email with (fitted to the prompt budget), and the reply."""
+    row = build_prompt_completion(instructions, email, reply, quoted_history_chars=settings.quoted_history_chars)
+    row["prompt"] = fit_messages(tokenizer, row["prompt"], settings.max_prompt_tokens)
+    return row
+
+
 def build_dataset(
     session: Session,
     *,
@@ -76,8 +85,7 @@ def build_dataset(
             dropped["rejected_without_text" if correction.verdict == Verdict.rejected else "empty"] += 1
             continue
         email = IncomingEmail(sender=draft.sender, subject=draft.subject, body=draft.body)
-        row = build_prompt_completion(instructions, email, reply, quoted_history_chars=settings.quoted_history_chars)
-        row["prompt"] = fit_messages(tokenizer, row["prompt"], settings.max_prompt_tokens)
+        row = email_row(instructions, email, reply, tokenizer, settings)
         exact = json.dumps(row, sort_keys=True)
         normalised = (_normalised(email.subject + "\n" + email.body), _normalised(reply))
         if exact in seen_exact:

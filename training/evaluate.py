@@ -1,6 +1,7 @@
 """Held-out evaluation: per-example NLL of the reviewers' final text; greedy drafts, decoded as
 the agent serves them, scored by chrF, by whether they loop, and by house-style fidelity; and
-the promotion gate with a paired bootstrap confidence interval and a rule against looping."""
+the promotion gate with a paired bootstrap confidence interval, a rule against looping and a
+guard against forgetting general writing."""
 
 import re
 from dataclasses import dataclass
@@ -148,6 +149,30 @@ def score_drafts(drafts: list[HeldoutDraft], rows: list[dict]) -> dict[str, list
 
 
 @dataclass(frozen=True)
+class Forgetting:
+    """The forgetting guard's measure: the mean NLL of the regression set's general emails
+    (training/regression_set.py), the bare base model's and a model's trained from it."""
+
+    base_nll: float
+    candidate_nll: float
+    change: float  # (candidate - base) / base: positive is worse
+    margin: float
+    forgot: bool  # change above margin: never promoted
+    verdict: str  # the measure and the verdict, in words
+
+
+def forgetting(base_nll: list[float], candidate_nll: list[float], margin: float) -> Forgetting:
+    base, candidate = float(np.mean(base_nll)), float(np.mean(candidate_nll))
+    change = (candidate - base) / base
+    forgot = change > margin
+    verdict = (
+        f"regression-set NLL {candidate:.3f} vs the base model's {base:.3f} ({change:+.1%}, "
+        f"{'more than' if forgot else 'within'} the {margin:.1%} margin)"
+    )
+    return Forgetting(base, candidate, change, margin, forgot, verdict)
+
+
+@dataclass(frozen=True)
 class GateDecision:
     promote: bool
     reason: str
@@ -157,8 +182,9 @@ class GateDecision:
     relative_improvement: float  # (champion - candidate) / champion, on mean NLL
     ci_low: float  # 95% paired bootstrap interval of the mean per-example NLL improvement
     ci_high: float
-    champion_loops: int = 0  # held-out drafts that loop, of the same drafted examples
-    candidate_loops: int = 0
+    champion_loops: int  # held-out drafts that loop, of the same drafted examples
+    candidate_loops: int
+    forgetting: Forgetting  # the candidate against the bare base model on the regression set
 
 
 def decide(
@@ -167,19 +193,26 @@ def decide(
     *,
     margin: float,
     min_examples: int,
+    base_regression_nll: list[float],
+    candidate_regression_nll: list[float],
+    forgetting_margin: float,
     champion_loops: int = 0,
     candidate_loops: int = 0,
     resamples: int = 2000,
     seed: int = 0,
 ) -> GateDecision:
     """Promote only if the candidate's held-out NLL is lower than the champion's by at least
-    `margin` (relative), the 95% bootstrap interval of the paired improvement excludes zero, and
-    its held-out drafts loop no more often than the champion's."""
+    `margin` (relative), the 95% bootstrap interval of the paired improvement excludes zero, its
+    NLL on the regression set is no more than `forgetting_margin` (relative) above the bare base
+    model's, and its held-out drafts loop no more often than the champion's."""
     champion, candidate = np.asarray(champion_nll), np.asarray(candidate_nll)
     assert champion.shape == candidate.shape, "both must be scored on the same held-out rows"
+    guard = forgetting(base_regression_nll, candidate_regression_nll, forgetting_margin)
     n = len(champion)
     if n == 0:
-        return GateDecision(False, f"no held-out examples; at least {min_examples} are needed", 0, *[float("nan")] * 5)
+        nan = float("nan")
+        reason = f"no held-out examples; at least {min_examples} are needed"
+        return GateDecision(False, reason, 0, nan, nan, nan, nan, nan, champion_loops, candidate_loops, guard)
     improvement = champion - candidate
     means = np.random.default_rng(seed).choice(improvement, size=(resamples, n), replace=True).mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
@@ -190,6 +223,11 @@ def decide(
         promote, reason = False, f"held-out NLL improved by {relative:.1%}, below the {margin:.1%} margin"
     elif low <= 0:
         promote, reason = False, f"improvement not significant: 95% CI [{low:.4f}, {high:.4f}] includes zero"
+    elif guard.forgot:
+        promote, reason = (
+            False,
+            f"held-out NLL improved by {relative:.1%}, but it forgot general writing: {guard.verdict}",
+        )
     elif candidate_loops > champion_loops:
         promote, reason = (
             False,
@@ -213,4 +251,5 @@ def decide(
         float(high),
         champion_loops,
         candidate_loops,
+        guard,
     )

@@ -28,8 +28,9 @@ from feedback.service import get_tenant_by_slug
 from training import attempts, plots, registry
 from training.config import TrainConfig
 from training.dataset import Dataset, record_snapshot, tenant_dataset
-from training.evaluate import GateDecision, decide, example_nll, greedy_drafts, score_drafts
+from training.evaluate import GateDecision, decide, example_nll, forgetting, greedy_drafts, score_drafts
 from training.models import Adapter, AdapterStatus, RunStatus, TrainingRun, utcnow
+from training.regression_set import regression_rows
 from training.runs import run_dir
 from training.train import load_training_base, train_adapter
 
@@ -68,8 +69,10 @@ class EvaluationReport:
     scales: dict[str, float]  # model -> the scale its adapter was scored at (as it is served)
     heldout_examples: int
     drafted_examples: int
+    regression_examples: int  # the forgetting guard's general emails, scored by the base and the candidate
     summary: dict[str, dict[str, float]]  # model -> its totals (_summary)
-    per_example: dict[str, dict[str, list]]  # model -> score -> one value per held-out example
+    # model -> score -> one value per held-out example (regression_nll: per regression-set email)
+    per_example: dict[str, dict[str, list]]
     drafts: list[dict]  # per drafted example: the reference, each model's draft and finish reason
     decision: GateDecision
     training: dict | None = None  # what training did, added once the report is built
@@ -221,7 +224,7 @@ def _train_candidate(
 def evaluate_run(context: RunContext, candidate_id: int, rows: list[dict]) -> EvaluationReport:
     """Score the base model, the champion (if any) and the candidate on the held-out rows (NLL
     of each; greedy drafts of the first few), each adapter at the scale it would be served at,
-    and let the gate decide."""
+    and the base model and the candidate on the regression set, and let the gate decide."""
     attempt, settings, echo, run_id = context.attempt, context.settings, context.echo, context.run_id
     loaded = load_base_model(settings)
     with attempt.sessions() as session:
@@ -236,6 +239,7 @@ def evaluate_run(context: RunContext, candidate_id: int, rows: list[dict]) -> Ev
             champion_id=current.id if current else None,
         )
     sample = rows[: settings.eval_draft_examples]
+    general = regression_rows(loaded.tokenizer, settings)
     names = ["base", *(["champion"] if "champion" in refs else []), "candidate"]
     started = time.perf_counter()
     # The engine reads the base weights now, before PEFT wraps the model for the NLL below.
@@ -246,7 +250,7 @@ def evaluate_run(context: RunContext, candidate_id: int, rows: list[dict]) -> Ev
         drafter.close()
     attempt.beat()
     echo(f"  drafted {len(sample)} held-out emails with each model ({time.perf_counter() - started:.0f}s)")
-    model, scores = loaded.model, {}
+    model, scores, regression_s = loaded.model, {}, 0.0
     for name in names:  # the base goes first, before any adapter is attached
         started = time.perf_counter()
         if name != "base":
@@ -259,15 +263,24 @@ def evaluate_run(context: RunContext, candidate_id: int, rows: list[dict]) -> Ev
             f"loops {sum(scores[name]['loops'])}/{len(sample)}, opening {_mean(scores[name]['opening']):.0%}, "
             f"closing {_mean(scores[name]['closing']):.0%} ({time.perf_counter() - started:.0f}s)"
         )
+        if name != "champion":  # the forgetting guard compares the candidate with the bare base
+            started = time.perf_counter()
+            scores[name]["regression_nll"] = example_nll(model, loaded.tokenizer, general)
+            regression_s += time.perf_counter() - started
+            attempt.beat()
     champion_name = "champion" if "champion" in scores else "base"
     decision = decide(
         scores[champion_name]["nll"],
         scores["candidate"]["nll"],
         margin=settings.gate_margin,
         min_examples=settings.gate_min_heldout,
+        base_regression_nll=scores["base"]["regression_nll"],
+        candidate_regression_nll=scores["candidate"]["regression_nll"],
+        forgetting_margin=settings.forgetting_margin,
         champion_loops=sum(scores[champion_name]["loops"]),
         candidate_loops=sum(scores["candidate"]["loops"]),
     )
+    echo(f"  forgetting guard, {len(general)} general emails ({regression_s:.0f}s): {decision.forgetting.verdict}")
     folder = run_dir(settings, run_id)
     plots.champion_vs_candidate(
         scores[champion_name]["nll"],
@@ -281,6 +294,7 @@ def evaluate_run(context: RunContext, candidate_id: int, rows: list[dict]) -> Ev
         scales={name: ref.scale for name, ref in refs.items()},
         heldout_examples=len(rows),
         drafted_examples=len(sample),
+        regression_examples=len(general),
         summary={name: _summary(s) for name, s in scores.items()},
         per_example=scores,
         drafts=[
@@ -301,8 +315,9 @@ def _mean(values: list[float]) -> float:
 
 def _summary(scores: dict[str, list]) -> dict[str, float]:
     """A model's totals: mean NLL and chrF; the share of drafts that loop, open and close as the
-    reviewers' texts do, and do both ("style")."""
+    reviewers' texts do, and do both ("style"); the mean regression-set NLL where it was scored."""
     style = [o and c for o, c in zip(scores["opening"], scores["closing"], strict=True)]
+    regression = {"regression_nll": round(_mean(scores["regression_nll"]), 4)} if "regression_nll" in scores else {}
     return {
         "nll": round(_mean(scores["nll"]), 4),
         "chrf": round(_mean(scores["chrf"]), 2),
@@ -310,7 +325,7 @@ def _summary(scores: dict[str, list]) -> dict[str, float]:
         "opening": round(_mean(scores["opening"]), 3),
         "closing": round(_mean(scores["closing"]), 3),
         "style": round(_mean(style), 3),
-    }
+    } | regression
 
 
 def _finish(
@@ -367,16 +382,22 @@ def evaluate_tenant(slug: str, settings: Settings, *, sessions: Sessions = sessi
         ]
     if not heldout.rows:
         raise Conflict("this tenant has no held-out corrections yet")
-    scores = {"base": _mean(example_nll(loaded.model, loaded.tokenizer, heldout.rows))}
-    if ref is not None:
-        scores[f"champion v{current.version}"] = _mean(
-            example_nll(attach(loaded.model, ref), loaded.tokenizer, heldout.rows)
-        )
-    for name, nll in scores.items():
+    general = regression_rows(loaded.tokenizer, settings)
+    scores, regression, model = {}, {}, loaded.model
+    for name in ["base", *([f"champion v{current.version}"] if ref else [])]:
+        if name != "base":  # after the base is scored: attaching changes the model in place
+            model = attach(model, ref)
+        scores[name] = _mean(example_nll(model, loaded.tokenizer, heldout.rows))
+        regression[name] = example_nll(model, loaded.tokenizer, general)
         at = f", scale {ref.scale:g}" if name != "base" else ""
         echo(
-            f"{name}: held-out NLL {nll:.3f} on {len(heldout.rows)} examples (snapshot {heldout.content_hash[:12]}{at})"
+            f"{name}: held-out NLL {scores[name]:.3f} on {len(heldout.rows)} examples "
+            f"(snapshot {heldout.content_hash[:12]}{at}); regression-set NLL {_mean(regression[name]):.3f} "
+            f"on {len(general)} general emails"
         )
+    if ref is not None:
+        guard = forgetting(regression["base"], regression[f"champion v{current.version}"], settings.forgetting_margin)
+        echo(f"forgetting guard on champion v{current.version}: {guard.verdict}")
     path = settings.reports_dir / f"{slug}-versions.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     points = [{"label": "base", "nll": scores["base"], "status": "retired"}, *versions]

@@ -1,15 +1,22 @@
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import redis
+import torch
 from sqlalchemy.orm import Session, sessionmaker
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from agent.prompt import pad_token_id
 from core.db import committing
 from core.settings import get_settings
+from feedback.samples import load_emails
 from tests.factories import make_tenant
 from tests.training.helpers import add_corrections
+from training.regression_set import REGRESSION_SET
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
@@ -55,3 +62,27 @@ def worker_settings(tiny_settings, tmp_path, monkeypatch, postgres_engine):
     get_settings.cache_clear()
     yield get_settings()
     get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def general_tiny_base(tiny_base_dir, tmp_path_factory) -> Path:
+    """The tiny model after a few full steps on general writing (the regression set's replies, their
+    first 64 tokens), as a local base-model folder: a base with general writing to forget. The
+    random tiny model has none; its NLL is near uniform on any text, so no adapter can raise it."""
+    folder = tmp_path_factory.mktemp("general-tiny-base")
+    shutil.copytree(tiny_base_dir, folder, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    replies = [tokenizer(email.reply).input_ids[:64] for email in load_emails(REGRESSION_SET)]
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(12):
+        batch = [replies[(step * 8 + i) % len(replies)] for i in range(8)]
+        ids = torch.full((8, 64), pad_token_id(tokenizer))
+        labels = torch.full((8, 64), -100)
+        for i, reply in enumerate(batch):
+            ids[i, : len(reply)] = labels[i, : len(reply)] = torch.tensor(reply)
+        model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    return folder

@@ -10,6 +10,8 @@ from tests.factories import make_correction, make_draft, make_key, make_tenant
 from training.runs import create_run
 
 STYLE = "Hi {name},\n\nThanks for writing about order {n}. It ships on Monday.\n\nRide safe,\nMarta"
+# Replies in no language: learning them lowers the held-out NLL and raises the NLL of general writing.
+NONSENSE = "zxq vlorp {n} qq kk vlorp zxq ~~ kk qq zxq vlorp kk ~~ qq zxq {n}"
 
 # Training settings that take the tiny model through a run in seconds and still learn the style.
 FAST = {"quantization": "none", "compute_dtype": "float32", "epochs": 3, "batch_size": 4, "learning_rate": 1e-2}
@@ -42,10 +44,10 @@ def start(sessions, tenant, overrides=FAST) -> int:
         return create_run(session, tenant.id, trigger="manual", requested_by="test", overrides=overrides).id
 
 
-def tenant_with_history(count=40, role=Role.admin):
+def tenant_with_history(count=40, role=Role.admin, reply=STYLE):
     """A tenant with `count` corrections and a key of `role`, committed in the process's database."""
     with session_scope() as session:
         tenant = make_tenant(session, instructions="Answer as Marta.")
-        add_corrections(session, tenant, count)
+        add_corrections(session, tenant, count, reply)
         _, raw_key = make_key(session, tenant, role)
         return tenant, raw_key

@@ -30,6 +30,11 @@ def test_a_run_is_promoted_then_an_equal_candidate_is_rejected(sessions, tenant_
         assert champion.metrics["nll"] == summary["candidate"]["nll"]
         # Too few train rows for a validation slice: served at the trained scaling
         assert run.report["training"]["selection"]["scale"] == champion.scale == run.report["scales"]["candidate"] == 1
+        guard = run.report["decision"]["forgetting"]  # the forgetting guard passed it
+        assert not guard["forgot"] and guard["change"] <= guard["margin"] == run_settings.forgetting_margin
+        assert (summary["base"]["regression_nll"], summary["candidate"]["regression_nll"]) == pytest.approx(
+            (guard["base_nll"], guard["candidate_nll"]), abs=1e-4
+        )
     folder = run_settings.reports_dir / f"run-{first}"
     assert {p.name for p in folder.iterdir()} >= {"report.json", "loss.png", "heldout.png"}
     assert any("step" in line and "loss" in line for line in lines)
@@ -46,6 +51,7 @@ def test_a_run_is_promoted_then_an_equal_candidate_is_rejected(sessions, tenant_
         assert run.report["scales"] == {"champion": 0.5, "candidate": 0.5}
         assert any(line.startswith("  candidate (scale 0.5): held-out NLL") for line in lines)
         assert run.report["summary"]["champion"]["nll"] != summary["candidate"]["nll"]  # the same weights, scaled
+        assert "regression_nll" not in run.report["summary"]["champion"]  # the guard compares with the base
         assert registry.champion(session, tenant.id).id == champion.id
         candidate = session.query(Adapter).filter_by(training_run_id=second).one()
         assert candidate.status == AdapterStatus.rejected

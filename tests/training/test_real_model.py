@@ -50,6 +50,7 @@ def test_the_embedded_model_learns_the_house_style_on_a_slice(postgres_engine, m
         summary = run.report["summary"]
         assert status == RunStatus.promoted, lines
         assert summary["candidate"]["nll"] < 0.9 * summary["base"]["nll"], summary
+        assert not run.report["decision"]["forgetting"]["forgot"], run.report["decision"]
         assert registry.champion(session, tenant.id).training_run_id == run_id
         # Unseen emails (8) drafted closer to the reviewers' replies than the base drafts them, with the
         # house opening ("Hi <name>,") on most (the base, following the instructions, sometimes
