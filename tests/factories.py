@@ -94,3 +94,21 @@ def random_lora(model_config, folder: Path, *, rank: int = 4, targets=None, seed
             torch.nn.init.normal_(parameter, std=std)
     model.save_pretrained(folder)
     return folder
+
+
+def store_version(session: Session, settings, tenant_id: int, trained_dir: Path, **fields):
+    """A trained adapter folder stored as the tenant's next version (a candidate) of the base
+    model `settings` names; `fields` override store_candidate's other arguments."""
+    from agent.base_model import fingerprint, model_id, model_source
+    from training import registry
+
+    values = {
+        "base_model": model_id(settings),
+        "base_fingerprint": fingerprint(model_source(settings)),
+        "config": {},
+        "train_snapshot_id": None,
+        "training_run_id": None,
+    }
+    return registry.store_candidate(
+        session, settings, tenant_id=tenant_id, trained_dir=trained_dir, **(values | fields)
+    )

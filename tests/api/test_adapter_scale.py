@@ -6,7 +6,7 @@ import dataclasses
 
 from agent.prompt import IncomingEmail
 from core.settings import get_settings
-from tests.factories import EMAIL, random_lora
+from tests.factories import EMAIL, random_lora, store_version
 from training import registry
 from training.models import AdapterStatus
 
@@ -16,16 +16,12 @@ def test_drafts_use_and_record_the_tenants_or_the_versions_scale(
 ):
     settings = get_settings().model_copy(update={"adapter_dir": tmp_path / "registry"})
     client.app.dependency_overrides[get_settings] = lambda: settings
-    adapter = registry.store_candidate(
+    adapter = store_version(
         session,
         settings,
-        tenant_id=keys.tenant.id,
-        trained_dir=random_lora(tiny_model.model.config, tmp_path / "trained", seed=3),
-        base_model=tiny_drafter.model_id,
+        keys.tenant.id,
+        random_lora(tiny_model.model.config, tmp_path / "trained", seed=3),
         base_fingerprint=tiny_drafter.fingerprint,
-        config={},
-        train_snapshot_id=None,
-        training_run_id=None,
         scale=1.25,  # as validation chose it
     )
     adapter.status = AdapterStatus.champion

@@ -17,9 +17,8 @@ from api.deps import get_sessions
 from core.settings import get_settings
 from feedback.models import Role
 from tests.api.apps import app_client
-from tests.factories import EMAIL, make_key, make_tenant, random_lora
+from tests.factories import EMAIL, make_key, make_tenant, random_lora, store_version
 from tests.live import Live, fresh_database
-from training import registry
 from training.models import AdapterStatus, RunStatus
 from training.runs import create_run
 
@@ -98,17 +97,7 @@ def test_the_engine_counts_tokens_steps_and_time_to_first_token(client, keys):
 
 
 def _champion(session, settings, drafter_: Drafter, tenant, folder) -> None:
-    adapter = registry.store_candidate(
-        session,
-        settings,
-        tenant_id=tenant.id,
-        trained_dir=folder,
-        base_model=drafter_.model_id,
-        base_fingerprint=drafter_.fingerprint,
-        config={},
-        train_snapshot_id=None,
-        training_run_id=None,
-    )
+    adapter = store_version(session, settings, tenant.id, folder, base_fingerprint=drafter_.fingerprint)
     adapter.status = AdapterStatus.champion
     session.commit()
 

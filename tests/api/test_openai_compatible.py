@@ -6,7 +6,7 @@ from openai import OpenAI
 
 from agent.prompt import prompt_token_ids
 from core.settings import get_settings
-from tests.factories import random_lora
+from tests.factories import random_lora, store_version
 from training import registry
 
 QUESTION = "Can I bring my bike in for a service on Saturday?"
@@ -45,17 +45,7 @@ def test_model_names_an_adapter_version_of_the_tenant(sdk, client, keys, session
     settings = get_settings().model_copy(update={"adapter_dir": tmp_path / "registry"})
     client.app.dependency_overrides[get_settings] = lambda: settings
     folder = random_lora(tiny_model.model.config, tmp_path / "trained", seed=7)
-    adapter = registry.store_candidate(
-        session,
-        settings,
-        tenant_id=keys.tenant.id,
-        trained_dir=folder,
-        base_model=tiny_drafter.model_id,
-        base_fingerprint=tiny_drafter.fingerprint,
-        config={},
-        train_snapshot_id=None,
-        training_run_id=None,
-    )
+    adapter = store_version(session, settings, keys.tenant.id, folder, base_fingerprint=tiny_drafter.fingerprint)
     session.commit()
     assert [m.id for m in sdk.models.list()] == ["base", "v1"]
 

@@ -19,7 +19,7 @@ from agent.repetition import RepetitionGuard
 from core.settings import Settings
 from tests.agent.engines import prompts
 from tests.api.apps import app_client
-from tests.factories import EMAIL, random_lora
+from tests.factories import EMAIL, random_lora, store_version
 from tests.live import Keys, Live, drop_database, free_port, fresh_database
 from training import registry
 from training.models import Adapter
@@ -65,17 +65,7 @@ def tenant(server, tiny_model, tiny_base_dir, tmp_path_factory) -> tuple[Keys, A
     settings = front_settings(server, tiny_base_dir)
     trained = random_lora(tiny_model.model.config, tmp_path_factory.mktemp("trained"), seed=11)
     with Session(server.engine, expire_on_commit=False) as session:
-        adapter = registry.store_candidate(
-            session,
-            settings,
-            tenant_id=keys.tenant_id,
-            trained_dir=trained,
-            base_model="tiny",
-            base_fingerprint=tiny_model.fingerprint,
-            config={},
-            train_snapshot_id=None,
-            training_run_id=None,
-        )
+        adapter = store_version(session, settings, keys.tenant_id, trained)
         registry.promote(session, settings, adapter, actor="test", reason="the remote backend's tests")
         session.commit()
     return keys, adapter

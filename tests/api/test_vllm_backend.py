@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.adapters import AdapterRef
-from agent.base_model import fingerprint, model_source
+from agent.base_model import model_source
 from agent.drafting import Drafter
 from agent.prompt import IncomingEmail
 from agent.repetition import RepetitionGuard
@@ -20,7 +20,7 @@ from core.settings import get_settings
 from feedback.samples import load_sample_tenant
 from tests.agent.engines import prompts
 from tests.api.apps import app_client
-from tests.factories import random_lora
+from tests.factories import random_lora, store_version
 from tests.vllm import VllmServer
 from training import registry
 
@@ -52,17 +52,7 @@ def remote_settings(model_settings, vllm, tmp_path):
 
 def stored_adapter(session, settings, tenant_id, model_config, folder: Path, seed: int):
     trained = random_lora(model_config, folder, rank=8, seed=seed, std=0.02)
-    return registry.store_candidate(
-        session,
-        settings,
-        tenant_id=tenant_id,
-        trained_dir=trained,
-        base_model="embedded",
-        base_fingerprint=fingerprint(model_source(settings)),
-        config={},
-        train_snapshot_id=None,
-        training_run_id=None,
-    )
+    return store_version(session, settings, tenant_id, trained)
 
 
 def test_vllm_drafts_equal_the_in_process_engine(vllm, embedded_model, model_settings, tmp_path):

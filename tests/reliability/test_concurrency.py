@@ -12,8 +12,7 @@ import pytest
 from sqlalchemy.orm import Session
 from transformers import LlamaConfig
 
-from agent.base_model import fingerprint
-from tests.factories import random_lora
+from tests.factories import random_lora, store_version
 from training import registry
 from training.models import AdapterEvent, AdapterStatus
 
@@ -137,23 +136,11 @@ def versions(live, keys, tiny_base_dir, tmp_path) -> list[int]:
     """N candidate adapter versions of the tenant in the live server's registry."""
     from core.settings import Settings
 
-    settings = Settings(var_dir=live.var_dir)  # the live server's registry: <var_dir>/adapters
+    # The live server's registry (<var_dir>/adapters) and base model: promotion checks the fingerprint
+    settings = Settings(var_dir=live.var_dir, base_model=str(tiny_base_dir))
     trained = random_lora(LlamaConfig.from_pretrained(tiny_base_dir), tmp_path / "trained")
     with Session(live.engine) as session:
-        candidates = [
-            registry.store_candidate(
-                session,
-                settings,
-                tenant_id=keys.tenant_id,
-                trained_dir=trained,
-                base_model="tiny",
-                base_fingerprint=fingerprint(str(tiny_base_dir)),  # promotion checks it is the served base
-                config={"rank": 4},
-                train_snapshot_id=None,
-                training_run_id=None,
-            ).version
-            for _ in range(N)
-        ]
+        candidates = [store_version(session, settings, keys.tenant_id, trained).version for _ in range(N)]
         session.commit()
     return candidates
 

@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from agent.base_model import fingerprint
 from core.errors import Conflict
 from core.settings import Settings
-from tests.factories import make_tenant
+from tests.factories import make_tenant, store_version
 from training import registry
 from training.models import Adapter, AdapterEvent, AdapterStatus, RunStatus
 from training.registry import AdapterInvalid
@@ -202,17 +202,7 @@ def _store_in_a_process(job) -> int:
     url, settings, tenant_id, folder = job
     engine = create_engine(url)
     with Session(engine) as session:
-        adapter = registry.store_candidate(
-            session,
-            settings,
-            tenant_id=tenant_id,
-            trained_dir=folder,
-            base_model="tiny",
-            base_fingerprint=fingerprint(settings.base_model),
-            config={},
-            train_snapshot_id=None,
-            training_run_id=None,
-        )
+        adapter = store_version(session, settings, tenant_id, folder)
         session.commit()
         version = adapter.version
     engine.dispose()

@@ -24,12 +24,11 @@ from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import delete
 from sqlalchemy.orm import Session, sessionmaker
 
-from agent.base_model import fingerprint, model_source
 from api.app import create_app
 from core.db import committing
 from core.settings import get_settings
 from feedback.models import ApiKey, Role, Tenant, Verdict, utcnow
-from tests.factories import make_correction, make_draft, make_key, make_tenant
+from tests.factories import make_correction, make_draft, make_key, make_tenant, store_version
 from tests.web.samples import EMAILS
 from training import registry
 from training.models import Adapter, RunStatus, TrainingRun
@@ -214,17 +213,7 @@ def _adapter(session: Session, tenant_id: int, version: int, run_id: int, nll: f
     trained.mkdir(parents=True)
     (trained / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
     save_file({"lora_A": torch.randn(4, 8)}, str(trained / "adapter_model.safetensors"))
-    adapter = registry.store_candidate(
-        session,
-        settings,
-        tenant_id=tenant_id,
-        trained_dir=trained,
-        base_model="embedded",
-        base_fingerprint=fingerprint(model_source(settings)),
-        config={},
-        train_snapshot_id=None,
-        training_run_id=run_id,
-    )
+    adapter = store_version(session, settings, tenant_id, trained, training_run_id=run_id)
     assert adapter.version == version
     adapter.metrics = {"nll": nll, "chrf": chrf, "loop_rate": 0.25 / version, "style": 0.5 * version, "run_id": run_id}
     return adapter
