@@ -29,6 +29,11 @@ class AdapterStatus(StrEnum):
     retired = "retired"
 
 
+class SnapshotKind(StrEnum):
+    sft = "sft"  # prompt/completion rows
+    preference = "preference"  # prompt/chosen/rejected pairs
+
+
 class DatasetSnapshot(Base):
     """The exact rows a run trained or was evaluated on: sorted correction ids and a content hash."""
 
@@ -38,6 +43,7 @@ class DatasetSnapshot(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     split: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(16), default="sft", server_default="sft")  # SnapshotKind
     content_hash: Mapped[str] = mapped_column(String(64))
     correction_ids: Mapped[list[int]] = mapped_column(JSON)
     instructions: Mapped[str] = mapped_column(Text)  # the prompt's system message when it was built
@@ -71,6 +77,8 @@ class TrainingRun(Base):
     config: Mapped[dict] = mapped_column(JSON)
     train_snapshot_id: Mapped[int | None] = mapped_column(ForeignKey("dataset_snapshots.id"))
     heldout_snapshot_id: Mapped[int | None] = mapped_column(ForeignKey("dataset_snapshots.id"))
+    # The preference pairs of the train split, when the run trained with them
+    preference_snapshot_id: Mapped[int | None] = mapped_column(ForeignKey("dataset_snapshots.id"))
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int] = mapped_column(Integer, default=0)
     loss: Mapped[float | None] = mapped_column(Float)
