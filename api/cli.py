@@ -15,6 +15,7 @@ from core.errors import DomainError
 from core.settings import get_settings
 from feedback import service
 from feedback.models import Role, Split
+from training.models import SnapshotKind
 
 app = typer.Typer(help="draftloop: draft email replies and learn from reviewers' corrections.", no_args_is_help=True)
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
@@ -233,8 +234,12 @@ def datasets_export(
     tenant: Annotated[str, typer.Option(help="Tenant slug")],
     out: Annotated[Path, typer.Option(help="JSONL file to write")],
     split: Annotated[Split, typer.Option(help="train or heldout")] = Split.train,
+    kind: Annotated[
+        SnapshotKind, typer.Option(help="sft: prompt/completion rows; preference: prompt/chosen/rejected pairs")
+    ] = SnapshotKind.sft,
 ) -> None:
-    """Write a split's SFT rows as JSONL that datasets.load_dataset("json") and TRL read as they are."""
+    """Write a split's SFT rows (or the train split's preference pairs) as JSONL that
+    datasets.load_dataset("json") and TRL's trainers read as they are."""
     from agent.base_model import load_tokenizer
     from training.dataset import tenant_dataset, write_jsonl
 
@@ -242,7 +247,7 @@ def datasets_export(
     with _reported():
         with session_scope() as session:
             found = service.get_tenant_by_slug(session, tenant)
-            dataset = tenant_dataset(session, found, split, load_tokenizer(settings), settings)
+            dataset = tenant_dataset(session, found, split, load_tokenizer(settings), settings, kind=kind)
     write_jsonl(dataset.rows, out)
     typer.echo(f"{len(dataset.rows)} rows (dropped {dataset.dropped or 'none'}), hash {dataset.content_hash} -> {out}")
 

@@ -92,7 +92,6 @@ def run_tenant(tenant: str) -> dict:
     from feedback.models import Role
     from feedback.samples import SampleEmail, record_history
     from migrations import upgrade
-    from training.models import TrainingRun
     from training.pipeline import execute_run
     from training.runs import create_run
 
@@ -107,7 +106,17 @@ def run_tenant(tenant: str) -> dict:
         run_id = create_run(session, row.id, trigger="bench", requested_by="bench").id
     started = time.perf_counter()
     status = execute_run(run_id, settings, echo=lambda line: print(f"[{tenant}] {line}", flush=True))
-    seconds = time.perf_counter() - started
+    figures = run_figures(tenant, run_id, status, time.perf_counter() - started)
+    figures["guards"] = compare_guards(tenant, run_id, settings)
+    return figures
+
+
+def run_figures(tenant: str, run_id: int, status: str, seconds: float) -> dict:
+    """A finished run's figures, read from its report: the decision, training, and the base
+    model's and the candidate's held-out scores (with the shop's own checks on Northwind)."""
+    from core.db import session_scope
+    from training.models import TrainingRun
+
     with session_scope() as session:
         run = session.get(TrainingRun, run_id)
         summary, reason, path = run.report["summary"], run.decision_reason, run.report["path"]
@@ -132,7 +141,6 @@ def run_tenant(tenant: str) -> dict:
     }
     if tenant == "northwind-neutral":
         figures["house_style"] = {name: northwind_checks(report["drafts"], name) for name in ("base", "candidate")}
-    figures["guards"] = compare_guards(tenant, run_id, settings)
     return figures
 
 

@@ -13,6 +13,10 @@ LinearLayer = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 Quantization = Literal["nf4", "none"]
 Nf4Weights = Literal["auto", "dequantized", "bitsandbytes"]
 ComputeDtype = Literal["auto", "bfloat16", "float32"]
+# Preference training (DPO) on the train split's pairs: none, after SFT, or instead of SFT
+Preference = Literal["none", "after_sft", "alone"]
+# DPO's reference: the adapter SFT left (after_sft only), the frozen base, or the champion as served
+PreferenceReference = Literal["sft", "base", "champion"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,11 @@ class TrainConfig:
     nf4_weights: Nf4Weights = "auto"
     compute_dtype: ComputeDtype = "auto"  # auto: bfloat16 where the hardware has it
     gradient_checkpointing: bool = False
+    preference: Preference = "none"
+    preference_reference: PreferenceReference = "sft"
+    dpo_beta: float = 0.1
+    dpo_learning_rate: float = 5e-4
+    dpo_epochs: float = 1.0
     seed: int = 0
 
     @classmethod
@@ -78,6 +87,14 @@ class TrainConfig:
                 ("epochs", 0 < self.epochs <= 50, "in (0, 50]"),
                 ("batch_size", 1 <= self.batch_size <= 256, "between 1 and 256"),
                 ("max_length", 32 <= self.max_length <= 8192, "between 32 and 8192"),
+                ("dpo_beta", 0 < self.dpo_beta <= 10, "in (0, 10]"),
+                ("dpo_learning_rate", 0 < self.dpo_learning_rate < 1, "in (0, 1)"),
+                ("dpo_epochs", 0 < self.dpo_epochs <= 20, "in (0, 20]"),
+                (
+                    "preference_reference",
+                    self.preference_reference != "sft" or self.preference != "alone",
+                    "base or champion when preference is alone (there is no SFT adapter to refer to)",
+                ),
             ]
             if not ok
         ]
@@ -111,4 +128,9 @@ class TrainOverrides(BaseModel):
     nf4_weights: Nf4Weights = TrainConfig.nf4_weights
     compute_dtype: ComputeDtype = TrainConfig.compute_dtype
     gradient_checkpointing: bool = TrainConfig.gradient_checkpointing
+    preference: Preference = TrainConfig.preference
+    preference_reference: PreferenceReference = TrainConfig.preference_reference
+    dpo_beta: float = TrainConfig.dpo_beta
+    dpo_learning_rate: float = TrainConfig.dpo_learning_rate
+    dpo_epochs: float = TrainConfig.dpo_epochs
     seed: int = TrainConfig.seed

@@ -1,4 +1,6 @@
-"""SFT datasets from a tenant's corrections, in TRL's conversational prompt/completion format.
+"""Datasets from a tenant's corrections, in TRL's conversational formats: SFT rows
+(prompt/completion: the reviewer's text) and preference pairs (prompt/chosen/rejected: the
+reviewer's text over the draft they edited or rejected).
 
 The prompt comes from the same builder the agent drafts with, so the model is trained on
 exactly what it sees when drafting. A snapshot is reproducible: the sorted correction ids and
@@ -17,19 +19,23 @@ from sqlalchemy.orm import Session
 from transformers import PreTrainedTokenizerBase
 
 from agent.prompt import IncomingEmail, build_prompt_completion, fit_messages
+from core.errors import Invalid
 from core.settings import Settings
 from feedback.models import Correction, Draft, Split, Tenant, Verdict
 from training.config import TrainConfig
-from training.models import DatasetSnapshot
+from training.models import DatasetSnapshot, SnapshotKind
 
 
 @dataclass(frozen=True)
 class Dataset:
     tenant_id: int
     split: Split
+    kind: SnapshotKind
     instructions: str
     max_length: int
-    rows: list[dict]  # {"prompt": [system, user], "completion": [assistant]}
+    # sft: {"prompt": [system, user], "completion": [assistant]};
+    # preference: {"prompt": [system, user], "chosen": [assistant], "rejected": [assistant]}
+    rows: list[dict]
     correction_ids: list[int]  # the corrections behind the rows, sorted
     dropped: dict[str, int]  # reason -> count
     content_hash: str
@@ -55,6 +61,12 @@ def email_row(
     return row
 
 
+def preference_pair(sft_row: dict, draft_text: str) -> dict:
+    """The pair an SFT row makes with the draft the reviewer replaced: chosen is the row's reply."""
+    rejected = {"role": "assistant", "content": draft_text.replace("\r\n", "\n").strip()}
+    return {"prompt": sft_row["prompt"], "chosen": sft_row["completion"], "rejected": [rejected]}
+
+
 def build_dataset(
     session: Session,
     *,
@@ -64,11 +76,16 @@ def build_dataset(
     tokenizer: PreTrainedTokenizerBase,
     settings: Settings,
     max_length: int,
+    kind: SnapshotKind = SnapshotKind.sft,
     up_to_correction_id: int | None = None,
 ) -> Dataset:
     """Rows from the tenant's corrections in one split; empty, over-length and duplicate rows are
     dropped with a count per reason. Rejected drafts without a final text stay stored but out.
-    Corrections never change, so up_to_correction_id rebuilds an earlier snapshot exactly."""
+    Preference pairs come from the same rows, where the reviewer's text replaced a draft: an
+    accepted draft, a correction that kept the draft's text, and a history without a draft make
+    no pair. Corrections never change, so up_to_correction_id rebuilds an earlier snapshot exactly."""
+    if kind == SnapshotKind.preference and split != Split.train:
+        raise Invalid("preference pairs come from the train split only: held-out corrections judge, never train")
     query = (
         select(Correction, Draft)
         .join(Draft, Draft.id == Correction.draft_id)
@@ -94,15 +111,29 @@ def build_dataset(
             dropped["near_duplicate"] += 1
         elif row_tokens(tokenizer, row) > max_length:
             dropped["too_long"] += 1
-        else:
+        elif kind == SnapshotKind.sft:
             rows.append(row)
             ids.append(correction.id)
+        elif correction.verdict == Verdict.accepted:
+            dropped["accepted"] += 1
+        elif not draft.draft_text.strip():
+            dropped["no_draft"] += 1
+        elif _normalised(draft.draft_text) == _normalised(reply):
+            dropped["draft_kept"] += 1
+        else:
+            pair = preference_pair(row, draft.draft_text)
+            if row_tokens(tokenizer, {"prompt": pair["prompt"], "completion": pair["rejected"]}) > max_length:
+                dropped["too_long"] += 1
+            else:
+                rows.append(pair)
+                ids.append(correction.id)
         seen_exact.add(exact)
         seen_normalised.add(normalised)
     content_hash = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
     return Dataset(
         tenant_id=tenant_id,
         split=split,
+        kind=kind,
         instructions=instructions,
         max_length=max_length,
         rows=rows,
@@ -120,6 +151,7 @@ def tenant_dataset(
     tokenizer: PreTrainedTokenizerBase,
     settings: Settings,
     max_length: int = TrainConfig.max_length,
+    kind: SnapshotKind = SnapshotKind.sft,
 ) -> Dataset:
     """The tenant's rows in one split as of now, with its current instructions, at a run's
     max_length (the default run's unless given)."""
@@ -131,6 +163,7 @@ def tenant_dataset(
         tokenizer=tokenizer,
         settings=settings,
         max_length=max_length,
+        kind=kind,
     )
 
 
@@ -140,6 +173,7 @@ def record_snapshot(session: Session, dataset: Dataset) -> DatasetSnapshot:
         select(DatasetSnapshot).where(
             DatasetSnapshot.tenant_id == dataset.tenant_id,
             DatasetSnapshot.split == dataset.split,
+            DatasetSnapshot.kind == dataset.kind,
             DatasetSnapshot.content_hash == dataset.content_hash,
         )
     )
@@ -147,6 +181,7 @@ def record_snapshot(session: Session, dataset: Dataset) -> DatasetSnapshot:
         snapshot = DatasetSnapshot(
             tenant_id=dataset.tenant_id,
             split=dataset.split,
+            kind=dataset.kind,
             content_hash=dataset.content_hash,
             correction_ids=dataset.correction_ids,
             instructions=dataset.instructions,
@@ -161,7 +196,8 @@ def record_snapshot(session: Session, dataset: Dataset) -> DatasetSnapshot:
 
 
 def write_jsonl(rows: list[dict], path: Path) -> Path:
-    """Rows as JSONL that `datasets.load_dataset("json", ...)` and TRL's SFTTrainer read as they are."""
+    """Rows as JSONL that `datasets.load_dataset("json", ...)` and TRL's SFTTrainer (or, for
+    preference pairs, DPOTrainer) read as they are."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as file:
         for row in rows:

@@ -38,7 +38,9 @@ class DatasetSnapshot(Base):
     """The exact rows a run trained or was evaluated on: sorted correction ids and a content hash."""
 
     __tablename__ = "dataset_snapshots"
-    __table_args__ = (UniqueConstraint("tenant_id", "split", "content_hash", name="uq_dataset_snapshot_content"),)
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "split", "kind", "content_hash", name="uq_dataset_snapshot_content"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))

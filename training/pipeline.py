@@ -29,7 +29,7 @@ from training import attempts, plots, registry
 from training.config import TrainConfig
 from training.dataset import Dataset, record_snapshot, tenant_dataset
 from training.evaluate import GateDecision, decide, example_nll, forgetting, greedy_drafts, score_drafts
-from training.models import Adapter, AdapterStatus, RunStatus, TrainingRun, utcnow
+from training.models import Adapter, AdapterStatus, RunStatus, SnapshotKind, TrainingRun, utcnow
 from training.regression_set import regression_rows
 from training.runs import run_dir
 from training.train import load_training_base, train_adapter
@@ -124,39 +124,55 @@ def _reject_candidates(session: Session, run_id: int, reason: str) -> None:
 
 def _execute(context: RunContext) -> RunStatus:
     tokenizer = load_tokenizer(context.settings)
-    train, heldout, train_snapshot_id = _snapshot_datasets(context, tokenizer)
+    train, heldout, pairs, train_snapshot_id = _snapshot_datasets(context, tokenizer)
     if len(heldout.rows) < context.settings.gate_min_heldout:
         reason = (
             f"only {len(heldout.rows)} held-out examples; the gate needs at least {context.settings.gate_min_heldout}"
         )
         return _finish(context, RunStatus.rejected, reason)
-    candidate_id, training = _train_candidate(context, tokenizer, train, train_snapshot_id)
+    candidate_id, training = _train_candidate(context, tokenizer, train, pairs, train_snapshot_id)
     report = replace(evaluate_run(context, candidate_id, heldout.rows), training=training)
     status = RunStatus.promoted if report.decision.promote else RunStatus.rejected
     return _finish(context, status, report.decision.reason, report, candidate_id)
 
 
-def _snapshot_datasets(context: RunContext, tokenizer: PreTrainedTokenizerBase) -> tuple[Dataset, Dataset, int]:
-    """The train and held-out datasets as of now, recorded as the run's snapshots."""
+def _snapshot_datasets(
+    context: RunContext, tokenizer: PreTrainedTokenizerBase
+) -> tuple[Dataset, Dataset, Dataset | None, int]:
+    """The train and held-out datasets as of now, and the train split's preference pairs when the
+    run trains with them, recorded as the run's snapshots."""
+    config = context.config
     with context.attempt.sessions() as session:
         tenant = session.get(Tenant, context.tenant_id)
         train, heldout = (
-            tenant_dataset(session, tenant, split, tokenizer, context.settings, context.config.max_length)
+            tenant_dataset(session, tenant, split, tokenizer, context.settings, config.max_length)
             for split in (Split.train, Split.heldout)
         )
+        pairs = None
+        if config.preference != "none":
+            pairs = tenant_dataset(
+                session, tenant, Split.train, tokenizer, context.settings, config.max_length, SnapshotKind.preference
+            )
         run = context.attempt.owned(session)
         run.train_snapshot_id = record_snapshot(session, train).id
         run.heldout_snapshot_id = record_snapshot(session, heldout).id
+        if pairs is not None:
+            run.preference_snapshot_id = record_snapshot(session, pairs).id
         train_snapshot_id = run.train_snapshot_id
+    with_pairs = f", {len(pairs.rows)} preference pairs (dropped {pairs.dropped or 'none'})" if pairs else ""
     context.echo(
         f"run {context.run_id}: {len(train.rows)} train rows (dropped {train.dropped or 'none'}), "
-        f"{len(heldout.rows)} held-out rows; snapshot {train.content_hash[:12]}"
+        f"{len(heldout.rows)} held-out rows{with_pairs}; snapshot {train.content_hash[:12]}"
     )
-    return train, heldout, train_snapshot_id
+    return train, heldout, pairs, train_snapshot_id
 
 
 def _train_candidate(
-    context: RunContext, tokenizer: PreTrainedTokenizerBase, train: Dataset, train_snapshot_id: int
+    context: RunContext,
+    tokenizer: PreTrainedTokenizerBase,
+    train: Dataset,
+    pairs: Dataset | None,
+    train_snapshot_id: int,
 ) -> tuple[int, dict]:
     """Train on the train rows and store the adapter as the run's candidate; the run goes on to
     evaluating. Returns the candidate's id and what training did, for the report."""
@@ -176,9 +192,20 @@ def _train_candidate(
             elapsed = time.perf_counter() - started
             echo(f"  step {step}/{total_steps}  loss {loss:.3f}  {elapsed:.0f}s")
 
+    champion = None
+    if config.preference != "none" and config.preference_reference == "champion":
+        with attempt.sessions() as session:
+            champion = registry.champion_ref(session, settings, context.tenant_id, fingerprint(source))
     with tempfile.TemporaryDirectory(prefix="draftloop-adapter-") as scratch:
         result = train_adapter(
-            load_training_base(source, config), tokenizer, train.rows, config, Path(scratch), progress
+            load_training_base(source, config),
+            tokenizer,
+            train.rows,
+            config,
+            Path(scratch),
+            progress,
+            pairs=pairs.rows if pairs else [],
+            champion=champion,
         )
         with attempt.sessions() as session:
             run = attempt.owned(session)  # before the files are copied: one attempt stores at a time
@@ -207,6 +234,9 @@ def _train_candidate(
             f"  adapter scale {result.selection['scale']:g} chosen by validation NLL ({scores}; "
             f"{result.selection['scale_seconds']:.0f}s)"
         )
+    if stage := result.selection.get("preference"):
+        did = stage.get("skipped") or f"{stage['steps']} steps, {stage['pairs']} pairs, reference {stage['reference']}"
+        echo(f"  preference training ({stage['stage']}): {did}")
     plots.loss_curve(result.loss_history, run_dir(settings, run_id) / "loss.png", f"run {run_id} training loss")
     return candidate_id, {
         "rows": len(train.rows),

@@ -9,9 +9,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def loss_curve(history: list[dict], path: Path, title: str) -> Path:
+    """The training loss per step; SFT's (token-mean cross-entropy) and DPO's (the preference
+    loss, entries with stage "dpo") as two lines: they are not on one scale."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([p["step"] for p in history], [p["loss"] for p in history], marker=".", lw=1)
-    ax.set(xlabel="step", ylabel="training loss (completion tokens)", title=title)
+    for stage in dict.fromkeys(p.get("stage", "sft") for p in history):
+        points = [p for p in history if p.get("stage", "sft") == stage]
+        ax.plot([p["step"] for p in points], [p["loss"] for p in points], marker=".", lw=1, label=stage.upper())
+    ax.set(xlabel="step", ylabel="training loss", title=title)
+    if len(ax.lines) > 1:
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

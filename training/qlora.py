@@ -21,6 +21,44 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from agent.base_model import resolve_dtype
+from training.config import TrainConfig
+
+
+def lora_config(config: TrainConfig):
+    """The LoRA adapter a run trains, SFT's and DPO's alike."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def trainer_arguments(config: TrainConfig) -> dict:
+    """The TrainingArguments every trainer of a run shares (SFT's and DPO's): the schedule, the
+    dtype, the device, and no checkpoints, reports or progress bars of their own."""
+    return dict(
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        weight_decay=0.0,
+        max_length=config.max_length,
+        gradient_checkpointing=config.gradient_checkpointing,
+        bf16=resolve_dtype(config.compute_dtype) == torch.bfloat16,
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=config.seed,
+        data_seed=config.seed,
+        dataset_num_proc=None,
+    )
+
 
 def dequantize_once(model: PreTrainedModel, dtype: torch.dtype) -> None:
     """Replace every bitsandbytes 4-bit linear layer by a frozen nn.Linear holding exactly the

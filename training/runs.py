@@ -13,7 +13,7 @@ from core.errors import Conflict, NotFound
 from core.settings import Settings
 from feedback.models import Split
 from training.config import TrainConfig
-from training.models import ACTIVE_RUN_STATUSES, DatasetSnapshot, RunStatus, TrainingRun
+from training.models import ACTIVE_RUN_STATUSES, DatasetSnapshot, RunStatus, SnapshotKind, TrainingRun
 
 
 def create_run(
@@ -73,6 +73,7 @@ def export_snapshot(session: Session, snapshot_id: int, settings: Settings) -> s
         tokenizer=load_tokenizer(settings),
         settings=settings,
         max_length=snapshot.max_length,
+        kind=SnapshotKind(snapshot.kind),
         up_to_correction_id=snapshot.max_correction_id,
     )
     if dataset.content_hash != snapshot.content_hash:

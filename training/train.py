@@ -8,7 +8,8 @@ the train rows is set aside; each learning rate tried trains the first steps of 
 the one with the lowest validation NLL trains in full; the adapter kept is the epoch with the
 lowest validation NLL, and training stops once an epoch makes it worse; last, the kept adapter's
 validation NLL is scored at each scale of SCALES (its strength, applied at serving time) and
-the best is the scale it is served at.
+the best is the scale it is served at. With preference training, DPO follows SFT (or replaces
+it) on the pairs of the fit rows (training/preference.py), and the scale is chosen after it.
 """
 
 import hashlib
@@ -23,9 +24,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
+from agent.adapters import AdapterRef
 from agent.base_model import nf4_quantization_config, resolve_dtype
 from core.errors import Invalid
-from training import qlora
+from training import preference, qlora
 from training.config import TrainConfig
 
 Progress = Callable[[int, int, float | None], None]  # step, total steps, latest loss
@@ -43,6 +45,7 @@ class TrainResult:
 
 PROBE_BUDGET = 0.5  # the learning rates tried share this fraction of one run's steps
 MIN_VALIDATION_ROWS = 8  # fewer train rows than this on either side: no validation slice
+MIN_PAIRS = 4  # fewer preference pairs than this: no preference training
 SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)  # the adapter strengths scored on the validation slice
 
 
@@ -154,12 +157,10 @@ class _Watch(TrainerCallback):
 
     def _score(self, state, model) -> bool:
         """Score the validation slice; True when it is worse than the best epoch so far."""
-        from training.evaluate import example_nll
-
         if not self.validation:
             return False
         model.eval()
-        nll = sum(example_nll(model, self.tokenizer, self.validation)) / len(self.validation)
+        nll = _mean_nll(model, self.tokenizer, self.validation)
         model.train()
         best = min((s["validation_nll"] for s in self.scores), default=math.inf)
         self.scores.append(
@@ -184,18 +185,32 @@ def train_adapter(
     config: TrainConfig,
     out_dir: Path,
     progress: Progress = lambda step, total, loss: None,
+    pairs: list[dict] = (),
+    champion: AdapterRef | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on prompt/completion rows and save it (PEFT format) to out_dir. The
-    learning rate and the epoch kept are chosen on a validation slice of these rows."""
+    learning rate and the epoch kept are chosen on a validation slice of these rows. With
+    config.preference, DPO on the preference pairs follows SFT or replaces it (training/preference.py;
+    `champion` is its reference when config.preference_reference asks for it)."""
     if not rows:
         raise Invalid("the training set is empty: there are no usable train-split corrections yet")
     fit, validation = split_validation(rows, config.validation_fraction)
-    rates = [config.learning_rate, *config.try_learning_rates] if validation else [config.learning_rate]
-    steps = math.ceil(len(fit) / config.batch_size) * math.ceil(config.epochs)
+    held = {json.dumps(row, sort_keys=True) for row in validation}
+    pairs = [p for p in pairs if json.dumps(preference.sft_row(p), sort_keys=True) not in held]
+    with_pairs = config.preference != "none" and len(pairs) >= MIN_PAIRS
+    if config.preference == "alone" and not with_pairs:
+        raise Invalid(
+            f"preference training alone needs at least {MIN_PAIRS} preference pairs outside the validation slice, "
+            f"and there are {len(pairs)}: reviewers' edits of real drafts make them"
+        )
+    sft = config.preference != "alone"
+    rates = [config.learning_rate, *config.try_learning_rates] if validation and sft else [config.learning_rate]
+    steps = math.ceil(len(fit) / config.batch_size) * math.ceil(config.epochs) if sft else 0
     probe_steps = max(1, int(steps * PROBE_BUDGET / len(rates))) if len(rates) > 1 else 0
-    total = probe_steps * len(rates) + steps
+    sft_total = probe_steps * len(rates) + steps
+    total = sft_total + (preference.dpo_steps(len(pairs), config) if with_pairs else 0)
     progress(0, total, None)
-    started, counted, tried = time.perf_counter(), [0, 0], []
+    started, counted, tried, selection = time.perf_counter(), [0, 0], [], {}
     for index, rate in enumerate(rates if probe_steps else []):
         watch = _Watch(progress, index * probe_steps, total, validation, tokenizer, stop_after=probe_steps)
         trainer = _fit(model, tokenizer, fit, config, rate, watch, counted)
@@ -203,31 +218,44 @@ def train_adapter(
             {"learning_rate": rate, "steps": probe_steps, "validation_nll": watch.scores[-1]["validation_nll"]}
         )
         trainer.model.unload()  # the base model without this probe's LoRA layers
-    rate = min(tried, key=lambda t: t["validation_nll"])["learning_rate"] if tried else config.learning_rate
-    watch = _Watch(progress, probe_steps * len(rates), total, validation, tokenizer, stop_after=None)
-    trainer = _fit(model, tokenizer, fit, config, rate, watch, counted)
-    watch.restore_best(trainer.model)
-    done = probe_steps * len(rates) + trainer.state.global_step
+    history, kept, done = [], None, 0
+    if sft:
+        rate = min(tried, key=lambda t: t["validation_nll"])["learning_rate"] if tried else config.learning_rate
+        watch = _Watch(progress, probe_steps * len(rates), total, validation, tokenizer, stop_after=None)
+        trainer = _fit(model, tokenizer, fit, config, rate, watch, counted)
+        watch.restore_best(trainer.model)
+        model, history, done = trainer.model, watch.history, probe_steps * len(rates) + trainer.state.global_step
+        kept = min(watch.scores, key=lambda s: s["validation_nll"]) if watch.scores else None
+        selection = {"learning_rates_tried": tried, "learning_rate": rate, "epochs_scored": watch.scores}
+    if config.preference != "none":
+        selection["preference"] = {"stage": config.preference, "pairs": len(pairs)}
+    if with_pairs:
+        model, dpo = preference.train_preferences(model, tokenizer, pairs, config, champion, progress, sft_total, total)
+        history, done = history + dpo.pop("loss_history"), sft_total + dpo["steps"]
+        selection["preference"] |= dpo
+        if validation:
+            model.eval()
+            kept = {"stage": "dpo", "validation_nll": round(_mean_nll(model, tokenizer, validation), 4)}
+        selection["preference"]["validation_nll"] = kept["validation_nll"] if kept else None
+    elif config.preference != "none":
+        selection["preference"]["skipped"] = f"fewer than {MIN_PAIRS} preference pairs"
     if done < total:  # stopped early: the progress shown ends where training did
         progress(done, done, None)
-    trainer.model.save_pretrained(out_dir)
-    kept = min(watch.scores, key=lambda s: s["validation_nll"]) if watch.scores else None
+    model.save_pretrained(out_dir)
     scale_started = time.perf_counter()
-    scales = _score_scales(trainer.model, tokenizer, validation, kept["validation_nll"]) if kept else []
+    scales = _score_scales(model, tokenizer, validation, kept["validation_nll"]) if kept else []
     # The lowest NLL; on a tie, the scale nearest the trained one
     scale = min(scales, key=lambda s: (s["validation_nll"], abs(s["scale"] - 1)))["scale"] if scales else 1.0
     return TrainResult(
-        steps=trainer.state.global_step,
+        steps=done,
         seconds=time.perf_counter() - started,
         trained_tokens=counted[0],
         reply_tokens=counted[1],
-        loss_history=watch.history,
+        loss_history=history,
         selection={
             "fit_rows": len(fit),
             "validation_rows": len(validation),
-            "learning_rates_tried": tried,
-            "learning_rate": rate,
-            "epochs_scored": watch.scores,
+            **selection,
             "kept": kept,
             "scales_tried": scales,
             "scale": scale,
@@ -236,17 +264,22 @@ def train_adapter(
     )
 
 
+def _mean_nll(model, tokenizer, rows: list[dict]) -> float:
+    from training.evaluate import example_nll
+
+    return sum(example_nll(model, tokenizer, rows)) / len(rows)
+
+
 def _score_scales(model, tokenizer, validation: list[dict], kept_nll: float) -> list[dict]:
     """The kept adapter's validation NLL at each of SCALES, through PEFT's own scale (at 1 it is
     the kept epoch's score)."""
     from agent.adapters import set_scale
-    from training.evaluate import example_nll
 
     def nll_at(scale: float) -> float:
         if scale == 1.0:
             return kept_nll
         set_scale(model, model.active_adapter, scale)
-        return round(sum(example_nll(model, tokenizer, validation)) / len(validation), 4)
+        return round(_mean_nll(model, tokenizer, validation), 4)
 
     model.eval()
     scores = [{"scale": scale, "validation_nll": nll_at(scale)} for scale in SCALES]
@@ -258,7 +291,6 @@ def _fit(model, tokenizer, rows, config: TrainConfig, learning_rate: float, watc
     """One TRL run over rows at this learning rate, watched by `watch`; returns its trainer.
     `counted` accumulates the trained and reply tokens of every run."""
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import SFTConfig
 
     with tempfile.TemporaryDirectory(prefix="draftloop-train-") as scratch:
@@ -267,31 +299,11 @@ def _fit(model, tokenizer, rows, config: TrainConfig, learning_rate: float, watc
             num_train_epochs=config.epochs,
             per_device_train_batch_size=config.batch_size,
             learning_rate=learning_rate,
-            lr_scheduler_type="cosine",
-            warmup_steps=0.05,
-            weight_decay=0.0,
-            max_length=config.max_length,
             completion_only_loss=True,
             train_sampling_strategy="group_by_length",  # less padding per batch
-            gradient_checkpointing=config.gradient_checkpointing,
-            bf16=resolve_dtype(config.compute_dtype) == torch.bfloat16,
-            use_cpu=not torch.cuda.is_available(),
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            seed=config.seed,
-            data_seed=config.seed,
-            dataset_num_proc=None,
+            **qlora.trainer_arguments(config),
         )
-        lora = LoraConfig(
-            r=config.rank,
-            lora_alpha=config.alpha,
-            lora_dropout=config.dropout,
-            target_modules=list(config.target_modules),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
+        lora = qlora.lora_config(config)
         torch.manual_seed(config.seed)  # the LoRA initialisation, drawn when the trainer wraps the model
         trainer = _completion_only_trainer()(
             model=model,

@@ -5,9 +5,10 @@ from fastapi.responses import PlainTextResponse
 
 from api.deps import AdminKey, AnyKey, SessionDep, SettingsDep
 from api.schemas import AdapterOut, AuditReason, Id, RunOut, RunRequest
-from core.errors import NotFound
+from core.errors import Invalid, NotFound
 from feedback.models import Split
 from training import registry
+from training.models import SnapshotKind
 from training.runs import create_run, export_snapshot, get_run, list_runs
 from training.tasks import enqueue
 
@@ -41,13 +42,27 @@ def run(run_id: Id, key: AnyKey, session: SessionDep):
     summary="A run's dataset snapshot as JSONL",
     responses={200: {"content": {"application/x-ndjson": {}}}},
 )
-def run_dataset(run_id: Id, key: AdminKey, session: SessionDep, settings: SettingsDep, split: Split = Split.train):
+def run_dataset(
+    run_id: Id,
+    key: AdminKey,
+    session: SessionDep,
+    settings: SettingsDep,
+    split: Split = Split.train,
+    kind: SnapshotKind = SnapshotKind.sft,
+):
     """The exact rows the run trained on (or was evaluated on, with split=heldout), in TRL's
-    prompt/completion format; rebuilt from the stored corrections and checked against the hash."""
+    prompt/completion format, or with kind=preference the train split's prompt/chosen/rejected
+    pairs it trained with; rebuilt from the stored corrections and checked against the hash."""
     found = get_run(session, key.tenant_id, run_id)
-    snapshot_id = found.train_snapshot_id if split == Split.train else found.heldout_snapshot_id
+    if kind == SnapshotKind.preference:
+        if split != Split.train:
+            raise Invalid("preference pairs come from the train split only")
+        snapshot_id, name = found.preference_snapshot_id, "preference"
+    else:
+        snapshot_id = found.train_snapshot_id if split == Split.train else found.heldout_snapshot_id
+        name = str(split)
     if snapshot_id is None:
-        raise NotFound(f"run {run_id} has no {split} snapshot yet")
+        raise NotFound(f"run {run_id} has no {name} snapshot (yet)")
     body = export_snapshot(session, snapshot_id, settings)
     return PlainTextResponse(body, media_type="application/x-ndjson")
 
