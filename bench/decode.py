@@ -24,7 +24,7 @@ from agent.adapters import AdapterCache, AdapterRef, attach
 from agent.base_model import load_base_model
 from agent.drafting import Drafter, generate_greedy
 from agent.engine import in_fresh_thread
-from agent.prompt import IncomingEmail
+from agent.prompt import IncomingEmail, pad_token_id
 from bench.report import save
 from core.settings import Settings
 from feedback.samples import load_sample_tenant
@@ -109,7 +109,9 @@ def same_tokens(drafter: Drafter, model, prompt: list[int], adapter) -> bool:
     drafter.backend.stop_ids = set(stops)
     ours = drafter.submit(prompt, max_new_tokens=NEW_TOKENS, adapter=adapter).result()
     theirs = in_fresh_thread(
-        lambda: generate_greedy(model, [prompt], max_new_tokens=NEW_TOKENS, stop_ids=stops, pad_id=stops[0])[0]
+        lambda: generate_greedy(
+            model, [prompt], max_new_tokens=NEW_TOKENS, stop_ids=stops, pad_id=pad_token_id(drafter.tokenizer)
+        )[0]
     )
     return ours == theirs
 
@@ -173,7 +175,7 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as scratch:
         ref = in_fresh_thread(random_adapter, loaded.model, Path(scratch) / "adapter")
-        pad = sorted(drafter.stop_ids)[0]
+        pad = pad_token_id(drafter.tokenizer)
         # Plain generate first, before the engine's thread exists: it runs alone, as it would
         # without the engine (base model, then through PEFT with the adapter).
         plain = {"base": in_fresh_thread(time_generate, loaded.model, prompt, pad)}

@@ -18,6 +18,7 @@ from agent.prompt import IncomingEmail
 from api.app import create_app
 from api.deps import drafter, get_sessions
 from core.db import committing, reading_engine
+from core.settings import get_settings
 from feedback.models import Draft, Role, Tenant
 from tests.factories import make_key, make_tenant
 
@@ -144,19 +145,43 @@ def test_a_full_queue_answers_503_with_retry_after(client, keys, tiny_model, mod
     assert client.post("/v1/drafts", json=EMAIL | {"max_new_tokens": 4}, headers=keys.agent).status_code == 201
 
 
-def test_a_client_that_leaves_cancels_its_drafts(live, tiny_drafter):
-    """A non-streaming request whose client gives up: its drafts stop decoding (the tenant's
-    share of the queue is free again long before 16 drafts of 1,000 tokens could have ended)
-    and nothing is stored."""
+BACKEND_KEY = "a-backend-key"
+# Each non-streaming drafting route, with drafts far longer than the client waits for.
+LEAVING = {
+    "/v1/drafts": EMAIL | {"max_new_tokens": 1000},
+    "/v1/drafts/batch": {"emails": [EMAIL] * 16, "max_new_tokens": 1000},
+    "/v1/chat/completions": {
+        "model": "base",
+        "messages": [{"role": "user", "content": EMAIL["body"]}],
+        "max_tokens": 1000,
+    },
+    "/v1/completions": {"model": "base", "max_tokens": 1000},  # the prompt ids are added by the test
+}
+
+
+@pytest.mark.parametrize("path", LEAVING)
+def test_a_client_that_leaves_cancels_its_drafts(live, tiny_drafter, monkeypatch, path):
+    """A non-streaming request whose client gives up: its drafts stop decoding, cancelled long
+    before their 1,000 tokens, the tenant's share of the queue is free again, and nothing is stored."""
     url, headers, factory, tenant_id = live
-    batch = {"emails": [EMAIL] * 16, "max_new_tokens": 1000}
-    started = time.monotonic()
+    body = LEAVING[path]
+    if path == "/v1/completions":  # the drafting server's route, for servers holding the backend key
+        monkeypatch.setattr(get_settings(), "backend_api_key", BACKEND_KEY)
+        headers = {"Authorization": f"Bearer {BACKEND_KEY}"}
+        body = body | {"prompt": tiny_drafter.prompt("", IncomingEmail(**EMAIL))}
+    streams, submit = [], tiny_drafter.backend.submit
+
+    def recorded(*args):  # the engine's own submit, keeping the streams it started
+        streams.append(submit(*args))
+        return streams[-1]
+
+    monkeypatch.setattr(tiny_drafter.backend, "submit", recorded)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{url}/v1/drafts/batch", json=batch, headers=headers, timeout=1.0)
-    while tiny_drafter.in_flight(tenant_id):
-        assert time.monotonic() - started < 3, "the drafts went on decoding after the client left"
+        httpx.post(f"{url}{path}", json=body, headers=headers, timeout=0.5)
+    left = time.monotonic()
+    while not streams or not all(stream.finish_reason for stream in streams):
+        assert time.monotonic() - left < 3, "the drafts went on decoding after the client left"
         time.sleep(0.05)
-    full = time.monotonic()
-    tiny_drafter.draft_many("", [IncomingEmail(**EMAIL)] * 16, max_new_tokens=1000)
-    assert time.monotonic() - full > 3  # what the cancelled request would have cost
-    assert _draft_of(factory, tenant_id) is None
+    assert {stream.finish_reason for stream in streams} == {"cancelled"}
+    assert len(streams) == (16 if path == "/v1/drafts/batch" else 1) and all(len(s.tokens) < 1000 for s in streams)
+    assert tiny_drafter.in_flight(tenant_id) == 0 and _draft_of(factory, tenant_id) is None

@@ -1,17 +1,24 @@
-"""Concurrent writers on the real databases: what one request read must not stop its write, and
-two requests racing for one unique value end as one stored row and one clear answer."""
+"""Concurrent writers on the real databases: what one request read must not stop its write, two
+requests racing for one unique value end as one stored row and one clear answer, and a lock that
+times out (SQLite), a serialization failure or a deadlock (PostgreSQL) is a 503 to retry."""
 
+import queue
 import threading
 import time
 
 import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select, text, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.app import create_app
+from api.deps import SessionDep
 from core import db
-from core.db import as_domain_error, committing, make_engine, reading_engine
+from core.db import RETRY_AFTER_S, as_domain_error, committing, make_engine, reading_engine
 from core.errors import Conflict, Overloaded
 from feedback import service
-from feedback.models import ApiKey, Correction, Role, Verdict
+from feedback.models import ApiKey, Correction, Role, Tenant, Verdict
 from migrations import upgrade
 from tests.factories import make_draft, make_key, make_tenant
 
@@ -85,6 +92,65 @@ def test_a_lock_that_times_out_is_a_503(sqlite_file, monkeypatch):
     error = as_domain_error(raised.value)
     assert isinstance(error, Overloaded) and "database is locked" in error.message and error.retry_after_s > 0
     impatient.dispose()
+
+
+def test_a_serialization_failure_on_postgres_is_a_503(postgres_engine):
+    """A REPEATABLE READ transaction updates a row that another changed after its snapshot:
+    PostgreSQL refuses the update, and the caller is told to retry."""
+    factory = sessionmaker(bind=postgres_engine.execution_options(isolation_level="REPEATABLE READ"))
+    with factory() as session, committing(session):
+        tenant_id = make_tenant(session).id
+    rename = update(Tenant).where(Tenant.id == tenant_id)
+    with pytest.raises(OperationalError) as raised, factory() as late, committing(late):
+        late.get(Tenant, tenant_id)  # its snapshot is taken
+        with factory() as early, committing(early):
+            early.execute(rename.values(name="Early"))
+        late.execute(rename.values(name="Late"))
+    error = as_domain_error(raised.value)
+    assert isinstance(error, Overloaded) and "could not serialize access" in error.message
+    assert error.retry_after_s == RETRY_AFTER_S
+
+
+def test_a_deadlock_in_a_request_is_a_503_with_retry_after(postgres_engine):
+    """A request's transaction and another lock two rows in opposite orders. The request waited
+    first, so its deadlock check runs first and PostgreSQL fails its transaction: the answer is
+    a 503 with Retry-After, and the other transaction goes on."""
+    factory = sessionmaker(bind=postgres_engine)
+    with factory() as session, committing(session):
+        first, second = make_tenant(session).id, make_tenant(session).id
+    holding_second = threading.Event()
+    request_pid: queue.Queue[int] = queue.Queue()
+    other_done = []
+
+    def lock(session, tenant_id: int) -> None:
+        session.execute(select(Tenant).where(Tenant.id == tenant_id).with_for_update())
+
+    def other_transaction() -> None:
+        with factory() as session, committing(session):
+            lock(session, second)
+            holding_second.set()
+            pid = request_pid.get(timeout=10)
+            waiting = text("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = :pid AND NOT granted)")
+            while not session.scalar(waiting, {"pid": pid}):  # the request waits for the second row
+                time.sleep(0.01)
+            lock(session, first)  # granted once the request's transaction is rolled back
+        other_done.append(True)
+
+    app = create_app()
+
+    @app.post("/lock-both")
+    def lock_both(session: SessionDep) -> None:  # the app's own request session, on PostgreSQL
+        lock(session, first)
+        request_pid.put(session.scalar(text("SELECT pg_backend_pid()")))
+        lock(session, second)
+
+    other = threading.Thread(target=other_transaction)
+    other.start()
+    assert holding_second.wait(10)
+    response = TestClient(app).post("/lock-both")
+    other.join(10)
+    assert response.status_code == 503 and response.headers["Retry-After"] == str(RETRY_AFTER_S)
+    assert "deadlock detected" in response.json()["detail"] and other_done == [True]
 
 
 def test_the_same_idempotency_key_racing_on_two_drafts_is_a_conflict(postgres_engine):

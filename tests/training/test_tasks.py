@@ -1,6 +1,7 @@
 """The loop on the real Celery workers and the real Redis broker (no eager mode)."""
 
 import json
+import pkgutil
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from celery.contrib.testing.worker import start_worker
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+import api.routes
 from agent.base_model import load_base_model
 from agent.drafting import Drafter
 from api.app import create_app
@@ -288,9 +290,21 @@ def test_the_training_worker_runs_each_task_in_a_fresh_process(worker_settings, 
         kill9(worker)
 
 
+def loaded_after(imports: str, modules: tuple[str, ...]) -> str:
+    """Which of `modules` a fresh interpreter holds after `imports` (an import statement)."""
+    script = f"import sys; {imports}; print([m for m in {modules!r} if m in sys.modules])"
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def test_the_scheduling_worker_loads_no_torch():
     """The worker for beat's tasks imports what the tasks module imports: torch only on a training worker."""
-    heavy = ("torch", "transformers", "peft", "trl")
-    script = f"import sys, training.tasks; print([m for m in {heavy!r} if m in sys.modules])"
-    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-    assert loaded.strip() == "[]"
+    assert loaded_after("import training.tasks", ("torch", "transformers", "peft", "trl")) == "[]"
+
+
+def test_the_api_and_the_run_lookups_load_no_trainer():
+    """The API, its routes and pages, and the modules that create, list and schedule runs import
+    nothing of training or evaluation (torch and transformers they do: the API drafts)."""
+    routes = ", ".join(f"api.routes.{module.name}" for module in pkgutil.iter_modules(api.routes.__path__))
+    imports = f"import api.app, api.web.dashboard, {routes}, training.runs, training.scheduling"
+    trainer = ("trl", "sacrebleu", "matplotlib", "datasets", "bitsandbytes")
+    assert loaded_after(imports, (*trainer, "training.pipeline", "training.train", "training.evaluate")) == "[]"

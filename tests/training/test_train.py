@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import load_file
 
 from core.errors import Invalid
-from tests.training.helpers import ROWS
+from tests.training.helpers import FAST, ROWS
 from training.config import TrainConfig
 from training.train import load_training_base, train_adapter
 
@@ -14,7 +14,7 @@ def base_weights(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
 def test_training_changes_the_lora_weights_and_not_the_base(tiny_base_dir, tokenizer, tmp_path, quantization):
-    config = TrainConfig(quantization=quantization, compute_dtype="float32", epochs=2, batch_size=4, learning_rate=1e-2)
+    config = TrainConfig(**FAST | {"quantization": quantization, "epochs": 2})
     model = load_training_base(str(tiny_base_dir), config)
     before = base_weights(model)
     progress = []

@@ -32,9 +32,8 @@ def test_the_validation_slice_is_a_stable_part_of_the_train_rows():
 
 def test_the_learning_rate_and_epoch_kept_are_the_best_on_validation(tiny_base_dir, tokenizer, tmp_path):
     config = TrainConfig(
-        quantization="none", compute_dtype="float32", epochs=4, batch_size=8, learning_rate=1e-2,
-        try_learning_rates=(0.3,), validation_fraction=0.3,
-    )  # fmt: skip
+        **FAST | {"epochs": 4, "batch_size": 8, "try_learning_rates": (0.3,), "validation_fraction": 0.3}
+    )
     result = train_adapter(load_training_base(str(tiny_base_dir), config), tokenizer, MANY_ROWS, config, tmp_path)
     selection = result.selection
     tried = selection["learning_rates_tried"]
