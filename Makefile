@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install browser vllm demo test serve bench bench-serving bench-vllm bench-fidelity bench-load faults lint
+.PHONY: install browser vllm demo test serve bench bench-serving bench-vllm bench-fidelity bench-preference bench-load faults lint
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,10 @@ bench: bench-serving bench-fidelity
 
 bench-fidelity: install
 	$(PY) -m bench.fidelity
+
+# SFT alone against SFT then DPO on the sample tenant, its history drafted by the base model first.
+bench-preference: install
+	$(PY) -m bench.preference
 
 bench-serving: install
 	$(PY) -m bench.decode

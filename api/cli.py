@@ -173,7 +173,7 @@ def train(
 @app.command("eval")
 def evaluate(tenant: Annotated[str, typer.Option(help="Tenant slug")]) -> None:
     """Score the base model and the champion on the current held-out set, and plot every version's scores."""
-    from training.pipeline import evaluate_tenant
+    from training.tenant_report import evaluate_tenant
 
     with _reported():
         evaluate_tenant(tenant, get_settings(), echo=typer.echo)

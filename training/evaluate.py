@@ -78,6 +78,10 @@ def greedy_drafts(
     return drafts
 
 
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
 def example_chrf(drafts: list[str], references: list[str]) -> list[float]:
     metric = CHRF()
     return [

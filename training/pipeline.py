@@ -21,14 +21,13 @@ from agent.adapters import attach
 from agent.base_model import fingerprint, load_base_model, load_tokenizer, model_id, model_source
 from agent.drafting import Drafter
 from core.db import Sessions, session_scope
-from core.errors import Conflict, NotFound
+from core.errors import NotFound
 from core.settings import Settings
 from feedback.models import Split, Tenant
-from feedback.service import get_tenant_by_slug
 from training import attempts, plots, registry
 from training.config import TrainConfig
 from training.dataset import Dataset, record_snapshot, tenant_dataset
-from training.evaluate import GateDecision, decide, example_nll, forgetting, greedy_drafts, score_drafts
+from training.evaluate import GateDecision, decide, example_nll, greedy_drafts, mean, score_drafts
 from training.models import Adapter, AdapterStatus, RunStatus, SnapshotKind, TrainingRun, utcnow
 from training.regression_set import regression_rows
 from training.runs import run_dir
@@ -289,9 +288,9 @@ def evaluate_run(context: RunContext, candidate_id: int, rows: list[dict]) -> Ev
         attempt.beat()
         at = f" (scale {refs[name].scale:g})" if name != "base" else ""
         echo(
-            f"  {name}{at}: held-out NLL {_mean(scores[name]['nll']):.3f}, chrF {_mean(scores[name]['chrf']):.1f}, "
-            f"loops {sum(scores[name]['loops'])}/{len(sample)}, opening {_mean(scores[name]['opening']):.0%}, "
-            f"closing {_mean(scores[name]['closing']):.0%} ({time.perf_counter() - started:.0f}s)"
+            f"  {name}{at}: held-out NLL {mean(scores[name]['nll']):.3f}, chrF {mean(scores[name]['chrf']):.1f}, "
+            f"loops {sum(scores[name]['loops'])}/{len(sample)}, opening {mean(scores[name]['opening']):.0%}, "
+            f"closing {mean(scores[name]['closing']):.0%} ({time.perf_counter() - started:.0f}s)"
         )
         if name != "champion":  # the forgetting guard compares the candidate with the bare base
             started = time.perf_counter()
@@ -339,22 +338,18 @@ def evaluate_run(context: RunContext, candidate_id: int, rows: list[dict]) -> Ev
     )
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
 def _summary(scores: dict[str, list]) -> dict[str, float]:
     """A model's totals: mean NLL and chrF; the share of drafts that loop, open and close as the
     reviewers' texts do, and do both ("style"); the mean regression-set NLL where it was scored."""
     style = [o and c for o, c in zip(scores["opening"], scores["closing"], strict=True)]
-    regression = {"regression_nll": round(_mean(scores["regression_nll"]), 4)} if "regression_nll" in scores else {}
+    regression = {"regression_nll": round(mean(scores["regression_nll"]), 4)} if "regression_nll" in scores else {}
     return {
-        "nll": round(_mean(scores["nll"]), 4),
-        "chrf": round(_mean(scores["chrf"]), 2),
-        "loop_rate": round(_mean(scores["loops"]), 3),
-        "opening": round(_mean(scores["opening"]), 3),
-        "closing": round(_mean(scores["closing"]), 3),
-        "style": round(_mean(style), 3),
+        "nll": round(mean(scores["nll"]), 4),
+        "chrf": round(mean(scores["chrf"]), 2),
+        "loop_rate": round(mean(scores["loops"]), 3),
+        "opening": round(mean(scores["opening"]), 3),
+        "closing": round(mean(scores["closing"]), 3),
+        "style": round(mean(style), 3),
     } | regression
 
 
@@ -394,43 +389,3 @@ def _finish(
                 registry.reject(session, candidate, actor=actor, reason=reason)
     context.echo(f"run {run_id}: {status}: {reason}")
     return status
-
-
-def evaluate_tenant(slug: str, settings: Settings, *, sessions: Sessions = session_scope, echo: Echo = print) -> dict:
-    """Score the bare base model and the tenant's champion on the current held-out set, and plot
-    the held-out NLL every adapter version had when its run evaluated it."""
-    loaded = load_base_model(settings)
-    with sessions() as session:
-        tenant = get_tenant_by_slug(session, slug)
-        heldout = tenant_dataset(session, tenant, Split.heldout, loaded.tokenizer, settings)
-        current = registry.champion(session, tenant.id)
-        ref = registry.serving_ref(session, settings, current, loaded.fingerprint) if current else None
-        versions = [
-            {"label": f"v{a.version}", "nll": a.metrics["nll"], "status": a.status}
-            for a in registry.list_adapters(session, tenant.id)
-            if "nll" in a.metrics
-        ]
-    if not heldout.rows:
-        raise Conflict("this tenant has no held-out corrections yet")
-    general = regression_rows(loaded.tokenizer, settings)
-    scores, regression, model = {}, {}, loaded.model
-    for name in ["base", *([f"champion v{current.version}"] if ref else [])]:
-        if name != "base":  # after the base is scored: attaching changes the model in place
-            model = attach(model, ref)
-        scores[name] = _mean(example_nll(model, loaded.tokenizer, heldout.rows))
-        regression[name] = example_nll(model, loaded.tokenizer, general)
-        at = f", scale {ref.scale:g}" if name != "base" else ""
-        echo(
-            f"{name}: held-out NLL {scores[name]:.3f} on {len(heldout.rows)} examples "
-            f"(snapshot {heldout.content_hash[:12]}{at}); regression-set NLL {_mean(regression[name]):.3f} "
-            f"on {len(general)} general emails"
-        )
-    if ref is not None:
-        guard = forgetting(regression["base"], regression[f"champion v{current.version}"], settings.forgetting_margin)
-        echo(f"forgetting guard on champion v{current.version}: {guard.verdict}")
-    path = settings.reports_dir / f"{slug}-versions.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    points = [{"label": "base", "nll": scores["base"], "status": "retired"}, *versions]
-    plots.versions_over_time(points, path, f"{slug}: held-out NLL per adapter version")
-    echo(f"plot of every version: {path}")
-    return scores

@@ -1,7 +1,7 @@
 """The admin's dashboard: adapter versions and their scores, the last run, trigger, promote, roll
 back, and the tenant's adapter scale."""
 
-from typing import Annotated
+from typing import Annotated, Literal, get_args
 
 from fastapi import APIRouter, BackgroundTasks, Form, Request
 from fastapi.responses import RedirectResponse
@@ -14,6 +14,7 @@ from api.web.templating import flash, render
 from core.errors import Invalid
 from feedback.service import review_stats_by_adapter, set_adapter_scale
 from training import registry
+from training.config import Preference, TrainConfig
 from training.runs import active_run, create_run, list_runs
 from training.tasks import enqueue
 
@@ -48,12 +49,22 @@ def dashboard(request: Request, key: AdminPageKey, session: SessionDep):
         active=active is not None,
         stats=review_stats_by_adapter(session, key.tenant_id),
         chart=versions_chart(adapters),
+        preferences=get_args(Preference),
+        default_preference=TrainConfig.preference,
     )
 
 
 @router.post("/runs", name="trigger_run", dependencies=[CSRF])
-def trigger_run(request: Request, key: AdminPageKey, session: SessionDep, background: BackgroundTasks):
-    run = create_run(session, key.tenant_id, trigger="web", requested_by=key.name)
+def trigger_run(
+    request: Request,
+    key: AdminPageKey,
+    session: SessionDep,
+    background: BackgroundTasks,
+    preference: Annotated[Preference | Literal[""], Form()] = "",
+):
+    """Queue a run with the defaults, or with the preference training chosen on the page."""
+    overrides = {"preference": preference} if preference else None
+    run = create_run(session, key.tenant_id, trigger="web", requested_by=key.name, overrides=overrides)
     background.add_task(enqueue, [run.id])  # after the commit, as the JSON route does
     flash(request, f"Run {run.id} is queued; a worker trains, evaluates and gates it.")
     return _back(request)

@@ -75,9 +75,30 @@ def test_promote_and_roll_back_ask_for_confirmation(browser, versions, committed
     ]
 
 
+def test_the_run_shows_what_preference_training_did(browser, versions, committed):
+    with committed() as session:
+        run = session.get(TrainingRun, versions.run_id)
+        stage = {
+            "stage": "after_sft",
+            "pairs": 61,
+            "steps": 16,
+            "reference": "sft",
+            "beta": 0.1,
+            "validation_nll": 2.31,
+        }
+        run.report = run.report | {"training": {"selection": {"preference": stage}}}
+        session.commit()
+    browser.sign_in(versions.shop.admin)
+    browser.open("/web/dashboard")
+    shown = browser.text("#preference-training")
+    assert "Preference training (after sft): 16 DPO steps on 61 pairs" in shown
+    assert "reference sft, beta 0.1; validation NLL after it 2.310" in shown
+
+
 def test_train_now_queues_a_run(browser, versions, committed):
     browser.sign_in(versions.shop.admin)
     browser.open("/web/dashboard")
+    browser.find("#preference option[value='after_sft']").click()
     submit_confirmed(browser, "form:has(button.primary) button.primary", accept=True)
     browser.wait(lambda d: "is queued" in d.find_element("css selector", "main").text)
     with committed() as session:
@@ -85,6 +106,7 @@ def test_train_now_queues_a_run(browser, versions, committed):
             select(TrainingRun).where(TrainingRun.tenant_id == versions.shop.tenant_id).order_by(TrainingRun.id.desc())
         ).first()
     assert (run.status, run.trigger, run.requested_by) == (RunStatus.queued, "web", "Ops")
+    assert run.config["preference"] == "after_sft"  # the choice on the page, the defaults for the rest
     assert f"Run {run.id}: queued" in browser.text("section:has(#run-heading)")
     assert not browser.find("form:has(button.primary) button.primary").is_enabled()  # one active run at a time
 
