@@ -152,8 +152,8 @@ class AdapterEvent(Base):
     to_adapter_id: Mapped[int | None] = mapped_column(ForeignKey("adapters.id"))
     actor: Mapped[str] = mapped_column(String(200))
     reason: Mapped[str] = mapped_column(Text)
-    # A shadow's decision: its live comparison with the champion (training/shadow.Comparison)
-    scores: Mapped[dict | None] = mapped_column(JSON)
+    # A shadow's decision, and only that: its live comparison with the champion (training/shadow.py)
+    scores: Mapped[dict | None] = mapped_column(JSON(none_as_null=True))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
