@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install browser vllm demo test serve bench bench-serving bench-vllm bench-fidelity bench-load faults lint
+.PHONY: install browser vllm demo test serve bench bench-serving bench-vllm bench-fidelity bench-shadow bench-load faults lint
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,9 @@ bench: bench-serving bench-fidelity
 
 bench-fidelity: install
 	$(PY) -m bench.fidelity
+
+bench-shadow: install
+	$(PY) -m bench.shadow
 
 bench-serving: install
 	$(PY) -m bench.decode
