@@ -129,6 +129,9 @@ def test_a_shadow_is_promoted_on_better_live_scores(client, keys, session, shado
     assert client.post("/v1/drafts", json=EMAIL | {"max_new_tokens": 4}, headers=keys.agent).json()["adapter_id"] == (
         shadowed.shadow_id
     )
+    scraped = dict(line.rsplit(" ", 1) for line in client.get("/metrics").text.splitlines() if line[:1] != "#")
+    assert float(scraped['draftloop_shadow_decisions_total{decision="promoted"}']) >= 1
+    assert float(scraped['draftloop_shadow_drafts_total{outcome="stored"}']) >= N
 
 
 def test_a_shadow_is_rejected_on_worse_live_scores_and_decided_once(client, keys, session, shadowed):
