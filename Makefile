@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install browser vllm demo test serve bench bench-serving bench-vllm bench-fidelity bench-preference bench-load faults lint
+.PHONY: install browser vllm demo test serve bench bench-serving bench-vllm bench-fidelity bench-preference bench-shadow bench-load faults lint
 
 install: $(VENV)/.installed
 
@@ -58,6 +58,9 @@ bench-fidelity: install
 # SFT alone against SFT then DPO on the sample tenant, its history drafted by the base model first.
 bench-preference: install
 	$(PY) -m bench.preference
+
+bench-shadow: install
+	$(PY) -m bench.shadow
 
 bench-serving: install
 	$(PY) -m bench.decode

@@ -19,7 +19,8 @@ from agent.engine import Engine, TokenStream, in_fresh_thread
 from agent.prompt import END_OF_TURN, IncomingEmail, build_messages, fit_messages, prompt_token_ids
 from agent.remote import RemoteBackend
 from agent.repetition import RepetitionGuard
-from core.errors import RateLimited
+from core import metrics
+from core.errors import RateLimited, RetryLater
 from core.settings import Settings, get_settings
 
 
@@ -111,6 +112,7 @@ class Drafter:
         # Drafts in progress or waiting, per tenant, and the most one tenant may have
         self.tenant_limit = max(1, math.floor(settings.tenant_draft_share * (settings.max_batch + settings.max_queue)))
         self._in_flight: Counter[int] = Counter()
+        self._shadows_in_flight: Counter[int] = Counter()  # submit_shadow's, counted apart
         self._in_flight_lock = threading.Lock()
 
     @classmethod
@@ -215,6 +217,47 @@ class Drafter:
             self._give_back(tenant_id, len(prompts) - len(streams))
             raise
         return streams
+
+    def submit_shadow(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        adapter: AdapterRef,
+        guard: RepetitionGuard,
+        tenant_id: int,
+    ) -> list[TokenStream] | None:
+        """Start best-effort drafts beside a tenant's own, submitted right after them so that they
+        decode in the same batch (its shadow adapter's, training/shadow.py); None when they do not
+        fit now (counted as shed). They never make the tenant's own drafts wait or fail: they do not count against
+        its share, and are taken only while its drafts in flight, these included, leave room for
+        them in it (so a tenant's shadows hold at most one share), and only if the queue has room."""
+        count = len(prompts)
+        with self._in_flight_lock:
+            if self._in_flight[tenant_id] + self._shadows_in_flight[tenant_id] + count > self.tenant_limit:
+                metrics.SHADOW_DRAFTS.labels("shed").inc(count)
+                return None
+            self._shadows_in_flight[tenant_id] += count
+        streams: list[TokenStream] = []
+        length = self.settings.reply_length(max_new_tokens)
+        try:
+            for prompt in prompts:
+                streams.append(
+                    self.backend.submit(prompt, length, adapter, guard, lambda: self._shadow_done(tenant_id, 1))
+                )
+        except RetryLater:
+            for stream in streams:
+                stream.cancel()
+            self._shadow_done(tenant_id, count - len(streams))
+            metrics.SHADOW_DRAFTS.labels("shed").inc(count)
+            return None
+        return streams
+
+    def _shadow_done(self, tenant_id: int, count: int) -> None:
+        with self._in_flight_lock:
+            self._shadows_in_flight[tenant_id] -= count
+            if self._shadows_in_flight[tenant_id] <= 0:
+                del self._shadows_in_flight[tenant_id]
 
     def in_flight(self, tenant_id: int) -> int:
         """The tenant's drafts in progress or waiting."""

@@ -26,8 +26,10 @@ app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 adapters_app = typer.Typer(help="A tenant's adapter versions.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Training datasets built from corrections.", no_args_is_help=True)
+shadow_app = typer.Typer(help="A candidate drafting in shadow beside the champion.", no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(datasets_app, name="datasets")
+app.add_typer(shadow_app, name="shadow")
 
 
 @contextmanager
@@ -97,6 +99,57 @@ def tenants_adapter_scale(
             else:
                 champion = f"the champion v{current.version} at {current.scale:g}" if current else "no champion yet"
                 typer.echo(f"{tenant}: each adapter version is served at its chosen scale; {champion}")
+
+
+@tenants_app.command("shadow-corrections")
+def tenants_shadow_corrections(
+    tenant: Annotated[str, typer.Option(help="Tenant slug")],
+    count: Annotated[int | None, typer.Argument(help="Live corrections to decide a shadow on; none: show it")] = None,
+    clear: Annotated[
+        bool, typer.Option(help="Promote candidates at once again (a running shadow is rejected)")
+    ] = False,
+) -> None:
+    """Show or set how many live corrections a candidate that passed the gate is compared on, in
+    shadow beside the champion, before it is promoted or rejected."""
+    from training import shadow
+
+    if count is not None and clear:
+        raise typer.BadParameter("give a number or --clear, not both")
+    with _reported():
+        with session_scope() as session:
+            found = service.get_tenant_by_slug(session, tenant)
+            if count is not None or clear:
+                shadow.set_corrections(session, found, count, actor="cli")
+            if found.shadow_corrections is None:
+                typer.echo(f"{tenant}: a candidate that passes the gate is promoted at once")
+            else:
+                typer.echo(
+                    f"{tenant}: a candidate that passes the gate drafts in shadow until "
+                    f"{found.shadow_corrections} corrections are scored"
+                )
+
+
+@shadow_app.command("status")
+def shadow_status(tenant: Annotated[str, typer.Option(help="Tenant slug")]) -> None:
+    """The shadow's live comparison with the champion, and the last shadow decided."""
+    from training import shadow
+
+    with _reported():
+        with session_scope() as session:
+            found = service.get_tenant_by_slug(session, tenant)
+            status = shadow.status(session, found.id)
+            if status.live is None:
+                typer.echo(f"{tenant}: no version is in shadow")
+            else:
+                live = status.live
+                typer.echo(
+                    f"{tenant}: v{live.shadow_version} in shadow, {live.scored} of {live.needed} corrections scored "
+                    f"({live.drafts} shadow drafts)"
+                )
+                typer.echo(f"  {live.summary()}")
+            if status.last_decision is not None:
+                event = status.last_decision
+                typer.echo(f"last decision ({event.created_at:%Y-%m-%d %H:%M}): {event.action}: {event.reason}")
 
 
 @keys_app.command("create")

@@ -227,7 +227,7 @@ def _follow(client, headers, run_id: int, started: float, timeout: float, mark) 
                 f"   {run['status']:<10} step {run['step']}/{run['total_steps']}{loss}"
                 f"  ({time.perf_counter() - started:.0f}s)"
             )
-        if run["status"] in ("promoted", "rejected", "failed"):
+        if run["status"] in ("promoted", "shadowed", "rejected", "failed"):
             return run
         time.sleep(2)
     raise RuntimeError(f"run {run_id} did not finish within {timeout}s; see {DEMO_DIR}/worker-training.log")

@@ -9,6 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from feedback.models import Role, Split, Verdict
 from feedback.service import MAX_ADAPTER_SCALE, check_adapter_scale
+from training import shadow
 from training.config import TrainOverrides
 
 # Every id and version column is a PostgreSQL `integer`: ids outside its range name nothing stored.
@@ -165,6 +166,13 @@ ADAPTER_SCALE = (
 )
 
 
+SHADOW_CORRECTIONS = (
+    "A candidate that passes the gate drafts in shadow beside the champion (stored, never shown) until this many "
+    "corrections are scored, then is promoted if its live chrF is better with a 95% paired interval, else rejected; "
+    "null: it is promoted at once"
+)
+
+
 class TenantOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -173,11 +181,18 @@ class TenantOut(BaseModel):
     name: str
     instructions: str
     adapter_scale: float | None = Field(description=ADAPTER_SCALE)
+    shadow_corrections: int | None = Field(description=SHADOW_CORRECTIONS)
 
 
 class TenantUpdate(BaseModel):
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"instructions": "You answer for Northwind ..."}, {"adapter_scale": 0.75}]}
+        json_schema_extra={
+            "examples": [
+                {"instructions": "You answer for Northwind ..."},
+                {"adapter_scale": 0.75},
+                {"shadow_corrections": 30},
+            ]
+        }
     )
 
     name: text(strip=True, min_length=1, max_length=200) | None = None
@@ -186,6 +201,9 @@ class TenantUpdate(BaseModel):
     )
     adapter_scale: Annotated[float, Field(gt=0, le=MAX_ADAPTER_SCALE), AfterValidator(check_adapter_scale)] | None = (
         Field(None, description=f"{ADAPTER_SCALE}; at most two decimals; send null to clear it")
+    )
+    shadow_corrections: Annotated[int, Field(ge=shadow.MIN_CORRECTIONS, le=shadow.MAX_CORRECTIONS)] | None = Field(
+        None, description=f"{SHADOW_CORRECTIONS}; send null to clear it (a shadow running then is rejected)"
     )
 
 
@@ -204,7 +222,7 @@ class RunOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: int
-    status: str = Field(description="queued | running | evaluating | promoted | rejected | failed")
+    status: str = Field(description="queued | running | evaluating | promoted | shadowed | rejected | failed")
     trigger: str
     requested_by: str
     config: dict
@@ -229,7 +247,7 @@ class AdapterOut(BaseModel):
 
     id: int
     version: int
-    status: str = Field(description="candidate | champion | rejected | retired")
+    status: str = Field(description="candidate | champion | shadow | rejected | retired")
     content_hash: str
     size_bytes: int
     base_model: str
@@ -239,6 +257,40 @@ class AdapterOut(BaseModel):
     metrics: dict
     created_at: datetime
     promoted_at: datetime | None
+
+
+class ShadowComparisonOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    shadow_version: int
+    champion_version: int | None = Field(description="null: the bare base model")
+    needed: int | None = Field(description="The tenant's shadow_corrections: scored corrections to decide on")
+    drafts: int = Field(description="The shadow's drafts stored")
+    scored: int = Field(description="Of them, scored against a correction's final text")
+    champion_chrf: float | None
+    shadow_chrf: float | None
+    champion_edit_words: float | None
+    shadow_edit_words: float | None
+    difference: float | None = Field(description="Mean paired chrF difference, shadow minus champion")
+    ci_low: float | None = Field(description="Its 95% paired bootstrap interval (from 2 scored corrections)")
+    ci_high: float | None
+
+
+class ShadowDecisionOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    action: str = Field(description="promote | reject")
+    to_adapter_id: int | None = Field(description="The shadow decided")
+    reason: str
+    scores: dict = Field(description="The comparison it was decided on, as `live`")
+    created_at: datetime
+
+
+class ShadowOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    live: ShadowComparisonOut | None = Field(description="The shadow drafting now against the champion; null: none")
+    last_decision: ShadowDecisionOut | None = Field(description="The last shadow decided on its live scores")
 
 
 class AuditReason(BaseModel):

@@ -58,6 +58,14 @@ TIME_TO_FIRST_TOKEN = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 
+# Shadow drafting (training/shadow.py): the shadow's drafts beside the champion's, best effort
+SHADOW_DRAFTS = Counter(
+    "draftloop_shadow_drafts",
+    "The shadow adapter's drafts beside the champion's: stored, shed (no room in the tenant's share or the "
+    "queue) or failed",
+    ["outcome"],
+)
+
 # The adapter cache (agent/adapters.py)
 ADAPTER_LOADS = Counter("draftloop_adapter_cache_loads", "Adapters read from the registry into the cache")
 ADAPTER_HITS = Counter("draftloop_adapter_cache_hits", "Adapter requests answered from the cache")

@@ -72,6 +72,9 @@ class Tenant(Base):
     # The strength every version of the tenant's adapters is served at; None: each version's own
     # scale, chosen on its validation slice (adapters.scale)
     adapter_scale: Mapped[float | None] = mapped_column(Float)
+    # Live corrections a candidate that passed the gate is compared on, in shadow beside the
+    # champion, before it is promoted or rejected; None: promoted at once (training/shadow.py)
+    shadow_corrections: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

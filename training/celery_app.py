@@ -30,6 +30,7 @@ app.conf.update(
     task_queues=[Queue(name, routing_key=name) for name in (TRAINING_QUEUE, SCHEDULING_QUEUE)],
     task_routes={
         "training.tasks.train_run": {"queue": TRAINING_QUEUE},
+        "training.tasks.decide_shadow": {"queue": TRAINING_QUEUE},
         "training.tasks.schedule_due_runs": {"queue": SCHEDULING_QUEUE},
         "training.tasks.sweep_runs": {"queue": SCHEDULING_QUEUE},
     },

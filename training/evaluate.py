@@ -176,6 +176,15 @@ def forgetting(base_nll: list[float], candidate_nll: list[float], margin: float)
     return Forgetting(base, candidate, change, margin, forgot, verdict)
 
 
+def paired_interval(differences, *, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """The 95% bootstrap interval of the mean of paired per-example differences (a fixed seed, so
+    a decision can be repeated)."""
+    values = np.asarray(differences, dtype=float)
+    means = np.random.default_rng(seed).choice(values, size=(resamples, len(values)), replace=True).mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
 @dataclass(frozen=True)
 class GateDecision:
     promote: bool
@@ -218,8 +227,7 @@ def decide(
         reason = f"no held-out examples; at least {min_examples} are needed"
         return GateDecision(False, reason, 0, nan, nan, nan, nan, nan, champion_loops, candidate_loops, guard)
     improvement = champion - candidate
-    means = np.random.default_rng(seed).choice(improvement, size=(resamples, n), replace=True).mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
+    low, high = paired_interval(improvement, resamples=resamples, seed=seed)
     relative = float(improvement.mean() / champion.mean())
     if n < min_examples:
         promote, reason = False, f"only {n} held-out examples; the gate needs at least {min_examples}"

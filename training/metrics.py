@@ -1,6 +1,7 @@
 """The training runs and the gate's decisions as Prometheus metrics, read from the database at
 scrape time: runs are trained in Celery workers, on other processes and machines, so only the
-database knows them all. Two cheap queries: a GROUP BY over the runs, and the runs in progress."""
+database knows them all. Three cheap queries: a GROUP BY over the runs, one over the shadows'
+decisions in the audit log, and the runs in progress."""
 
 import logging
 
@@ -11,7 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from core.db import Sessions
 from feedback.models import Tenant
 from training.attempts import IN_PROGRESS
-from training.models import RunStatus, TrainingRun
+from training.models import AdapterEvent, RunStatus, TrainingRun
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,13 @@ def collect(sessions: Sessions) -> list[Metric]:
         with sessions(read_only=True) as session:
             by_status = dict(
                 session.execute(select(TrainingRun.status, func.count()).group_by(TrainingRun.status)).all()
+            )
+            shadow_decisions = dict(
+                session.execute(
+                    select(AdapterEvent.action, func.count())
+                    .where(AdapterEvent.scores.is_not(None))
+                    .group_by(AdapterEvent.action)
+                ).all()
             )
             in_progress = session.execute(
                 select(Tenant.slug, TrainingRun.id, TrainingRun.step, TrainingRun.total_steps)
@@ -40,10 +48,19 @@ def collect(sessions: Sessions) -> list[Metric]:
     for status in RunStatus:
         runs.add_metric([status.value], by_status.get(status, 0))
     decisions = CounterMetricFamily(
-        "draftloop_gate_decisions", "The gate's decisions on training runs: promoted or rejected", labels=["decision"]
+        "draftloop_gate_decisions",
+        "The gate's decisions on training runs: promoted, shadowed (passed, in shadow) or rejected",
+        labels=["decision"],
     )
-    for status in (RunStatus.promoted, RunStatus.rejected):
+    for status in (RunStatus.promoted, RunStatus.shadowed, RunStatus.rejected):
         decisions.add_metric([status.value], by_status.get(status, 0))
+    shadows = CounterMetricFamily(
+        "draftloop_shadow_decisions",
+        "Shadows decided on their live scores: promoted or rejected",
+        labels=["decision"],
+    )
+    for action, decision in (("promote", "promoted"), ("reject", "rejected")):
+        shadows.add_metric([decision], shadow_decisions.get(action, 0))
     step = GaugeMetricFamily(
         "draftloop_training_run_step", "The training step of each run in progress", labels=["tenant", "run"]
     )
@@ -53,4 +70,4 @@ def collect(sessions: Sessions) -> list[Metric]:
     for slug, run_id, run_step, total_steps in in_progress:
         step.add_metric([slug, str(run_id)], run_step)
         total.add_metric([slug, str(run_id)], total_steps)
-    return [up, runs, decisions, step, total]
+    return [up, runs, decisions, shadows, step, total]

@@ -15,6 +15,7 @@ class RunStatus(StrEnum):
     running = "running"
     evaluating = "evaluating"
     promoted = "promoted"
+    shadowed = "shadowed"  # passed the gate; its candidate went into shadow beside the champion
     rejected = "rejected"
     failed = "failed"
 
@@ -25,6 +26,7 @@ ACTIVE_RUN_STATUSES = (RunStatus.queued, RunStatus.running, RunStatus.evaluating
 class AdapterStatus(StrEnum):
     candidate = "candidate"
     champion = "champion"
+    shadow = "shadow"  # drafts beside the champion, never shown, until its live scores decide
     rejected = "rejected"
     retired = "retired"
 
@@ -111,6 +113,14 @@ class Adapter(Base):
             postgresql_where=text("status = 'champion'"),
             sqlite_where=text("status = 'champion'"),
         ),
+        # At most one shadow per tenant, enforced by the database.
+        Index(
+            "uq_adapters_one_shadow",
+            "tenant_id",
+            unique=True,
+            postgresql_where=text("status = 'shadow'"),
+            sqlite_where=text("status = 'shadow'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -139,9 +149,34 @@ class AdapterEvent(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
-    action: Mapped[str] = mapped_column(String(16))  # promote | rollback | reject
+    action: Mapped[str] = mapped_column(String(16))  # promote | rollback | reject | shadow
     from_adapter_id: Mapped[int | None] = mapped_column(ForeignKey("adapters.id"))
     to_adapter_id: Mapped[int | None] = mapped_column(ForeignKey("adapters.id"))
     actor: Mapped[str] = mapped_column(String(200))
     reason: Mapped[str] = mapped_column(Text)
+    # A shadow's decision, and only that: its live comparison with the champion (training/shadow.py)
+    scores: Mapped[dict | None] = mapped_column(JSON(none_as_null=True))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ShadowDraft(Base):
+    """The shadow adapter's draft of an email the champion drafted (the champion's is the Draft):
+    stored, never shown. Scored with the draft's correction, when it has a final text: chrF and
+    word edit distance of both drafts against it."""
+
+    __tablename__ = "shadow_drafts"
+    __table_args__ = (Index("ix_shadow_drafts_adapter_scored", "adapter_id", "scored_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    draft_id: Mapped[int] = mapped_column(ForeignKey("drafts.id", ondelete="CASCADE"), unique=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"))
+    text: Mapped[str] = mapped_column(Text)
+    finish_reason: Mapped[str] = mapped_column(String(16))
+    tokens_generated: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Against the correction's final text; None until the draft has a correction with one
+    champion_chrf: Mapped[float | None] = mapped_column(Float)
+    shadow_chrf: Mapped[float | None] = mapped_column(Float)
+    champion_edit_words: Mapped[int | None] = mapped_column(Integer)  # as corrections.edit_words
+    shadow_edit_words: Mapped[int | None] = mapped_column(Integer)
+    scored_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -81,7 +81,7 @@ class EvaluationReport:
 
 
 def execute_run(run_id: int, settings: Settings, *, sessions: Sessions = session_scope, echo: Echo = print):
-    """Carry a queued run to promoted, rejected or failed in one attempt (training/attempts.py).
+    """Carry a queued run to promoted, shadowed, rejected or failed in one attempt (training/attempts.py).
     A run that finished, or that another live attempt is carrying, is left as it is, so a second
     delivery of the task does nothing. Returns the run's status."""
     with sessions() as session:
@@ -361,8 +361,9 @@ def _finish(
     candidate_id: int | None = None,
 ) -> RunStatus:
     """The one transaction that decides: the run's outcome and, if promoted, the new champion,
-    written only while this attempt still owns the run. A run rejected before training has no
-    report and no candidate."""
+    written only while this attempt still owns the run; a candidate that passed the gate of a
+    tenant with `shadow_corrections` set goes into shadow instead (the run is `shadowed`). A run
+    rejected before training has no report and no candidate."""
     attempt, settings, run_id = context.attempt, context.settings, context.run_id
     stored = None
     if report is not None:
@@ -378,6 +379,8 @@ def _finish(
             candidate = session.get(Adapter, candidate_id)
             if status == RunStatus.promoted and (current.id if current else None) != report.versions.champion_id:
                 status, reason = RunStatus.rejected, "the champion changed while this run was evaluated; not promoted"
+            if status == RunStatus.promoted and (needed := session.get(Tenant, run.tenant_id).shadow_corrections):
+                status, reason = RunStatus.shadowed, f"{reason}; in shadow beside the champion for {needed} corrections"
             candidate.metrics = report.summary["candidate"] | {"run_id": run_id}
         run.status, run.decision_reason, run.report, run.finished_at = status, reason, stored, utcnow()
         session.flush()  # the run is decided, so the registry no longer counts it as evaluating
@@ -385,6 +388,8 @@ def _finish(
             actor = f"gate (run {run_id})"
             if status == RunStatus.promoted:
                 registry.promote(session, settings, candidate, actor=actor, reason=reason)
+            elif status == RunStatus.shadowed:
+                registry.start_shadow(session, settings, candidate, actor=actor, reason=reason)
             else:
                 registry.reject(session, candidate, actor=actor, reason=reason)
     context.echo(f"run {run_id}: {status}: {reason}")

@@ -1,6 +1,9 @@
 """The adapter registry: immutable, versioned PEFT adapter folders per tenant, recorded in the
-database. Promotion and rollback are one transaction each (the caller commits) with an audit row;
-the database allows at most one champion per tenant."""
+database. Promotion, rollback and putting a version in shadow are one transaction each (the
+caller commits) with an audit row; the database allows at most one champion and one shadow per
+tenant. A shadow drafts beside the champion until its live scores decide (training/shadow.py); a
+promotion of another version or a rollback ends it (rejected), since it was compared with the
+champion that is no longer."""
 
 import hashlib
 import json
@@ -138,9 +141,18 @@ def verified_path(settings: Settings, adapter: Adapter, base_fingerprint: str) -
 
 
 def champion(session: Session, tenant_id: int) -> Adapter | None:
+    return _the(session, tenant_id, AdapterStatus.champion)
+
+
+def shadow(session: Session, tenant_id: int) -> Adapter | None:
+    """The version drafting in shadow beside the champion, if any."""
+    return _the(session, tenant_id, AdapterStatus.shadow)
+
+
+def _the(session: Session, tenant_id: int, status: AdapterStatus) -> Adapter | None:
     return session.scalar(
         select(Adapter)
-        .where(Adapter.tenant_id == tenant_id, Adapter.status == AdapterStatus.champion)
+        .where(Adapter.tenant_id == tenant_id, Adapter.status == status)
         .execution_options(populate_existing=True)  # as stored now, after a lock was waited for
     )
 
@@ -172,8 +184,21 @@ def _audit(session: Session, adapter_from: Adapter | None, adapter_to: Adapter |
     )
 
 
-def promote(session: Session, settings: Settings, adapter: Adapter, *, actor: str, reason: str) -> Adapter:
-    """Make the adapter its tenant's champion; the previous champion is retired.
+def _check_servable(session: Session, settings: Settings, adapter: Adapter) -> None:
+    """No run is still evaluating the version, and its files are complete, unchanged and trained
+    on the base model this service loads (verified_path)."""
+    run = session.get(TrainingRun, adapter.training_run_id) if adapter.training_run_id else None
+    if run is not None and run.status in ACTIVE_RUN_STATUSES:
+        raise Conflict(f"adapter version {adapter.version} is still being evaluated by run {run.id}; wait for it")
+    verified_path(settings, adapter, fingerprint(model_source(settings)))
+
+
+def promote(
+    session: Session, settings: Settings, adapter: Adapter, *, actor: str, reason: str, scores: dict | None = None
+) -> Adapter:
+    """Make the adapter its tenant's champion; the previous champion is retired, and a shadow
+    other than this adapter is rejected (it was compared with the previous champion). `scores`:
+    a shadow's live comparison, for the audit row.
 
     Everything is checked first, under the tenant's lock, so a refused promotion changes nothing:
     the version is not the champion already, no run is still evaluating it, and its files are
@@ -182,30 +207,62 @@ def promote(session: Session, settings: Settings, adapter: Adapter, *, actor: st
     session.refresh(adapter)
     if adapter.status == AdapterStatus.champion:
         raise Conflict(f"adapter version {adapter.version} is already the champion")
-    run = session.get(TrainingRun, adapter.training_run_id) if adapter.training_run_id else None
-    if run is not None and run.status in ACTIVE_RUN_STATUSES:
-        raise Conflict(f"adapter version {adapter.version} is still being evaluated by run {run.id}; wait for it")
-    verified_path(settings, adapter, fingerprint(model_source(settings)))
+    _check_servable(session, settings, adapter)
     current = champion(session, adapter.tenant_id)
+    running = shadow(session, adapter.tenant_id)
+    if running is not None and running.id != adapter.id:
+        reason_ended = f"shadow ended: version {adapter.version} was promoted by {actor} before it was decided"
+        reject(session, running, actor=actor, reason=reason_ended)
     if current is not None:
         current.status = AdapterStatus.retired
         session.flush()  # the old champion steps down before the new one steps up
     adapter.status = AdapterStatus.champion
     adapter.promoted_at = utcnow()
-    _audit(session, current, adapter, tenant_id=adapter.tenant_id, action="promote", actor=actor, reason=reason)
+    _audit(
+        session,
+        current,
+        adapter,
+        tenant_id=adapter.tenant_id,
+        action="promote",
+        actor=actor,
+        reason=reason,
+        scores=scores,
+    )
     session.flush()
     return adapter
 
 
-def reject(session: Session, adapter: Adapter, *, actor: str, reason: str) -> Adapter:
+def start_shadow(session: Session, settings: Settings, adapter: Adapter, *, actor: str, reason: str) -> Adapter:
+    """Put the adapter in shadow: it drafts every email beside the champion, its drafts stored and
+    never shown, until its live scores decide (training/shadow.py). A shadow already running is
+    rejected, superseded. Checked as a promotion is, under the tenant's lock, so a refused one
+    changes nothing."""
+    lock_tenant(session, adapter.tenant_id)
+    session.refresh(adapter)
+    if adapter.status in (AdapterStatus.champion, AdapterStatus.shadow):
+        raise Conflict(f"adapter version {adapter.version} is already the {adapter.status}")
+    _check_servable(session, settings, adapter)
+    if (running := shadow(session, adapter.tenant_id)) is not None:
+        reject(session, running, actor=actor, reason=f"superseded by v{adapter.version}")
+    adapter.status = AdapterStatus.shadow
+    current = champion(session, adapter.tenant_id)
+    _audit(session, current, adapter, tenant_id=adapter.tenant_id, action="shadow", actor=actor, reason=reason)
+    session.flush()
+    return adapter
+
+
+def reject(session: Session, adapter: Adapter, *, actor: str, reason: str, scores: dict | None = None) -> Adapter:
     adapter.status = AdapterStatus.rejected
-    _audit(session, None, adapter, tenant_id=adapter.tenant_id, action="reject", actor=actor, reason=reason)
+    _audit(
+        session, None, adapter, tenant_id=adapter.tenant_id, action="reject", actor=actor, reason=reason, scores=scores
+    )
     session.flush()
     return adapter
 
 
 def rollback(session: Session, tenant_id: int, *, actor: str, reason: str) -> Adapter | None:
-    """Reject the champion and restore the champion before it (or the bare base model).
+    """Reject the champion and restore the champion before it (or the bare base model); a shadow
+    compared with the rolled-back champion is rejected.
 
     Returns the new champion, or None when the tenant is back on the base model."""
     lock_tenant(session, tenant_id)
@@ -223,6 +280,9 @@ def rollback(session: Session, tenant_id: int, *, actor: str, reason: str) -> Ad
         .limit(1)
     )
     current.status = AdapterStatus.rejected  # rolled back: never restored by a later rollback
+    if (running := shadow(session, tenant_id)) is not None:
+        ended = f"shadow ended: the champion v{current.version} it was compared with was rolled back by {actor}"
+        reject(session, running, actor=actor, reason=ended)
     session.flush()
     if previous is not None:
         previous.status = AdapterStatus.champion

@@ -1,6 +1,6 @@
 """Which runs should exist and be on the queue: tenants due a retraining, runs whose message
-never reached the broker, and runs whose worker died. Plain functions; the caller commits and
-enqueues after the commit."""
+never reached the broker, and runs whose worker died; and shadows due a decision that none was
+made for. Plain functions; the caller commits and enqueues after the commit."""
 
 from datetime import timedelta
 
@@ -10,7 +10,16 @@ from sqlalchemy.orm import Session
 from core.errors import Conflict
 from core.settings import Settings
 from feedback.models import Correction, Split, Tenant
-from training.models import ACTIVE_RUN_STATUSES, DatasetSnapshot, RunStatus, TrainingRun, utcnow
+from training.models import (
+    ACTIVE_RUN_STATUSES,
+    Adapter,
+    AdapterStatus,
+    DatasetSnapshot,
+    RunStatus,
+    ShadowDraft,
+    TrainingRun,
+    utcnow,
+)
 from training.runs import create_run
 
 
@@ -83,3 +92,24 @@ def recover_stalled_runs(session: Session, settings: Settings) -> list[int]:
             retried.append(run.id)
     session.flush()
     return retried
+
+
+def due_shadows(session: Session) -> list[int]:
+    """Tenants whose shadow has its corrections scored and is still undecided: the decision after
+    a correction failed or never ran (training/shadow.decide_after_correction), or the last scores
+    came with a shadow draft stored after its correction."""
+    scored = (
+        select(ShadowDraft.adapter_id, func.count().label("scored"))
+        .where(ShadowDraft.scored_at.is_not(None))
+        .group_by(ShadowDraft.adapter_id)
+        .subquery()
+    )
+    return list(
+        session.scalars(
+            select(Adapter.tenant_id)
+            .join(scored, scored.c.adapter_id == Adapter.id)
+            .join(Tenant, Tenant.id == Adapter.tenant_id)
+            .where(Adapter.status == AdapterStatus.shadow, scored.c.scored >= Tenant.shadow_corrections)
+            .order_by(Adapter.tenant_id)
+        )
+    )

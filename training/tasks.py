@@ -72,4 +72,19 @@ def sweep_runs() -> list[int]:
         scheduling.recover_stalled_runs(session, settings)
     with session_scope() as session:
         pending = scheduling.runs_to_enqueue(session, settings, waiting=waiting_in_broker())
+        due = scheduling.due_shadows(session)
+    for tenant_id in due:  # decided where the registry and the base model are: a training worker
+        try:
+            decide_shadow.apply_async(args=[tenant_id], expires=settings.sweep_every_s, retry=False)
+        except Exception as error:  # the broker is down: the next sweep sends it
+            log.warning("the shadow of tenant %s waits: the broker refused it (%s)", tenant_id, error)
     return enqueue(pending)
+
+
+@app.task(name="training.tasks.decide_shadow", acks_late=False)
+def decide_shadow(tenant_id: int) -> str | None:
+    """Decide a tenant's shadow that is due (idempotent: one decided already is left alone)."""
+    from training import shadow  # the registry's checks: torch, and only the training worker has it
+
+    with session_scope() as session:
+        return shadow.decide(session, get_settings(), tenant_id)

@@ -4,6 +4,7 @@ from agent.prompt import check_instructions
 from api.deps import AdminKey, AnyKey, DrafterDep, SessionDep
 from api.schemas import Id, KeyOut, KeyRequest, NewKeyOut, TenantOut, TenantUpdate
 from feedback import service
+from training import shadow
 
 router = APIRouter(prefix="/v1", tags=["tenant"])
 
@@ -14,19 +15,24 @@ def get_tenant(key: AnyKey):
 
 
 @router.patch(
-    "/tenant", response_model=TenantOut, summary="Change the tenant's name, drafting instructions or adapter scale"
+    "/tenant",
+    response_model=TenantOut,
+    summary="Change the tenant's name, drafting instructions, adapter scale or shadow corrections",
 )
 def update_tenant(request: TenantUpdate, key: AdminKey, session: SessionDep, drafter: DrafterDep):
     """Instructions that would leave the email too little of the prompt budget are refused (422).
     Fields left out, or null, stay as they are; but `adapter_scale: null` clears the tenant's scale
-    (each version is then served at its own chosen scale)."""
+    (each version is then served at its own chosen scale), and `shadow_corrections: null` turns
+    shadow drafting off (candidates are promoted at once; a shadow running is rejected)."""
     if request.instructions is not None:
         check_instructions(drafter.tokenizer, request.instructions, drafter.settings.max_prompt_tokens)
     tenant = key.tenant
-    for field, value in request.model_dump(exclude_none=True, exclude={"adapter_scale"}).items():
+    for field, value in request.model_dump(exclude_none=True, exclude={"adapter_scale", "shadow_corrections"}).items():
         setattr(tenant, field, value)
     if "adapter_scale" in request.model_fields_set:
         service.set_adapter_scale(session, tenant, request.adapter_scale)
+    if "shadow_corrections" in request.model_fields_set:
+        shadow.set_corrections(session, tenant, request.shadow_corrections, actor=key.name)
     session.flush()
     return tenant
 

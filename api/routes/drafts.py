@@ -1,25 +1,28 @@
 import asyncio
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, BackgroundTasks, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from agent.adapters import AdapterRef
 from agent.drafting import Drafter, DraftResult, IncrementalText
+from agent.engine import TokenStream
 from agent.prompt import IncomingEmail
 from agent.repetition import RepetitionGuard
 from api import disconnect
 from api.deps import AgentKey, AnyKey, DrafterDep, SessionDep, SessionsDep, SettingsDep
 from api.schemas import DecodingOptions, DraftBatchRequest, DraftOut, DraftPage, DraftRequest, EmailIn, Id
+from core.db import Sessions
 from core.errors import TooLarge
 from core.settings import Settings
 from feedback import service
 from feedback.models import ApiKey, Draft
-from training import registry
+from training import registry, shadow
 
 router = APIRouter(prefix="/v1/drafts", tags=["drafts"])
 
@@ -32,8 +35,18 @@ class _Job:
     key_id: int
     instructions: str
     adapter: AdapterRef | None  # the champion's; None: the base model
+    shadow: AdapterRef | None  # the shadow's, drafting beside the champion (training/shadow.py)
     max_new_tokens: int
     guard: RepetitionGuard
+
+    def submit_shadows(self, drafter: Drafter, prompts: list[list[int]]) -> list[TokenStream]:
+        """The shadow's drafts of the same prompts, best effort: none without a shadow or room."""
+        if self.shadow is None:
+            return []
+        streams = drafter.submit_shadow(
+            prompts, max_new_tokens=self.max_new_tokens, adapter=self.shadow, guard=self.guard, tenant_id=self.tenant_id
+        )
+        return streams or []
 
 
 def _job(emails: list[EmailIn], options: DecodingOptions, key: ApiKey, session, drafter: Drafter, settings: Settings):
@@ -42,9 +55,10 @@ def _job(emails: list[EmailIn], options: DecodingOptions, key: ApiKey, session, 
             raise TooLarge(f"an email body has {len(email.body)} characters; the limit is {settings.max_email_chars}")
     max_new_tokens = settings.reply_length(options.max_new_tokens)
     adapter = registry.champion_ref(session, settings, key.tenant_id, drafter.fingerprint)
+    shadow_adapter = shadow.serving_ref(session, settings, key.tenant_id, drafter.fingerprint)
     guard = drafter.guard_with(**options.guard_overrides())
     session.commit()  # nothing is held while the model works
-    return _Job(key.tenant_id, key.id, key.tenant.instructions, adapter, max_new_tokens, guard)
+    return _Job(key.tenant_id, key.id, key.tenant.instructions, adapter, shadow_adapter, max_new_tokens, guard)
 
 
 def _store(session, job: _Job, drafter: Drafter, email: EmailIn, result: DraftResult) -> Draft:
@@ -72,37 +86,64 @@ def _store(session, job: _Job, drafter: Drafter, email: EmailIn, result: DraftRe
     )
 
 
-async def _draft_and_store(http: Request, emails: list[EmailIn], job: _Job, session, drafter: Drafter) -> list[Draft]:
-    """Draft replies with the tenant's champion adapter (or the base model) and store them.
+async def _draft_and_store(
+    http: Request,
+    emails: list[EmailIn],
+    job: _Job,
+    session,
+    sessions: Sessions,
+    drafter: Drafter,
+    background: BackgroundTasks,
+) -> list[Draft]:
+    """Draft replies with the tenant's champion adapter (or the base model) and store them; with
+    a shadow, its drafts of the same emails decode in the same batch and are stored after the
+    response (training/shadow.store_drafts), never shown.
 
     No transaction is open while the model works (`_job` committed its reads), and the drafts
     are stored and committed in one step, so a request never holds a pooled connection, or on
     SQLite the write lock, while it waits. A client that leaves before its drafts are done
-    cancels them (nothing is stored)."""
+    cancels them (nothing is stored, the shadow's neither)."""
     incoming = [IncomingEmail(sender=e.sender, subject=e.subject, body=e.body) for e in emails]
     prompts = await run_in_threadpool(lambda: [drafter.prompt(job.instructions, email) for email in incoming])
     streams = drafter.submit_many(
         prompts, max_new_tokens=job.max_new_tokens, adapter=job.adapter, guard=job.guard, tenant_id=job.tenant_id
     )
-    await disconnect.finished(http, streams)
-    results = [drafter.result(prompt, stream) for prompt, stream in zip(prompts, streams, strict=True)]
+    shadows = job.submit_shadows(drafter, prompts)
+    try:
+        await disconnect.finished(http, streams)
+        results = [drafter.result(prompt, stream) for prompt, stream in zip(prompts, streams, strict=True)]
 
-    def store() -> list[Draft]:
-        drafts = [_store(session, job, drafter, email, result) for email, result in zip(emails, results, strict=True)]
-        session.commit()
-        return drafts
+        def store() -> list[Draft]:
+            drafts = [_store(session, job, drafter, e, result) for e, result in zip(emails, results, strict=True)]
+            session.commit()
+            return drafts
 
-    return await run_in_threadpool(store)
+        drafts = await run_in_threadpool(store)
+    except BaseException:
+        for stream in shadows:
+            stream.cancel()
+        raise
+    if shadows:
+        shadowed = list(zip([d.id for d in drafts], prompts, shadows, strict=True))
+        background.add_task(shadow.store_drafts, sessions, drafter, job.shadow.id, shadowed)
+    return drafts
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DraftOut, summary="Draft a reply")
 async def create_draft(
-    http: Request, request: DraftRequest, key: AgentKey, session: SessionDep, drafter: DrafterDep, settings: SettingsDep
+    http: Request,
+    request: DraftRequest,
+    key: AgentKey,
+    session: SessionDep,
+    sessions: SessionsDep,
+    drafter: DrafterDep,
+    settings: SettingsDep,
+    background: BackgroundTasks,
 ):
     """Draft a reply to an incoming email with the tenant's champion adapter (or the base model),
     and store it for review."""
     job = await run_in_threadpool(_job, [request], request, key, session, drafter, settings)
-    return (await _draft_and_store(http, [request], job, session, drafter))[0]
+    return (await _draft_and_store(http, [request], job, session, sessions, drafter, background))[0]
 
 
 @router.post(
@@ -113,15 +154,24 @@ async def create_drafts(
     request: DraftBatchRequest,
     key: AgentKey,
     session: SessionDep,
+    sessions: SessionsDep,
     drafter: DrafterDep,
     settings: SettingsDep,
+    background: BackgroundTasks,
 ):
     """Draft replies to up to 32 emails, decoded side by side (a backlog, an inbox import)."""
     job = await run_in_threadpool(_job, request.emails, request, key, session, drafter, settings)
-    return await _draft_and_store(http, request.emails, job, session, drafter)
+    return await _draft_and_store(http, request.emails, job, session, sessions, drafter, background)
 
 
-_unfinished: set[asyncio.Task] = set()  # drafts whose client left: stored when they end
+_unfinished: set[asyncio.Task] = set()  # drafts whose client left, and shadows' drafts: stored when they end
+
+
+def _detach(work: Callable[[], None]) -> None:
+    """Run work in a thread after the response has gone on (a draft stored when it ends)."""
+    task = asyncio.create_task(asyncio.to_thread(work))
+    _unfinished.add(task)
+    task.add_done_callback(_unfinished.discard)
 
 
 @router.post(
@@ -140,19 +190,31 @@ async def stream_draft(
 ):
     """Server-sent events: `token` events carry the reply's text as it is decoded
     (`{"text": "..."}`), then one `draft` event carries the stored draft (as `GET /v1/drafts/{id}`
-    returns it). The draft is stored when decoding ends, also when the client has left early."""
+    returns it). The draft is stored when decoding ends, also when the client has left early; so
+    is the shadow's, decoded beside it (never streamed), when it ends."""
     job = await run_in_threadpool(_job, [request], request, key, session, drafter, settings)
     incoming = IncomingEmail(sender=request.sender, subject=request.subject, body=request.body)
     prompt = await run_in_threadpool(drafter.prompt, job.instructions, incoming)
     stream = drafter.submit(
         prompt, max_new_tokens=job.max_new_tokens, adapter=job.adapter, guard=job.guard, tenant_id=job.tenant_id
     )
-    await stream.started()  # a backend that is overloaded or unreachable answers 503 before the stream starts
+    shadows = job.submit_shadows(drafter, [prompt])
+    try:
+        await stream.started()  # a backend that is overloaded or unreachable answers 503 before the stream starts
+    except BaseException:
+        for shadow_stream in shadows:
+            shadow_stream.cancel()
+        raise
 
-    def store() -> str:
+    def store() -> tuple[str, int]:
         result = drafter.result(prompt, stream)
         with sessions() as store_session:
-            return DraftOut.model_validate(_store(store_session, job, drafter, request, result)).model_dump_json()
+            draft = _store(store_session, job, drafter, request, result)
+            return DraftOut.model_validate(draft).model_dump_json(), draft.id
+
+    def store_shadow(draft_id: int) -> None:
+        if shadows:
+            shadow.store_drafts(sessions, drafter, job.shadow.id, [(draft_id, prompt, shadows[0])])
 
     async def events():
         text = IncrementalText(drafter.tokenizer)
@@ -162,12 +224,15 @@ async def stream_draft(
                 if delta := text.delta(stream.tokens):
                     yield f"event: token\ndata: {json.dumps({'text': delta})}\n\n"
             storing = True
-            yield f"event: draft\ndata: {await run_in_threadpool(store)}\n\n"
+            stored, draft_id = await run_in_threadpool(store)
+            _detach(lambda: store_shadow(draft_id))
+            yield f"event: draft\ndata: {stored}\n\n"
         finally:
             if not storing and stream.error is None:
-                task = asyncio.create_task(asyncio.to_thread(store))
-                _unfinished.add(task)
-                task.add_done_callback(_unfinished.discard)
+                _detach(lambda: store_shadow(store()[1]))
+            elif not storing:
+                for shadow_stream in shadows:
+                    shadow_stream.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

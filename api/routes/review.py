@@ -1,11 +1,12 @@
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, BackgroundTasks, Header, Query, Response, status
 
-from api.deps import ReviewerKey, SessionDep, SettingsDep
+from api.deps import ReviewerKey, SessionDep, SessionsDep, SettingsDep
 from api.schemas import CorrectionOut, CorrectionRequest, Id, ReviewQueueOut, text
 from core.errors import Conflict
 from feedback import service
+from training import shadow
 
 router = APIRouter(prefix="/v1", tags=["review"])
 
@@ -28,13 +29,15 @@ def submit_correction(
     request: CorrectionRequest,
     key: ReviewerKey,
     session: SessionDep,
+    sessions: SessionsDep,
     settings: SettingsDep,
     response: Response,
+    background: BackgroundTasks,
     idempotency_key: Annotated[text(max_length=200) | None, Header()] = None,
 ):
     """One correction per draft. Sending the same correction again, or the same Idempotency-Key,
     returns the stored one (200); a different correction for a corrected draft is a 409 whose
-    `stored` is the correction kept."""
+    `stored` is the correction kept. A draft with a shadow's draft beside it scores both."""
     draft = service.get_draft(session, key.tenant_id, draft_id)
     try:
         correction, created = service.submit_correction(
@@ -51,4 +54,6 @@ def submit_correction(
         ) from None
     if not created:
         response.status_code = status.HTTP_200_OK
+    elif shadow.score_correction(session, correction):  # decided after the commit, never failing it
+        background.add_task(shadow.decide_after_correction, sessions, settings, key.tenant_id)
     return correction

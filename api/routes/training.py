@@ -4,10 +4,10 @@ from fastapi import APIRouter, BackgroundTasks, Query, status
 from fastapi.responses import PlainTextResponse
 
 from api.deps import AdminKey, AnyKey, SessionDep, SettingsDep
-from api.schemas import AdapterOut, AuditReason, Id, RunOut, RunRequest
+from api.schemas import AdapterOut, AuditReason, Id, RunOut, RunRequest, ShadowOut
 from core.errors import Invalid, NotFound
 from feedback.models import Split
-from training import registry
+from training import registry, shadow
 from training.models import SnapshotKind
 from training.runs import create_run, export_snapshot, get_run, list_runs
 from training.tasks import enqueue
@@ -85,3 +85,11 @@ def promote(version: Id, request: AuditReason, key: AdminKey, session: SessionDe
 def rollback(request: AuditReason, key: AdminKey, session: SessionDep):
     """Rejects the champion and restores the previous one; null means the base model again."""
     return registry.rollback(session, key.tenant_id, actor=key.name, reason=request.reason)
+
+
+@router.get("/shadow", response_model=ShadowOut, summary="The shadow's live comparison with the champion")
+def shadow_status(key: AnyKey, session: SessionDep):
+    """The version drafting in shadow (never shown) against the champion on the corrections
+    scored so far, and the last shadow decided on its live scores, with the figures it was
+    decided on."""
+    return shadow.status(session, key.tenant_id)

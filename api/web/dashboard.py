@@ -1,5 +1,5 @@
 """The admin's dashboard: adapter versions and their scores, the last run, trigger, promote, roll
-back, and the tenant's adapter scale."""
+back, the tenant's adapter scale, and the shadow's live comparison with its setting."""
 
 from typing import Annotated, Literal, get_args
 
@@ -13,7 +13,7 @@ from api.web.chart import versions_chart
 from api.web.templating import flash, render
 from core.errors import Invalid
 from feedback.service import review_stats_by_adapter, set_adapter_scale
-from training import registry
+from training import registry, shadow
 from training.config import Preference, TrainConfig
 from training.runs import active_run, create_run, list_runs
 from training.tasks import enqueue
@@ -48,6 +48,7 @@ def dashboard(request: Request, key: AdminPageKey, session: SessionDep):
         run=active or next(iter(list_runs(session, key.tenant_id, limit=1)), None),
         active=active is not None,
         stats=review_stats_by_adapter(session, key.tenant_id),
+        shadow=shadow.status(session, key.tenant_id),
         chart=versions_chart(adapters),
         preferences=get_args(Preference),
         default_preference=TrainConfig.preference,
@@ -108,4 +109,22 @@ def adapter_scale(request: Request, key: AdminPageKey, session: SessionDep, scal
         flash(request, "Each version is served at its own chosen scale now.")
     else:
         flash(request, f"Adapters are served at scale {value:g} now.")
+    return _back(request)
+
+
+Count = Annotated[text(strip=True, max_length=20), Form()]
+
+
+@router.post("/shadow", name="shadow_corrections", dependencies=[CSRF])
+def shadow_corrections(request: Request, key: AdminPageKey, session: SessionDep, count: Count = ""):
+    """Set how many live corrections decide a shadow; empty: candidates are promoted at once."""
+    try:
+        value = int(count) if count else None
+    except ValueError:
+        raise Invalid(f"the number of corrections must be a whole number, not {count!r}") from None
+    shadow.set_corrections(session, key.tenant, value, actor=key.name)
+    if value is None:
+        flash(request, "A candidate that passes the gate is promoted at once now.")
+    else:
+        flash(request, f"A candidate that passes the gate drafts in shadow for {value} corrections now.")
     return _back(request)

@@ -2,17 +2,17 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, BackgroundTasks, Form, Request
 from fastapi.responses import RedirectResponse
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import SessionDep, SessionsDep, SettingsDep
 from api.schemas import Id, Text, text
 from api.web.auth import CSRF, PageKey
 from api.web.templating import flash, render
 from core.errors import Invalid
 from feedback import service
 from feedback.models import ApiKey, Draft, Verdict
-from training import registry
+from training import registry, shadow
 
 QUEUE_SHOWN = 100
 
@@ -74,13 +74,15 @@ def correct(
     draft_id: Id,
     key: PageKey,
     session: SessionDep,
+    sessions: SessionsDep,
     settings: SettingsDep,
+    background: BackgroundTasks,
     action: Annotated[Text, Form()],
     final_text: Annotated[text(max_length=50_000), Form()] = "",
     reason: Annotated[text(max_length=2_000), Form()] = "",
 ):
     draft = service.get_draft(session, key.tenant_id, draft_id)
-    service.submit_correction(
+    correction, created = service.submit_correction(
         session,
         draft=draft,
         correction=correction_from_form(draft, action, final_text, reason),
@@ -88,6 +90,8 @@ def correct(
         idempotency_key=None,
         heldout_fraction=settings.heldout_fraction,
     )
+    if created and shadow.score_correction(session, correction):  # as the JSON route does
+        background.add_task(shadow.decide_after_correction, sessions, settings, key.tenant_id)
     request.session["saved"] = draft.id
     _, following = service.pending_neighbours(session, draft)
     following = following or next(iter(service.review_queue(session, key.tenant_id, limit=1).drafts), None)

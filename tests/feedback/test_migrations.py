@@ -57,3 +57,31 @@ def test_0003_stores_sessions_and_backfills_edit_counts_and_downgrades(empty_dat
     assert "web_sessions" not in inspect(engine).get_table_names()
     assert "edit_words" not in {column["name"] for column in inspect(engine).get_columns("corrections")}
     engine.dispose()
+
+
+def test_0007_allows_shadows_and_downgrades(empty_database_url):
+    upgrade(empty_database_url, "0007")
+    engine = create_engine(empty_database_url)
+    now = datetime.now(UTC)
+    with engine.begin() as connection:
+        tables = MetaData()
+        tables.reflect(connection, only=["tenants", "adapters", "training_runs"])
+        connection.execute(
+            tables.tables["tenants"].insert(),
+            {"id": 1, "slug": "t", "name": "T", "instructions": "", "shadow_corrections": 5, "created_at": now},
+        )
+        adapter = dict(tenant_id=1, path="p", content_hash="h", size_bytes=1, base_model="b", config={}, metrics={})
+        adapter |= dict(base_model_fingerprint="f", created_at=now)
+        connection.execute(tables.tables["adapters"].insert(), {"id": 1, "version": 1, "status": "shadow"} | adapter)
+        run = dict(tenant_id=1, trigger="t", requested_by="r", config={}, step=0, total_steps=0, attempts=1)
+        run |= dict(loss_history=[], created_at=now)
+        connection.execute(tables.tables["training_runs"].insert(), {"id": 1, "status": "shadowed"} | run)
+    assert "shadow_drafts" in inspect(engine).get_table_names()
+
+    command.downgrade(alembic_config(empty_database_url), "0006")
+    assert "shadow_drafts" not in inspect(engine).get_table_names()
+    assert "shadow_corrections" not in {column["name"] for column in inspect(engine).get_columns("tenants")}
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT status FROM adapters")).scalar() == "rejected"
+        assert connection.execute(text("SELECT status FROM training_runs")).scalar() == "rejected"
+    engine.dispose()

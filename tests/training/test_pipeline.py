@@ -103,3 +103,19 @@ def test_the_next_draft_uses_the_champion(sessions, tenant_with_corrections, run
         response = client.post("/v1/drafts", json=email, headers={"X-API-Key": raw_key})
     assert response.status_code == 201, response.text
     assert response.json()["adapter_id"] == champion.id
+
+
+def test_a_candidate_of_a_tenant_with_shadow_corrections_goes_into_shadow(
+    sessions, tenant_with_corrections, run_settings
+):
+    tenant, lines = tenant_with_corrections, []
+    with sessions() as session:
+        session.get(Tenant, tenant.id).shadow_corrections = 5
+    run_id = start(sessions, tenant)
+    assert execute_run(run_id, run_settings, sessions=sessions, echo=lines.append) == RunStatus.shadowed, lines
+    with sessions() as session:
+        run = session.get(TrainingRun, run_id)
+        assert run.decision_reason.startswith("held-out NLL") and run.decision_reason.endswith("for 5 corrections")
+        assert registry.champion(session, tenant.id) is None  # unchanged: the base model still drafts
+        candidate = registry.shadow(session, tenant.id)
+        assert candidate.training_run_id == run_id and candidate.metrics["run_id"] == run_id

@@ -3,8 +3,12 @@ with confirmation, trigger a run; reviewers are kept out."""
 
 from sqlalchemy import select
 
+from core.db import committing
+from core.settings import get_settings
+from feedback.models import Tenant, utcnow
+from tests.factories import make_draft
 from training import registry
-from training.models import AdapterEvent, RunStatus, TrainingRun
+from training.models import Adapter, AdapterEvent, AdapterStatus, RunStatus, ShadowDraft, TrainingRun
 
 
 def champion_version(committed, tenant_id: int) -> int | None:
@@ -117,3 +121,49 @@ def test_a_reviewer_cannot_open_the_dashboard(browser, shop):
     browser.open("/web/dashboard")
     assert browser.text("h1").startswith("Not allowed")
     assert "needs an admin key" in browser.text()
+
+
+def test_dashboard_shows_the_shadow_s_live_comparison_and_sets_its_corrections(browser, versions, committed):
+    """v3 in shadow against the champion v2 with two scored corrections; then the setting cleared."""
+    tenant_id = versions.shop.tenant_id
+    with committed() as session, committing(session):
+        session.get(Tenant, tenant_id).shadow_corrections = 5
+        candidate = session.get(Adapter, versions.adapter_ids[3])
+        registry.start_shadow(session, get_settings(), candidate, actor="gate", reason="passed")
+        tenant = session.get(Tenant, tenant_id)
+        for champion_chrf, shadow_chrf, edits in [(40.0, 50.0, 3), (30.0, 36.0, 1)]:
+            draft = make_draft(session, tenant, "Hi Sam.", adapter_id=versions.adapter_ids[2])
+            session.add(
+                ShadowDraft(
+                    draft_id=draft.id,
+                    adapter_id=candidate.id,
+                    text="Hello Sam.",
+                    finish_reason="stop",
+                    tokens_generated=4,
+                    champion_chrf=champion_chrf,
+                    shadow_chrf=shadow_chrf,
+                    champion_edit_words=edits,
+                    shadow_edit_words=0,
+                    scored_at=utcnow(),
+                )
+            )
+    browser.sign_in(versions.shop.admin)
+    browser.open("/web/dashboard")
+    panel = browser.text("#shadow")
+    assert "Version 3 in shadow against version 2" in panel
+    assert "2 of 5 corrections scored (2 shadow drafts" in browser.text("#shadow-progress")
+    assert browser.text("table.shadow-scores").splitlines()[-2:] == ["champion 35.0 2.0", "shadow 43.0 0.0"]
+    assert browser.text("#shadow-difference").startswith(
+        "Mean chrF difference (shadow − champion) +8.00, 95% CI [+6.00"
+    )
+    assert browser.find("#shadow-corrections").get_attribute("value") == "5"
+    browser.screenshot("dashboard-shadow")
+
+    browser.find("#shadow-corrections").clear()
+    browser.find("form.shadow-corrections button").click()
+    browser.wait(lambda d: "promoted at once now" in d.find_element("css selector", "main").text)
+    assert "No version is in shadow." in browser.text("#shadow")
+    assert "shadow drafting was turned off by Ops" not in browser.text("#shadow")  # not a decision on scores
+    with committed() as session:
+        assert session.get(Tenant, tenant_id).shadow_corrections is None
+        assert session.get(Adapter, versions.adapter_ids[3]).status == AdapterStatus.rejected
