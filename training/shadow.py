@@ -35,7 +35,6 @@ from core.settings import Settings
 from feedback.diff import word_edit_distance
 from feedback.models import Correction, Draft, Tenant, utcnow
 from training import registry
-from training.evaluate import example_chrf, paired_interval
 from training.models import Adapter, AdapterEvent, ShadowDraft
 from training.registry import AdapterInvalid
 
@@ -120,6 +119,8 @@ def store_drafts(
 
 
 def _score(row: ShadowDraft, champion_text: str, correction: Correction) -> None:
+    from training.evaluate import example_chrf  # sacrebleu and torch: only once there is a shadow draft to score
+
     final = correction.final_text
     row.champion_chrf, row.shadow_chrf = example_chrf([champion_text, row.text], [final, final])
     row.champion_edit_words = correction.edit_words  # word_edit_distance(champion_text, final)
@@ -202,6 +203,8 @@ def comparison(session: Session, shadow: Adapter) -> Comparison:
         .order_by(ShadowDraft.scored_at, ShadowDraft.id)
     ).all()
     drafts = session.scalar(select(func.count()).select_from(ShadowDraft).where(ShadowDraft.adapter_id == shadow.id))
+    from training.evaluate import paired_interval  # the gate's module: torch and sacrebleu, imported on use
+
     differences = [s - c for c, s, _, _ in scored]
     low, high = paired_interval(differences) if len(differences) >= 2 else (None, None)
     current = registry.champion(session, shadow.tenant_id)
