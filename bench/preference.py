@@ -106,10 +106,12 @@ def run_variant(tenant: str, variant: str, prepared: Path) -> dict:
     from core.db import session_scope
     from core.settings import get_settings
     from feedback.service import get_tenant_by_slug
+    from migrations import upgrade
     from training.pipeline import execute_run
     from training.runs import create_run
 
     settings = get_settings()
+    upgrade(settings.resolved_database_url)  # the prepared database, to this code's schema
     with session_scope() as session:
         tenant_id = get_tenant_by_slug(session, tenant).id
         run_id = create_run(session, tenant_id, trigger="bench", requested_by="bench", overrides=VARIANTS[variant]).id
