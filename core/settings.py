@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     gate_min_heldout: int = Field(10, ge=1)
     # The forgetting guard: how much worse (relative) than the base model's the candidate's NLL on
     # the bundled general emails (training/regression_set.py) may be
-    forgetting_margin: float = Field(0.10, ge=0.0)
+    forgetting_margin: float = Field(0.20, ge=0.0)
     eval_draft_examples: int = Field(32, ge=0)  # held-out emails drafted: chrF, loops, style, the loop rule
     eval_max_new_tokens: int = Field(256, ge=1)  # as max_new_tokens: drafts as the agent drafts them
 

@@ -64,7 +64,10 @@ def test_a_candidate_that_forgot_general_writing_is_rejected_and_shown_by_the_cl
     worker_settings, general_tiny_base, monkeypatch
 ):
     monkeypatch.setenv("DRAFTLOOP_BASE_MODEL", str(general_tiny_base))  # a base that knows some general writing
+    # The tiny model forgets less than the default margin lets pass (about +19%): the guard at 10%
+    monkeypatch.setenv("DRAFTLOOP_FORGETTING_MARGIN", "0.1")
     get_settings.cache_clear()
+    margin = get_settings().forgetting_margin
     tenant, admin_key = tenant_with_history(reply=NONSENSE)
     # Learning replies in no language hard: the held-out NLL falls, and the general writing goes.
     trained = cli("train", "--tenant", tenant.slug, *FAST_FLAGS, "--set", "learning_rate=0.05", "--set", "epochs=4")
@@ -75,7 +78,7 @@ def test_a_candidate_that_forgot_general_writing_is_rejected_and_shown_by_the_cl
     ).groups()
     guard = GUARD.fullmatch(verdict)
     assert status == "rejected" and float(improved) > 2 and guard["verdict"] == "more than", trained
-    assert float(guard["change"]) > float(guard["margin"]) == pytest.approx(100 * worker_settings.forgetting_margin)
+    assert float(guard["change"]) > float(guard["margin"]) == pytest.approx(100 * margin)
     emails, line = re.search(r"^  forgetting guard, (\d+) general emails \(\d+s\): (.*)$", trained, re.M).groups()
     assert line == verdict and int(emails) == len(load_emails(REGRESSION_SET))
 
@@ -87,7 +90,7 @@ def test_a_candidate_that_forgot_general_writing_is_rejected_and_shown_by_the_cl
     report, forgetting = run["report"], run["report"]["decision"]["forgetting"]
     assert run["status"] == "rejected" and run["decision_reason"] == reason and not report["decision"]["promote"]
     assert forgetting["forgot"] and forgetting["verdict"] == verdict
-    assert forgetting["candidate_nll"] > forgetting["base_nll"] * (1 + worker_settings.forgetting_margin)
+    assert forgetting["candidate_nll"] > forgetting["base_nll"] * (1 + margin)
     summary = report["summary"]
     assert (summary["base"]["regression_nll"], summary["candidate"]["regression_nll"]) == pytest.approx(
         (forgetting["base_nll"], forgetting["candidate_nll"]), abs=1e-4
