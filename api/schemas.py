@@ -274,6 +274,9 @@ class ShadowComparisonOut(BaseModel):
     difference: float | None = Field(description="Mean paired chrF difference, shadow minus champion")
     ci_low: float | None = Field(description="Its 95% paired bootstrap interval (from 2 scored corrections)")
     ci_high: float | None
+    edit_difference: float | None = Field(description="Mean paired edit-words difference, shadow minus champion")
+    edit_ci_low: float | None = Field(description="Its 95% paired bootstrap interval")
+    edit_ci_high: float | None
 
 
 class ShadowDecisionOut(BaseModel):

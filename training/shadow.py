@@ -11,7 +11,9 @@ transaction: chrF (sacrebleu's, as the evaluation scores drafts) and the word ed
 Once N corrections are scored, the shadow is decided, under the tenant's lock, once: with the
 paired differences d_i = chrF(shadow_i) - chrF(champion_i), it is promoted if the lower bound of
 the 95% bootstrap interval of their mean is above zero (the gate's paired bootstrap,
-evaluate.paired_interval), and rejected otherwise; the reason gives n, both mean chrF and mean
+evaluate.paired_interval) and the interval of the paired edit-word differences is not above zero
+(a longer draft can gain chrF and still leave the reviewer more to change), and rejected
+otherwise; the reason gives n, both mean chrF and mean
 edit words, the mean difference and its interval, and the audit row keeps the same figures
 (`scores`). A promotion still checks the version's files and base model (registry.promote); one
 that fails them rejects the shadow with that reason. The decision runs after the correction has
@@ -166,13 +168,23 @@ class Comparison:
     difference: float | None  # mean of chrF(shadow) - chrF(champion), paired
     ci_low: float | None  # its 95% paired bootstrap interval (from 2 scored corrections)
     ci_high: float | None
+    edit_difference: float | None  # mean of edit words(shadow) - edit words(champion), paired
+    edit_ci_low: float | None  # its 95% paired bootstrap interval
+    edit_ci_high: float | None
 
     def as_json(self) -> dict:
         return {key: round(v, 4) if isinstance(v, float) else v for key, v in asdict(self).items()}
 
     @property
     def better(self) -> bool:
-        return self.ci_low is not None and self.ci_low > 0
+        """Closer to the reviewers' texts (chrF's interval above 0), and not at the cost of more
+        words to edit (the edit difference's interval not above 0): a longer draft can gain chrF
+        and still leave the reviewer more to change."""
+        return self.ci_low is not None and self.ci_low > 0 and not self.more_edits
+
+    @property
+    def more_edits(self) -> bool:
+        return self.edit_ci_low is not None and self.edit_ci_low > 0
 
     def summary(self) -> str:
         """The figures in words, as a decision's reason gives them."""
@@ -180,10 +192,15 @@ class Comparison:
         if not self.scored:
             return f"no corrections scored yet; shadow v{self.shadow_version} against {champion}"
         ci = f", 95% CI [{self.ci_low:+.2f}, {self.ci_high:+.2f}]" if self.ci_low is not None else ""
+        edits = ""
+        if self.edit_difference is not None:
+            edits = f"; mean edit-words difference {self.edit_difference:+.1f}"
+            if self.edit_ci_low is not None:
+                edits += f", 95% CI [{self.edit_ci_low:+.1f}, {self.edit_ci_high:+.1f}]"
         return (
             f"{self.scored} corrections: chrF {self.shadow_chrf:.1f} (shadow v{self.shadow_version}) vs "
             f"{self.champion_chrf:.1f} ({champion}), edit words {self.shadow_edit_words:.1f} vs "
-            f"{self.champion_edit_words:.1f}; mean chrF difference {self.difference:+.2f}{ci}"
+            f"{self.champion_edit_words:.1f}; mean chrF difference {self.difference:+.2f}{ci}{edits}"
         )
 
 
@@ -205,8 +222,13 @@ def comparison(session: Session, shadow: Adapter) -> Comparison:
     drafts = session.scalar(select(func.count()).select_from(ShadowDraft).where(ShadowDraft.adapter_id == shadow.id))
     from training.evaluate import paired_interval  # the gate's module: torch and sacrebleu, imported on use
 
+    def interval(values: list[float]) -> tuple[float | None, float | None]:
+        low, high = paired_interval(values) if len(values) >= 2 else (None, None)
+        return tuple(None if v is None or math.isnan(v) else v for v in (low, high))
+
     differences = [s - c for c, s, _, _ in scored]
-    low, high = paired_interval(differences) if len(differences) >= 2 else (None, None)
+    edits = [s - c for _, _, c, s in scored if c is not None and s is not None]
+    (chrf_low, chrf_high), (edit_low, edit_high) = interval(differences), interval(edits)
     current = registry.champion(session, shadow.tenant_id)
     return Comparison(
         shadow_version=shadow.version,
@@ -219,8 +241,11 @@ def comparison(session: Session, shadow: Adapter) -> Comparison:
         champion_edit_words=_mean([r[2] for r in scored]),
         shadow_edit_words=_mean([r[3] for r in scored]),
         difference=_mean(differences),
-        ci_low=None if low is None or math.isnan(low) else low,
-        ci_high=None if high is None or math.isnan(high) else high,
+        ci_low=chrf_low,
+        ci_high=chrf_high,
+        edit_difference=_mean(edits),
+        edit_ci_low=edit_low,
+        edit_ci_high=edit_high,
     )
 
 
@@ -265,6 +290,8 @@ def decide(session: Session, settings: Settings, tenant_id: int) -> str | None:
             reason = f"{live.summary()}: better, but not promoted: {error.message}"
         else:
             return "promoted"
+    elif live.more_edits:
+        reason = f"{live.summary()}: more words to edit (their interval is above 0), rejected"
     else:
         reason = f"{live.summary()}: not better (the interval's lower bound is not above 0), rejected"
     registry.reject(session, running, actor=ACTOR, reason=reason, scores=scores)

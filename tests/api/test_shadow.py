@@ -14,8 +14,8 @@ from agent.adapters import AdapterRef
 from agent.prompt import IncomingEmail
 from api.cli import app as cli
 from core.settings import get_settings
-from feedback.models import Tenant
-from tests.factories import EMAIL, random_lora, store_version
+from feedback.models import Tenant, utcnow
+from tests.factories import EMAIL, make_draft, random_lora, store_version
 from training import registry, scheduling, shadow
 from training.models import Adapter, AdapterEvent, AdapterStatus, ShadowDraft
 
@@ -220,3 +220,31 @@ def test_the_cli_sets_the_setting_and_shows_the_shadow(postgres_engine, pg_sessi
     assert setting("--clear")[2] is None
     shown = runner.invoke(cli, ["shadow", "status", "--tenant", slug])
     assert shown.exit_code == 0 and shown.output == f"{slug}: no version is in shadow\n"
+
+
+def test_a_shadow_with_higher_chrf_but_more_words_to_edit_is_rejected(session, keys, shadowed):
+    """Longer drafts can share more character n-grams with the final text and still leave the
+    reviewer more to change: as the sample tenant's shadow run showed, chrF alone would promote."""
+    for n in range(N):
+        draft = make_draft(session, keys.tenant, f"The champion's draft {n}.")
+        scores = dict(
+            champion_chrf=30.0 + n, shadow_chrf=38.0 + 2 * n, champion_edit_words=10 + n, shadow_edit_words=25
+        )
+        session.add(
+            ShadowDraft(
+                draft_id=draft.id,
+                adapter_id=shadowed.shadow_id,
+                text=f"A longer draft of the shadow {n}.",
+                finish_reason="stop",
+                tokens_generated=9,
+                scored_at=utcnow(),
+                shadow_edit_words=25,
+                **scores,
+            )
+        )
+    session.flush()
+    assert shadow.decide(session, shadowed.settings, keys.tenant.id) == "rejected"
+    event = decision(session, keys.tenant.id)
+    assert event.scores["ci_low"] > 0 and event.scores["edit_ci_low"] > 0  # better chrF, confidently more edits
+    assert "mean edit-words difference +13.0, 95% CI [" in event.reason and "more words to edit" in event.reason
+    assert registry.champion(session, keys.tenant.id).id == shadowed.champion_id
