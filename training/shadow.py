@@ -290,7 +290,7 @@ def decide(session: Session, settings: Settings, tenant_id: int) -> str | None:
             reason = f"{live.summary()}: better, but not promoted: {error.message}"
         else:
             return "promoted"
-    elif live.more_edits:
+    elif live.ci_low is not None and live.ci_low > 0:  # closer by chrF, but at the cost of more edits
         reason = f"{live.summary()}: more words to edit (their interval is above 0), rejected"
     else:
         reason = f"{live.summary()}: not better (the interval's lower bound is not above 0), rejected"

@@ -227,9 +227,7 @@ def test_a_shadow_with_higher_chrf_but_more_words_to_edit_is_rejected(session, k
     reviewer more to change: as the sample tenant's shadow run showed, chrF alone would promote."""
     for n in range(N):
         draft = make_draft(session, keys.tenant, f"The champion's draft {n}.")
-        scores = dict(
-            champion_chrf=30.0 + n, shadow_chrf=38.0 + 2 * n, champion_edit_words=10 + n, shadow_edit_words=25
-        )
+        scores = dict(champion_chrf=30.0 + n, shadow_chrf=38.0 + 2 * n, champion_edit_words=10 + n)
         session.add(
             ShadowDraft(
                 draft_id=draft.id,
