@@ -137,14 +137,15 @@ def test_dpo_alone_against_the_champion_as_served(tiny_base_dir, tokenizer, tmp_
 def test_a_run_trains_on_its_pairs_after_sft_and_exports_them(worker_settings, tmp_path):
     tenant, admin_key = tenant_with_history()  # drafts "draft", each edited to the house style
     settings = get_settings()
-    assert execute_run(start(session_scope, tenant), settings, echo=lambda _: None) == RunStatus.promoted
+    first = start(session_scope, tenant)
+    assert execute_run(first, settings, echo=lambda _: None) == RunStatus.promoted
     overrides = FAST | {"preference": "after_sft", "preference_reference": "champion", "dpo_learning_rate": 1e-2}
     lines = []
     run_id = start(session_scope, tenant, overrides)
     execute_run(run_id, settings, echo=lines.append)
     with session_scope() as session:
         run = session.get(TrainingRun, run_id)
-        champion = session.scalar(select(Adapter).where(Adapter.training_run_id != run_id))
+        champion = session.scalar(select(Adapter).where(Adapter.training_run_id == first))
         stage = run.report["training"]["selection"]["preference"]
         snapshot = session.get(DatasetSnapshot, run.preference_snapshot_id)
         assert stage["reference"] == f"champion (adapter {champion.id}, scale 1)" and stage["steps"] > 0
@@ -163,7 +164,7 @@ def test_a_run_trains_on_its_pairs_after_sft_and_exports_them(worker_settings, t
             f"/v1/runs/{run_id}/dataset", params={"kind": "preference", "split": "heldout"}, headers=headers
         )
         assert heldout.status_code == 422 and "train split only" in heldout.text
-        none = client.get(f"/v1/runs/{run_id - 1}/dataset", params={"kind": "preference"}, headers=headers)
+        none = client.get(f"/v1/runs/{first}/dataset", params={"kind": "preference"}, headers=headers)
         assert none.status_code == 404 and "no preference snapshot" in none.text
     out = tmp_path / "pairs.jsonl"
     cli = CliRunner().invoke(
