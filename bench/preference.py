@@ -45,7 +45,8 @@ def drafted_history(tenant: str, work: Path) -> dict:
     from core.db import session_scope
     from core.settings import get_settings
     from feedback import service
-    from feedback.models import Role, Verdict
+    from feedback.models import Role
+    from feedback.samples import SampleEmail, record_history
     from migrations import upgrade
     from training.dataset import email_row
     from training.evaluate import greedy_drafts
@@ -70,31 +71,9 @@ def drafted_history(tenant: str, work: Path) -> dict:
     with session_scope() as session:
         row = service.create_tenant(session, name=tenant, slug=tenant, instructions=instructions)
         reviewer, _ = service.create_api_key(session, row, name="bench reviewer", role=Role.reviewer)
-        for email, draft in zip(history, drafts, strict=True):
-            stored = service.record_draft(
-                session,
-                tenant_id=row.id,
-                created_by_key_id=None,
-                sender=email["sender"],
-                subject=email["subject"],
-                body=email["body"],
-                draft_text=draft.text,
-                base_model=loaded.model_id,
-                adapter_id=None,
-                generation={},
-                prompt_tokens=0,
-                tokens_generated=0,
-                finish_reason=draft.finish_reason,
-                latency_ms=0.0,
-            )
-            service.submit_correction(
-                session,
-                draft=stored,
-                correction=service.CorrectionInput(Verdict.edited, email["reply"]),
-                reviewer_key=reviewer,
-                idempotency_key=None,
-                heldout_fraction=settings.heldout_fraction,
-            )
+        emails = [SampleEmail(id=str(i), **email) for i, email in enumerate(history)]
+        texts = [(draft.text, draft.finish_reason) for draft in drafts]
+        record_history(session, row.id, reviewer, emails, settings.heldout_fraction, drafts=texts)
     return {"emails": len(rows), "drafting_seconds": round(seconds, 1)}
 
 

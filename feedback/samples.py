@@ -44,11 +44,18 @@ def load_sample_tenant(slug: str = "northwind") -> SampleTenant:
 
 
 def record_history(
-    session: Session, tenant_id: int, reviewer: ApiKey, emails: list[SampleEmail], heldout_fraction: float
+    session: Session,
+    tenant_id: int,
+    reviewer: ApiKey,
+    emails: list[SampleEmail],
+    heldout_fraction: float,
+    drafts: list[tuple[str, str]] | None = None,
 ) -> None:
     """The emails with their reviewers' corrections, without drafting them: for benchmarks and
-    tests that need a tenant's corrections and not the drafts (the demo drafts for real)."""
-    for email in emails:
+    tests that need a tenant's corrections and not the drafts (the demo drafts for real). With
+    `drafts` ((text, finish reason) per email, drafted elsewhere) the corrections replace those."""
+    for index, email in enumerate(emails):
+        text, finish_reason = drafts[index] if drafts else ("", "stop")
         draft = service.record_draft(
             session,
             tenant_id=tenant_id,
@@ -56,13 +63,13 @@ def record_history(
             sender=email.sender,
             subject=email.subject,
             body=email.body,
-            draft_text="",
-            base_model="(sample history, not drafted)",
+            draft_text=text,
+            base_model="(sample history)" if drafts else "(sample history, not drafted)",
             adapter_id=None,
             generation={},
             prompt_tokens=0,
             tokens_generated=0,
-            finish_reason="stop",
+            finish_reason=finish_reason,
             latency_ms=0.0,
         )
         service.submit_correction(

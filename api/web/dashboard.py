@@ -94,11 +94,11 @@ def rollback(request: Request, key: AdminPageKey, session: SessionDep, reason: R
     return _back(request)
 
 
-Scale = Annotated[text(strip=True, max_length=20), Form()]
+Number = Annotated[text(strip=True, max_length=20), Form()]  # a form's number, parsed by its route
 
 
 @router.post("/scale", name="adapter_scale", dependencies=[CSRF])
-def adapter_scale(request: Request, key: AdminPageKey, session: SessionDep, scale: Scale = ""):
+def adapter_scale(request: Request, key: AdminPageKey, session: SessionDep, scale: Number = ""):
     """Set the scale every version is served at; empty: each version at its own chosen scale."""
     try:
         value = float(scale) if scale else None
@@ -112,11 +112,8 @@ def adapter_scale(request: Request, key: AdminPageKey, session: SessionDep, scal
     return _back(request)
 
 
-Count = Annotated[text(strip=True, max_length=20), Form()]
-
-
 @router.post("/shadow", name="shadow_corrections", dependencies=[CSRF])
-def shadow_corrections(request: Request, key: AdminPageKey, session: SessionDep, count: Count = ""):
+def shadow_corrections(request: Request, key: AdminPageKey, session: SessionDep, count: Number = ""):
     """Set how many live corrections decide a shadow; empty: candidates are promoted at once."""
     try:
         value = int(count) if count else None
