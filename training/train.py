@@ -196,7 +196,8 @@ def train_adapter(
         raise Invalid("the training set is empty: there are no usable train-split corrections yet")
     fit, validation = split_validation(rows, config.validation_fraction)
     held = {json.dumps(row, sort_keys=True) for row in validation}
-    pairs = [p for p in pairs if json.dumps(preference.sft_row(p), sort_keys=True) not in held]
+    fit_pairs = [p for p in pairs if json.dumps(preference.sft_row(p), sort_keys=True) not in held]
+    held_pairs, pairs = len(pairs) - len(fit_pairs), fit_pairs
     with_pairs = config.preference != "none" and len(pairs) >= MIN_PAIRS
     if config.preference == "alone" and not with_pairs:
         raise Invalid(
@@ -228,7 +229,7 @@ def train_adapter(
         kept = min(watch.scores, key=lambda s: s["validation_nll"]) if watch.scores else None
         selection = {"learning_rates_tried": tried, "learning_rate": rate, "epochs_scored": watch.scores}
     if config.preference != "none":
-        selection["preference"] = {"stage": config.preference, "pairs": len(pairs)}
+        selection["preference"] = {"stage": config.preference, "pairs": len(pairs), "validation_pairs": held_pairs}
     if with_pairs:
         model, dpo = preference.train_preferences(model, tokenizer, pairs, config, champion, progress, sft_total, total)
         history, done = history + dpo.pop("loss_history"), sft_total + dpo["steps"]

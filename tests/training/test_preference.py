@@ -149,7 +149,10 @@ def test_a_run_trains_on_its_pairs_after_sft_and_exports_them(worker_settings, t
         stage = run.report["training"]["selection"]["preference"]
         snapshot = session.get(DatasetSnapshot, run.preference_snapshot_id)
         assert stage["reference"] == f"champion (adapter {champion.id}, scale 1)" and stage["steps"] > 0
-        assert (snapshot.kind, snapshot.row_count) == (SnapshotKind.preference, stage["pairs"]) and stage["pairs"] > 0
+        # the snapshot holds every train-split pair; those of the validation slice's rows are not fitted
+        assert snapshot.kind == SnapshotKind.preference and stage["pairs"] > 0
+        snapshot_pairs = snapshot.row_count
+        assert snapshot_pairs == stage["pairs"] + stage["validation_pairs"]
         assert set(snapshot.correction_ids) <= set(session.get(DatasetSnapshot, run.train_snapshot_id).correction_ids)
         assert run.total_steps == run.step == len(run.loss_history) > stage["steps"]
     assert any(line.startswith("  preference training (after_sft):") for line in lines), lines
@@ -158,7 +161,7 @@ def test_a_run_trains_on_its_pairs_after_sft_and_exports_them(worker_settings, t
         headers = {"X-API-Key": admin_key}
         exported = client.get(f"/v1/runs/{run_id}/dataset", params={"kind": "preference"}, headers=headers)
         rows = [json.loads(line) for line in exported.text.splitlines()]
-        assert exported.status_code == 200 and len(rows) == stage["pairs"]
+        assert exported.status_code == 200 and len(rows) == snapshot_pairs
         assert all(set(row) == {"prompt", "chosen", "rejected"} for row in rows)
         heldout = client.get(
             f"/v1/runs/{run_id}/dataset", params={"kind": "preference", "split": "heldout"}, headers=headers
