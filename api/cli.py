@@ -101,6 +101,26 @@ def tenants_adapter_scale(
                 typer.echo(f"{tenant}: each adapter version is served at its chosen scale; {champion}")
 
 
+@tenants_app.command("organization")
+def tenants_organization(
+    tenant: Annotated[str, typer.Option(help="Tenant slug")],
+    organization: Annotated[str | None, typer.Argument(help="The organization's slug; none: show it")] = None,
+    clear: Annotated[bool, typer.Option(help="A tenant of its own again, in no organization")] = False,
+) -> None:
+    """Show or set the organization a tenant is a team of. A team without a champion of its own
+    drafts with its organization's, and its adapters can be combined with the organization's."""
+    if organization is not None and clear:
+        raise typer.BadParameter("give an organization or --clear, not both")
+    with _reported():
+        with session_scope() as session:
+            found = service.get_tenant_by_slug(session, tenant)
+            if organization is not None or clear:
+                parent = service.get_tenant_by_slug(session, organization) if organization is not None else None
+                service.set_organization(session, found, parent)
+            parent = session.get(type(found), found.organization_id) if found.organization_id else None
+            typer.echo(f"{tenant} is a team of {parent.slug}" if parent else f"{tenant} belongs to no organization")
+
+
 @tenants_app.command("shadow-corrections")
 def tenants_shadow_corrections(
     tenant: Annotated[str, typer.Option(help="Tenant slug")],
@@ -280,6 +300,42 @@ def adapters_rollback(
                 session, service.get_tenant_by_slug(session, tenant).id, actor="cli", reason=reason
             )
             typer.echo(f"{tenant} now drafts with " + (f"version {restored.version}" if restored else "the base model"))
+
+
+@adapters_app.command("combine")
+def adapters_combine(
+    tenant: Annotated[str, typer.Option(help="The team's slug")],
+    organization_weight: Annotated[float, typer.Option(help="In (0, 2]")] = 0.5,
+    team_weight: Annotated[float, typer.Option(help="In (0, 2]")] = 0.5,
+    method: Annotated[str, typer.Option(help="cat: exact, rank r1 + r2; linear: rank r, approximate")] = "cat",
+    organization_version: Annotated[int | None, typer.Option(help="Default: the organization's champion")] = None,
+    team_version: Annotated[int | None, typer.Option(help="Default: the team's champion")] = None,
+) -> None:
+    """Combine the organization's adapter with the team's into a new version of the team, then
+    evaluate and gate it like a trained candidate, now, in this process."""
+    from training import compose
+    from training.pipeline import execute_run
+    from training.runs import create_run
+
+    if method not in ("cat", "linear"):
+        raise typer.BadParameter(f"method must be cat or linear, not {method!r}")
+    settings = get_settings()
+    with _reported():
+        with session_scope() as session:
+            team = service.get_tenant_by_slug(session, tenant)
+            composition = compose.plan(
+                session,
+                settings,
+                team,
+                method=method,
+                organization_weight=organization_weight,
+                team_weight=team_weight,
+                organization_version=organization_version,
+                team_version=team_version,
+            )
+            run_id = create_run(session, team.id, trigger="cli", requested_by="cli", composition=composition).id
+        typer.echo(f"run {run_id} for {tenant}")
+        execute_run(run_id, settings, echo=typer.echo)
 
 
 @datasets_app.command("export")

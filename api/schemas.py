@@ -9,7 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from feedback.models import Role, Split, Verdict
 from feedback.service import MAX_ADAPTER_SCALE, check_adapter_scale
-from training import shadow
+from training import compose, shadow
 from training.config import TrainOverrides
 
 # Every id and version column is a PostgreSQL `integer`: ids outside its range name nothing stored.
@@ -182,6 +182,9 @@ class TenantOut(BaseModel):
     instructions: str
     adapter_scale: float | None = Field(description=ADAPTER_SCALE)
     shadow_corrections: int | None = Field(description=SHADOW_CORRECTIONS)
+    organization_id: int | None = Field(
+        description="A team's organization: it drafts with the organization's champion until it has its own"
+    )
 
 
 class TenantUpdate(BaseModel):
@@ -218,6 +221,21 @@ class RunRequest(BaseModel):
     overrides: TrainOverrides = Field(default_factory=TrainOverrides, description="Training settings for this run")
 
 
+class CombineRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{}, {"organization_weight": 0.3, "team_weight": 0.7, "method": "linear"}]}
+    )
+
+    organization_version: Id | None = Field(None, description="The organization's version; default its champion")
+    team_version: Id | None = Field(None, description="This team's version; default its champion")
+    organization_weight: float = Field(0.5, gt=0, le=compose.MAX_WEIGHT)
+    team_weight: float = Field(0.5, gt=0, le=compose.MAX_WEIGHT)
+    method: compose.Method = Field(
+        "cat",
+        description="cat: exactly the weighted sum of the two updates (rank r1 + r2); linear: rank r, approximate",
+    )
+
+
 class RunOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -226,6 +244,7 @@ class RunOut(BaseModel):
     trigger: str
     requested_by: str
     config: dict
+    composition: dict | None = Field(description="Set when the run combined adapters instead of training one")
     step: int
     total_steps: int
     loss: float | None
@@ -254,6 +273,7 @@ class AdapterOut(BaseModel):
     training_run_id: int | None
     config: dict
     scale: float = Field(description="The scale chosen on its validation slice; the tenant's adapter_scale wins")
+    composition: dict | None = Field(description="A combined version: its method and parents with their weights")
     metrics: dict
     created_at: datetime
     promoted_at: datetime | None

@@ -75,6 +75,11 @@ class Tenant(Base):
     # Live corrections a candidate that passed the gate is compared on, in shadow beside the
     # champion, before it is promoted or rejected; None: promoted at once (training/shadow.py)
     shadow_corrections: Mapped[int | None] = mapped_column(Integer)
+    # A team's organization: while the team has no champion of its own it drafts with the
+    # organization's, and its adapters can be combined with the organization's (training/compose.py)
+    organization_id: Mapped[int | None] = mapped_column(
+        ForeignKey("tenants.id", ondelete="SET NULL", name="fk_tenants_organization")
+    )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

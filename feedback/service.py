@@ -55,6 +55,21 @@ def set_adapter_scale(session: Session, tenant: Tenant, scale: float | None) -> 
     return tenant
 
 
+def set_organization(session: Session, team: Tenant, organization: Tenant | None) -> Tenant:
+    """Make `team` a team of `organization` (None: a tenant of its own again). One level only: an
+    organization is no team, and a team has no teams."""
+    if organization is not None:
+        if organization.id == team.id:
+            raise Invalid(f"{team.slug} cannot be its own organization")
+        if organization.organization_id is not None:
+            raise Invalid(f"{organization.slug} is a team of another organization, so it cannot have teams")
+        if session.scalar(select(Tenant.id).where(Tenant.organization_id == team.id).limit(1)) is not None:
+            raise Invalid(f"{team.slug} has teams of its own, so it cannot be a team")
+    team.organization_id = organization.id if organization is not None else None
+    session.flush()
+    return team
+
+
 # API keys ----------------------------------------------------------------------------------
 
 

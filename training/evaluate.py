@@ -4,7 +4,7 @@ the promotion gate with a paired bootstrap confidence interval, a rule against l
 guard against forgetting general writing."""
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -265,3 +265,49 @@ def decide(
         candidate_loops,
         guard,
     )
+
+
+@dataclass(frozen=True)
+class Versions:
+    candidate: int
+    champion: int | None
+    champion_id: int | None  # the champion when the run was evaluated: promotion checks it is still so
+    # the champion is the team's organization's: the team has none of its own yet
+    champion_inherited: bool = False
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """What the evaluation measured and the gate decided; stored (as_json) in report.json and,
+    without per_example, in the run's report."""
+
+    run_id: int
+    versions: Versions
+    scales: dict[str, float]  # model -> the scale its adapter was scored at (as it is served)
+    heldout_examples: int
+    drafted_examples: int
+    regression_examples: int  # the forgetting guard's general emails, scored by the base and the candidate
+    summary: dict[str, dict[str, float]]  # model -> its totals (summarize)
+    # model -> score -> one value per held-out example (regression_nll: per regression-set email)
+    per_example: dict[str, dict[str, list]]
+    drafts: list[dict]  # per drafted example: the reference, each model's draft and finish reason
+    decision: GateDecision
+    training: dict | None = None  # what training did, added once the report is built
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
+def summarize(scores: dict[str, list]) -> dict[str, float]:
+    """A model's totals: mean NLL and chrF; the share of drafts that loop, open and close as the
+    reviewers' texts do, and do both ("style"); the mean regression-set NLL where it was scored."""
+    style = [o and c for o, c in zip(scores["opening"], scores["closing"], strict=True)]
+    regression = {"regression_nll": round(mean(scores["regression_nll"]), 4)} if "regression_nll" in scores else {}
+    return {
+        "nll": round(mean(scores["nll"]), 4),
+        "chrf": round(mean(scores["chrf"]), 2),
+        "loop_rate": round(mean(scores["loops"]), 3),
+        "opening": round(mean(scores["opening"]), 3),
+        "closing": round(mean(scores["closing"]), 3),
+        "style": round(mean(style), 3),
+    } | regression

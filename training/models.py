@@ -83,6 +83,8 @@ class TrainingRun(Base):
     heldout_snapshot_id: Mapped[int | None] = mapped_column(ForeignKey("dataset_snapshots.id"))
     # The preference pairs of the train split, when the run trained with them
     preference_snapshot_id: Mapped[int | None] = mapped_column(ForeignKey("dataset_snapshots.id"))
+    # Set when the run combines existing adapters instead of training one (training/compose.py)
+    composition: Mapped[dict | None] = mapped_column(JSON)
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int] = mapped_column(Integer, default=0)
     loss: Mapped[float | None] = mapped_column(Float)
@@ -138,6 +140,8 @@ class Adapter(Base):
     # The strength it is served at unless its tenant sets one: chosen on the validation slice
     scale: Mapped[float] = mapped_column(Float, default=1.0, server_default="1.0")
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    # A combined version: the method and its parents with their weights (training/compose.py)
+    composition: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 

@@ -10,7 +10,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sqlalchemy import select
@@ -24,10 +24,19 @@ from core.db import Sessions, session_scope
 from core.errors import NotFound
 from core.settings import Settings
 from feedback.models import Split, Tenant
-from training import attempts, plots, registry
+from training import attempts, compose, plots, registry
 from training.config import TrainConfig
 from training.dataset import Dataset, record_snapshot, tenant_dataset
-from training.evaluate import GateDecision, decide, example_nll, greedy_drafts, mean, score_drafts
+from training.evaluate import (
+    EvaluationReport,
+    Versions,
+    decide,
+    example_nll,
+    greedy_drafts,
+    mean,
+    score_drafts,
+    summarize,
+)
 from training.models import Adapter, AdapterStatus, RunStatus, SnapshotKind, TrainingRun, utcnow
 from training.regression_set import regression_rows
 from training.runs import run_dir
@@ -45,39 +54,11 @@ class RunContext:
     config: TrainConfig
     settings: Settings
     echo: Echo
+    composition: dict | None = None  # the run combines these adapters instead of training (training/compose.py)
 
     @property
     def run_id(self) -> int:
         return self.attempt.run_id
-
-
-@dataclass(frozen=True)
-class Versions:
-    candidate: int
-    champion: int | None
-    champion_id: int | None  # the champion when the run was evaluated: promotion checks it is still so
-
-
-@dataclass(frozen=True)
-class EvaluationReport:
-    """What the evaluation measured and the gate decided; stored (as_json) in report.json and,
-    without per_example, in the run's report."""
-
-    run_id: int
-    versions: Versions
-    scales: dict[str, float]  # model -> the scale its adapter was scored at (as it is served)
-    heldout_examples: int
-    drafted_examples: int
-    regression_examples: int  # the forgetting guard's general emails, scored by the base and the candidate
-    summary: dict[str, dict[str, float]]  # model -> its totals (_summary)
-    # model -> score -> one value per held-out example (regression_nll: per regression-set email)
-    per_example: dict[str, dict[str, list]]
-    drafts: list[dict]  # per drafted example: the reference, each model's draft and finish reason
-    decision: GateDecision
-    training: dict | None = None  # what training did, added once the report is built
-
-    def as_json(self) -> dict:
-        return asdict(self)
 
 
 def execute_run(run_id: int, settings: Settings, *, sessions: Sessions = session_scope, echo: Echo = print):
@@ -94,7 +75,8 @@ def execute_run(run_id: int, settings: Settings, *, sessions: Sessions = session
             return run.status
         _reject_candidates(session, run_id, f"run {run_id} attempt did not finish")  # from a dead attempt
         attempt = attempts.Attempt(run_id, number, sessions)
-        context = RunContext(attempt, run.tenant_id, TrainConfig.with_overrides(run.config), settings, echo)
+        config = TrainConfig.with_overrides(run.config)
+        context = RunContext(attempt, run.tenant_id, config, settings, echo, run.composition)
     try:
         with attempt.heartbeat(every_s=settings.stale_after_s / 6):
             return _execute(context)
@@ -129,7 +111,10 @@ def _execute(context: RunContext) -> RunStatus:
             f"only {len(heldout.rows)} held-out examples; the gate needs at least {context.settings.gate_min_heldout}"
         )
         return _finish(context, RunStatus.rejected, reason)
-    candidate_id, training = _train_candidate(context, tokenizer, train, pairs, train_snapshot_id)
+    if context.composition is not None:
+        candidate_id, training = _combine_candidate(context)
+    else:
+        candidate_id, training = _train_candidate(context, tokenizer, train, pairs, train_snapshot_id)
     report = replace(evaluate_run(context, candidate_id, heldout.rows), training=training)
     status = RunStatus.promoted if report.decision.promote else RunStatus.rejected
     return _finish(context, status, report.decision.reason, report, candidate_id)
@@ -206,22 +191,13 @@ def _train_candidate(
             pairs=pairs.rows if pairs else [],
             champion=champion,
         )
-        with attempt.sessions() as session:
-            run = attempt.owned(session)  # before the files are copied: one attempt stores at a time
-            candidate = registry.store_candidate(
-                session,
-                settings,
-                tenant_id=context.tenant_id,
-                trained_dir=Path(scratch),
-                base_model=model_id(settings),
-                base_fingerprint=fingerprint(source),
-                config=config.as_dict(),
-                train_snapshot_id=train_snapshot_id,
-                training_run_id=run_id,
-                scale=result.selection["scale"],
-            )
-            run.status, run.heartbeat_at = RunStatus.evaluating, utcnow()
-            candidate_id = candidate.id
+        candidate_id = _store_candidate(
+            context,
+            Path(scratch),
+            config=config.as_dict(),
+            train_snapshot_id=train_snapshot_id,
+            scale=result.selection["scale"],
+        )
     tokens_per_s = result.trained_tokens / result.seconds
     echo(
         f"run {run_id}: trained {result.steps} steps in {result.seconds:.0f}s "
@@ -250,15 +226,58 @@ def _train_candidate(
     }
 
 
+def _combine_candidate(context: RunContext) -> tuple[int, dict]:
+    """Combine the run's parent adapters (training/compose.py) and store the result as the run's
+    candidate, recorded with its parents and weights; the run goes on to evaluating."""
+    source, composition, started = model_source(context.settings), context.composition, time.perf_counter()
+    with context.attempt.sessions() as session:
+        parents = compose.parent_refs(session, context.settings, composition, fingerprint(source))
+    with tempfile.TemporaryDirectory(prefix="draftloop-combined-") as scratch:
+        folder = compose.combine(source, parents, composition["method"], Path(scratch))
+        rank = registry.rank_of(folder)
+        candidate_id = _store_candidate(
+            context,
+            folder,
+            config={"method": composition["method"], "rank": rank},
+            train_snapshot_id=None,  # trained on no snapshot: its parents were
+            composition=composition,
+        )
+    weights = " + ".join(f"{p['weight']:g} x {p['role']} v{p['version']}" for p in composition["parents"])
+    seconds = time.perf_counter() - started
+    context.echo(f"run {context.run_id}: combined {weights} ({composition['method']}, rank {rank}, {seconds:.0f}s)")
+    return candidate_id, {"composition": composition, "rank": rank, "seconds": round(seconds, 1)}
+
+
+def _store_candidate(context: RunContext, folder: Path, **fields) -> int:
+    """Store an adapter folder as the run's candidate (registry.store_candidate with `fields`);
+    the run goes on to evaluating. Returns the candidate's id."""
+    settings = context.settings
+    with context.attempt.sessions() as session:
+        run = context.attempt.owned(session)  # before the files are copied: one attempt stores at a time
+        candidate = registry.store_candidate(
+            session,
+            settings,
+            tenant_id=context.tenant_id,
+            trained_dir=folder,
+            base_model=model_id(settings),
+            base_fingerprint=fingerprint(model_source(settings)),
+            training_run_id=context.run_id,
+            **fields,
+        )
+        run.status, run.heartbeat_at = RunStatus.evaluating, utcnow()
+        return candidate.id
+
+
 def evaluate_run(context: RunContext, candidate_id: int, rows: list[dict]) -> EvaluationReport:
-    """Score the base model, the champion (if any) and the candidate on the held-out rows (NLL
+    """Score the base model, the champion (if any: the adapter the tenant drafts with, for a team
+    without one of its own its organization's) and the candidate on the held-out rows (NLL
     of each; greedy drafts of the first few), each adapter at the scale it would be served at,
     and the base model and the candidate on the regression set, and let the gate decide."""
     attempt, settings, echo, run_id = context.attempt, context.settings, context.echo, context.run_id
     loaded = load_base_model(settings)
     with attempt.sessions() as session:
         candidate = session.get(Adapter, candidate_id)
-        current = registry.champion(session, context.tenant_id)
+        current = registry.drafting_adapter(session, context.tenant_id)  # a team's may be its organization's
         refs = {"candidate": registry.serving_ref(session, settings, candidate, loaded.fingerprint)}
         if current is not None:
             refs["champion"] = registry.serving_ref(session, settings, current, loaded.fingerprint)
@@ -266,6 +285,7 @@ def evaluate_run(context: RunContext, candidate_id: int, rows: list[dict]) -> Ev
             candidate=candidate.version,
             champion=current.version if current else None,
             champion_id=current.id if current else None,
+            champion_inherited=current is not None and current.tenant_id != context.tenant_id,
         )
     sample = rows[: settings.eval_draft_examples]
     general = regression_rows(loaded.tokenizer, settings)
@@ -324,7 +344,7 @@ def evaluate_run(context: RunContext, candidate_id: int, rows: list[dict]) -> Ev
         heldout_examples=len(rows),
         drafted_examples=len(sample),
         regression_examples=len(general),
-        summary={name: _summary(s) for name, s in scores.items()},
+        summary={name: summarize(s) for name, s in scores.items()},
         per_example=scores,
         drafts=[
             {
@@ -336,21 +356,6 @@ def evaluate_run(context: RunContext, candidate_id: int, rows: list[dict]) -> Ev
         ],
         decision=decision,
     )
-
-
-def _summary(scores: dict[str, list]) -> dict[str, float]:
-    """A model's totals: mean NLL and chrF; the share of drafts that loop, open and close as the
-    reviewers' texts do, and do both ("style"); the mean regression-set NLL where it was scored."""
-    style = [o and c for o, c in zip(scores["opening"], scores["closing"], strict=True)]
-    regression = {"regression_nll": round(mean(scores["regression_nll"]), 4)} if "regression_nll" in scores else {}
-    return {
-        "nll": round(mean(scores["nll"]), 4),
-        "chrf": round(mean(scores["chrf"]), 2),
-        "loop_rate": round(mean(scores["loops"]), 3),
-        "opening": round(mean(scores["opening"]), 3),
-        "closing": round(mean(scores["closing"]), 3),
-        "style": round(mean(style), 3),
-    } | regression
 
 
 def _finish(
@@ -375,7 +380,7 @@ def _finish(
         run = attempt.owned(session)
         if candidate_id is not None:
             registry.lock_tenant(session, run.tenant_id)
-            current = registry.champion(session, run.tenant_id)
+            current = registry.drafting_adapter(session, run.tenant_id)
             candidate = session.get(Adapter, candidate_id)
             if status == RunStatus.promoted and (current.id if current else None) != report.versions.champion_id:
                 status, reason = RunStatus.rejected, "the champion changed while this run was evaluated; not promoted"

@@ -33,6 +33,7 @@ def lora_config(config: TrainConfig):
         r=config.rank,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
+        use_rslora=config.use_rslora,
         target_modules=list(config.target_modules),
         bias="none",
         task_type="CAUSAL_LM",

@@ -58,6 +58,7 @@ def store_candidate(
     train_snapshot_id: int | None,
     training_run_id: int | None,
     scale: float = 1.0,
+    composition: dict | None = None,
 ) -> Adapter:
     """Copy a trained adapter into the registry as the tenant's next version (a candidate), to
     be served at `scale` unless its tenant sets one.
@@ -100,6 +101,7 @@ def store_candidate(
         training_run_id=training_run_id,
         config=config,
         scale=scale,
+        composition=composition,
     )
     session.add(adapter)
     session.flush()
@@ -117,6 +119,11 @@ def _check_config(folder: Path) -> dict:
     if not isinstance(rank, int) or not 1 <= rank <= MAX_RANK:
         raise AdapterInvalid(f"{folder}: LoRA rank {rank!r} is outside 1..{MAX_RANK}")
     return config
+
+
+def rank_of(folder: Path) -> int:
+    """The LoRA rank of an adapter folder."""
+    return _check_config(folder)["r"]
 
 
 def verified_path(settings: Settings, adapter: Adapter, base_fingerprint: str) -> Path:
@@ -294,9 +301,18 @@ def rollback(session: Session, tenant_id: int, *, actor: str, reason: str) -> Ad
 _verified: dict[tuple[int, str, str], Path] = {}
 
 
+def drafting_adapter(session: Session, tenant_id: int) -> Adapter | None:
+    """The version the tenant drafts with: its champion, else (a team with none of its own yet)
+    its organization's champion, else None: the bare base model."""
+    if (current := champion(session, tenant_id)) is not None:
+        return current
+    organization_id = session.scalar(select(Tenant.organization_id).where(Tenant.id == tenant_id))
+    return champion(session, organization_id) if organization_id is not None else None
+
+
 def champion_ref(session: Session, settings: Settings, tenant_id: int, base_fingerprint: str) -> AdapterRef | None:
-    """The tenant's champion as the agent loads it, or None: the tenant drafts with the base model."""
-    current = champion(session, tenant_id)
+    """The adapter the tenant drafts with (drafting_adapter) as the agent loads it, or None."""
+    current = drafting_adapter(session, tenant_id)
     return serving_ref(session, settings, current, base_fingerprint) if current is not None else None
 
 

@@ -17,11 +17,19 @@ from training.models import ACTIVE_RUN_STATUSES, DatasetSnapshot, RunStatus, Sna
 
 
 def create_run(
-    session: Session, tenant_id: int, *, trigger: str, requested_by: str, overrides: dict | None = None
+    session: Session,
+    tenant_id: int,
+    *,
+    trigger: str,
+    requested_by: str,
+    overrides: dict | None = None,
+    composition: dict | None = None,
 ) -> TrainingRun:
-    """A queued run; the database refuses a second active run for the same tenant."""
+    """A queued run; the database refuses a second active run for the same tenant. With a
+    composition (training/compose.plan) the run combines adapters instead of training one."""
     config = TrainConfig.with_overrides(overrides)
     run = TrainingRun(
+        composition=composition,
         tenant_id=tenant_id,
         status=RunStatus.queued,
         trigger=trigger,

@@ -23,7 +23,7 @@ def evaluate_tenant(slug: str, settings: Settings, *, sessions: Sessions = sessi
     with sessions() as session:
         tenant = get_tenant_by_slug(session, slug)
         heldout = tenant_dataset(session, tenant, Split.heldout, loaded.tokenizer, settings)
-        current = registry.champion(session, tenant.id)
+        current = registry.drafting_adapter(session, tenant.id)  # a team's may be its organization's
         ref = registry.serving_ref(session, settings, current, loaded.fingerprint) if current else None
         versions = [
             {"label": f"v{a.version}", "nll": a.metrics["nll"], "status": a.status}

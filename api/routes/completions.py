@@ -68,7 +68,7 @@ def _finish_reason(reason: str) -> str:
 @router.get("/models", response_model=ModelList, summary="The models this key can draft with")
 def list_models(key: AgentKey, session: SessionDep):
     versions = [f"v{a.version}" for a in registry.list_adapters(session, key.tenant_id)]
-    has_champion = registry.champion(session, key.tenant_id) is not None
+    has_champion = registry.drafting_adapter(session, key.tenant_id) is not None
     ids = ["base", *(["champion"] if has_champion else []), *versions]
     return ModelList(data=[{"id": name, "owned_by": key.tenant.slug} for name in ids])
 

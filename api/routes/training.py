@@ -4,10 +4,10 @@ from fastapi import APIRouter, BackgroundTasks, Query, status
 from fastapi.responses import PlainTextResponse
 
 from api.deps import AdminKey, AnyKey, SessionDep, SettingsDep
-from api.schemas import AdapterOut, AuditReason, Id, RunOut, RunRequest, ShadowOut
+from api.schemas import AdapterOut, AuditReason, CombineRequest, Id, RunOut, RunRequest, ShadowOut
 from core.errors import Invalid, NotFound
 from feedback.models import Split
-from training import registry, shadow
+from training import compose, registry, shadow
 from training.models import SnapshotKind
 from training.runs import create_run, export_snapshot, get_run, list_runs
 from training.tasks import enqueue
@@ -22,6 +22,24 @@ def trigger_run(request: RunRequest, key: AdminKey, session: SessionDep, backgro
     the broker after the request commits; if the broker is down it stays queued and is sent later."""
     overrides = request.overrides.model_dump(exclude_unset=True)  # the settings given; TrainConfig's for the rest
     run = create_run(session, key.tenant_id, trigger="api", requested_by=key.name, overrides=overrides)
+    background.add_task(enqueue, [run.id])
+    return run
+
+
+@router.post(
+    "/adapters/combine",
+    response_model=RunOut,
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Combine the organization's adapter with this team's",
+)
+def combine(
+    request: CombineRequest, key: AdminKey, session: SessionDep, settings: SettingsDep, background: BackgroundTasks
+):
+    """Queue a run that combines an adapter of this team's organization with one of this team's
+    (each by default its champion) into a new version of the team, which is evaluated and gated
+    like a trained candidate. A 422 if this tenant is no team; a 409 while another run is active."""
+    composition = compose.plan(session, settings, key.tenant, **request.model_dump())
+    run = create_run(session, key.tenant_id, trigger="api", requested_by=key.name, composition=composition)
     background.add_task(enqueue, [run.id])
     return run
 

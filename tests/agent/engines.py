@@ -1,9 +1,9 @@
 """Engines on a test's model, and prompts for them to decode."""
 
 from agent.adapters import AdapterCache
-from agent.drafting import stop_token_ids
+from agent.drafting import generate_greedy, stop_token_ids
 from agent.engine import Engine
-from agent.prompt import IncomingEmail, build_messages, prompt_token_ids
+from agent.prompt import IncomingEmail, build_messages, pad_token_id, prompt_token_ids
 
 
 def prompts(tokenizer, count: int) -> list[list[int]]:
@@ -14,6 +14,14 @@ def prompts(tokenizer, count: int) -> list[list[int]]:
         )
         for body in (bodies * count)[:count]
     ]
+
+
+def plain(model, tokenizer, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens of `model` (a PeftModel too) as transformers' generate decodes them."""
+    stops = stop_token_ids(model.generation_config, tokenizer)
+    return generate_greedy(
+        model, [prompt], max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=pad_token_id(tokenizer)
+    )[0]
 
 
 def engine_for(loaded, **overrides) -> Engine:

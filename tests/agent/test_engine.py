@@ -9,17 +9,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from agent.adapters import AdapterCache, attach
-from agent.drafting import IncrementalText, generate_greedy, stop_token_ids
-from agent.prompt import pad_token_id
+from agent.drafting import IncrementalText
 from core.errors import Overloaded
-from tests.agent.engines import engine_for, prompts
-
-
-def plain(model, tokenizer, prompt: list[int], max_new_tokens: int) -> list[int]:
-    stops = stop_token_ids(model.generation_config, tokenizer)
-    return generate_greedy(
-        model, [prompt], max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=pad_token_id(tokenizer)
-    )[0]
+from tests.agent.engines import engine_for, plain, prompts
 
 
 def test_concurrent_requests_decode_as_generate_does(tiny_model):

@@ -1,8 +1,13 @@
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
 
+from agent.adapters import AdapterRef, attach
 from core.errors import Invalid
+from tests.agent.engines import engine_for, plain, prompts
 from tests.training.helpers import FAST, ROWS
 from training.config import TrainConfig
 from training.train import load_training_base, train_adapter
@@ -46,9 +51,26 @@ def test_training_settings_are_checked():
         TrainConfig.with_overrides({"rank": "8"})
     with pytest.raises(Invalid, match="learning_rate must be in"):
         TrainConfig.with_overrides({"learning_rate": 5})
+    with pytest.raises(Invalid, match="use_dora: unknown setting"):  # no engine here or in vLLM serves DoRA
+        TrainConfig.with_overrides({"use_dora": True})
 
 
 def test_an_empty_training_set_is_refused(tiny_base_dir, tokenizer, tmp_path):
     config = TrainConfig(quantization="none", compute_dtype="float32")
     with pytest.raises(Invalid, match="no usable train-split corrections"):
         train_adapter(load_training_base(str(tiny_base_dir), config), tokenizer, [], config, tmp_path)
+
+
+def test_rslora_trains_and_is_served_as_peft_serves_it(tiny_model, tiny_base_dir, tokenizer, tmp_path):
+    config = TrainConfig.with_overrides(FAST | {"epochs": 1, "use_rslora": True, "validation_fraction": 0})
+    train_adapter(load_training_base(str(tiny_base_dir), config), tokenizer, ROWS, config, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["use_rslora"] is True
+
+    ref = AdapterRef(1, tmp_path)
+    reference = attach(LlamaForCausalLM.from_pretrained(tiny_base_dir).eval(), ref)
+    layer = reference.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling["adapter-1"] == config.alpha / config.rank**0.5  # not alpha / rank
+    engine = engine_for(tiny_model)
+    for prompt in prompts(tokenizer, 3):
+        assert engine.submit(prompt, 10, ref).result(timeout=60) == plain(reference, tokenizer, prompt, 10)
+    engine.close()
