@@ -12,6 +12,7 @@ from api.web.auth import CSRF, AdminPageKey
 from api.web.chart import versions_chart
 from api.web.templating import flash, render
 from core.errors import Invalid
+from feedback.models import Tenant
 from feedback.service import review_stats_by_adapter, set_adapter_scale
 from training import registry, shadow
 from training.config import Preference, TrainConfig
@@ -38,12 +39,16 @@ def dashboard(request: Request, key: AdminPageKey, session: SessionDep):
     adapters = registry.list_adapters(session, key.tenant_id)
     active = active_run(session, key.tenant_id)
     champion = registry.champion(session, key.tenant_id)
+    drafting = registry.drafting_adapter(session, key.tenant_id)
+    inherited = drafting if drafting is not None and champion is None else None  # the organization's
     return render(
         request,
         "dashboard.html",
         key=key,
         adapters=adapters,
         champion=champion,
+        inherited=inherited,
+        organization=session.get(Tenant, inherited.tenant_id) if inherited else None,
         served_scale=registry.served_scale(session, champion) if champion else None,
         run=active or next(iter(list_runs(session, key.tenant_id, limit=1)), None),
         active=active is not None,

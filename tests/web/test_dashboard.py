@@ -167,3 +167,27 @@ def test_dashboard_shows_the_shadow_s_live_comparison_and_sets_its_corrections(b
     with committed() as session:
         assert session.get(Tenant, tenant_id).shadow_corrections is None
         assert session.get(Adapter, versions.adapter_ids[3]).status == AdapterStatus.rejected
+
+
+def test_a_team_sees_its_organization_s_champion_and_combined_versions(browser, versions, shops, committed):
+    parents = [
+        {"role": "organization", "tenant_id": 0, "adapter_id": 0, "version": 4, "weight": 0.25, "scale": 1.0},
+        {"role": "team", "tenant_id": 0, "adapter_id": 0, "version": 1, "weight": 1.0, "scale": 1.0},
+    ]
+    with committed() as session:
+        composition = {"method": "cat", "parents": parents}
+        session.get(TrainingRun, versions.run_id).composition = composition
+        session.get(Adapter, versions.adapter_ids[3]).composition = composition
+        session.get(Tenant, shops[1].tenant_id).organization_id = versions.shop.tenant_id
+        session.commit()
+    browser.sign_in(versions.shop.admin)
+    browser.open("/web/dashboard")
+    assert "Combination (cat): 0.25 × organization v4 + 1 × team v1" in browser.text("#composition")
+    combined = browser.find("table.versions tbody tr:first-child th .hint")
+    assert combined.text == "combined"
+    assert combined.get_attribute("title") == "0.25 × organization v4 + 1 × team v1 (cat)"
+
+    browser.driver.delete_all_cookies()  # signed out
+    browser.sign_in(shops[1].admin)
+    browser.open("/web/dashboard")
+    assert "its organization Northwind Cycles's champion, version 2" in browser.text("#inherited-champion")
