@@ -263,9 +263,13 @@ def adapters_list(tenant: Annotated[str, typer.Option(help="Tenant slug")]) -> N
         for a in rows:
             nll, chrf = a.metrics.get("nll", float("nan")), a.metrics.get("chrf", float("nan"))
             created = a.created_at.strftime("%Y-%m-%d %H:%M")
+            combined = ""
+            if a.composition:
+                parents = " + ".join(f"{p['weight']:g} x {p['role']} v{p['version']}" for p in a.composition["parents"])
+                combined = f"  combined: {parents} ({a.composition['method']})"
             typer.echo(
                 f"{a.version:>7}  {a.status:<9}  {a.scale:>5g}  {nll:>6.3f}  {chrf:>5.1f}  {a.training_run_id or '':>4}"
-                f"  {created}"
+                f"  {created}{combined}"
             )
 
 

@@ -18,9 +18,7 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("tenants") as batch:
         batch.add_column(sa.Column("organization_id", sa.Integer(), nullable=True))
-        batch.create_foreign_key(
-            "fk_tenants_organization", "tenants", ["organization_id"], ["id"], ondelete="SET NULL"
-        )
+        batch.create_foreign_key("fk_tenants_organization", "tenants", ["organization_id"], ["id"], ondelete="SET NULL")
     with op.batch_alter_table("adapters") as batch:
         batch.add_column(sa.Column("composition", sa.JSON(), nullable=True))
     with op.batch_alter_table("training_runs") as batch:

@@ -60,3 +60,21 @@ def test_cli_shows_sets_and_clears_a_tenants_adapter_scale(postgres_engine, pg_s
     assert code == 2 and "not both" in output and stored == 0.8
     code, output, stored = scale("--clear")
     assert code == 0 and "its chosen scale" in output and stored is None
+
+
+def test_cli_makes_a_tenant_a_team_of_an_organization_and_undoes_it(postgres_engine, pg_session):
+    org, team = (f"cli-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    for slug in (org, team):
+        assert runner.invoke(app, ["tenants", "create", "--slug", slug, "--name", "CLI Co"]).exit_code == 0
+
+    def organization(*args: str):
+        result = runner.invoke(app, ["tenants", "organization", "--tenant", team, *args])
+        stored = pg_session.scalar(select(Tenant.organization_id).where(Tenant.slug == team))
+        return result.exit_code, result.output, stored
+
+    org_id = pg_session.scalar(select(Tenant.id).where(Tenant.slug == org))
+    assert organization() == (0, f"{team} belongs to no organization\n", None)
+    assert organization(org) == (0, f"{team} is a team of {org}\n", org_id)
+    nested = runner.invoke(app, ["tenants", "organization", "--tenant", org, team])
+    assert nested.exit_code == 1 and "is a team of another organization" in nested.output
+    assert organization("--clear") == (0, f"{team} belongs to no organization\n", None)

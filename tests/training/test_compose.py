@@ -186,6 +186,8 @@ def test_a_composition_is_a_run_evaluated_and_gated_like_training(worker_setting
     )
     assert cli.exit_code == 0, cli.output
     assert "combined 2 x organization v1 + 0.1 x team v1 (cat, rank 24" in cli.output
+    listed = CliRunner().invoke(cli_app, ["adapters", "list", "--tenant", team.slug])
+    assert listed.exit_code == 0 and "combined: 0.1 x organization v1 + 1 x team v1 (cat)" in listed.output
     with session_scope() as session:
         last = session.scalars(select(TrainingRun).where(TrainingRun.tenant_id == team.id)).all()[-1]
         assert last.status == RunStatus.rejected and last.decision_reason.startswith("held-out NLL improved by -")
