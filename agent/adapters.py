@@ -4,7 +4,8 @@ under its id never needs to be loaded again.
 Two consumers: training and evaluation attach adapters to the Hugging Face model with PEFT
 (`attach`); the serving engine reads the same files into per-layer matrices it applies itself,
 several adapters in one batch (`LoraWeights`), kept in a bounded LRU cache (`AdapterCache`);
-the adapters of a batch are stacked side by side (`BatchStacker`) into one `BatchLora`.
+a batch whose rows have different adapters groups its rows by adapter (`GroupedLora`, built by
+`BatchStacker`), so that each row pays for its own adapter's update only.
 
 An adapter is applied at a scale (its strength): W x + scale * (alpha / r) * B A x, PEFT's
 `LoraLayer.set_scale`. The engine folds the scale into B when it loads the adapter, so an
@@ -14,7 +15,7 @@ adapters."""
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -86,6 +87,17 @@ class LoraWeights:
     b: list[dict[str, torch.Tensor]]
     cols: dict[str, tuple[int, int]]
     nbytes: int
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, layer: int, group: str, slices) -> None:
+        """out [rows, fused out] += this adapter's update of x [rows, in], every row alike;
+        `slices`: (projection, offset, size) of each projection of the group in the fused output."""
+        if group not in self.a[layer]:
+            return
+        xa = x @ self.a[layer][group]  # [rows, columns]
+        for proj, offset, size in slices:
+            if proj in self.cols:
+                start, end = self.cols[proj]
+                out[:, offset : offset + size].addmm_(xa[:, start:end], self.b[layer][proj])
 
     @classmethod
     def load(cls, ref: AdapterRef, num_layers: int, dtype: torch.dtype, device: torch.device) -> "LoraWeights":
@@ -163,90 +175,118 @@ class AdapterCache:
         return key in self._entries
 
 
-@dataclass
-class BatchLora:
-    """The adapters of the rows in a batch, stacked so that each layer needs one matmul per input
-    group plus one per projection, however many adapters there are."""
+class GroupedLora:
+    """The adapters of a batch whose rows do not all share one adapter: rows are grouped by
+    adapter, so each row pays only for its own adapter's update. For every layer, one batched
+    matmul per input group (`a`: [adapters, in, columns]) and one per projection (`b`:
+    [adapters, its columns, out]) over the rows gathered per adapter (`index`: [adapters, most
+    rows of one], padded with a repeat of the group's first row), then each real row's update is
+    added to its output (`take`: their places in the gathered rows, `dest`: their rows). Adapters
+    of other ranks or projections are zero-padded to one layout (zeros change no sum)."""
 
-    a: list[dict[str, torch.Tensor]]  # per layer and group: [in, columns of every adapter]
-    b: list[dict[str, torch.Tensor]]  # per layer and projection: [its columns of every adapter, out]
-    cols: dict[str, tuple[int, int]]  # a projection's columns in its group's stacked A
-    row_mask: dict[str, torch.Tensor | None] = field(default_factory=dict)  # per group: [rows, columns]
+    def __init__(self, stack: "_Stack", adapters: list[LoraWeights | None], rows: int, device: torch.device):
+        self.a, self.b, self.cols = stack.a, stack.b, stack.cols
+        members = [[] for _ in stack.keys]
+        for sequence, adapter in enumerate(adapters):
+            if adapter is not None:
+                members[stack.keys.index(adapter.key)].extend(range(sequence * rows, (sequence + 1) * rows))
+        width = max(len(m) for m in members)
+        padded = [m + [m[0]] * (width - len(m)) for m in members]
+        self.index = torch.tensor(padded, device=device)  # [adapters, width]
+        self.take = torch.tensor([i * width + j for i, m in enumerate(members) for j in range(len(m))], device=device)
+        self.dest = torch.tensor([row for m in members for row in m], device=device)
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, layer: int, group: str, slices) -> None:
+        """out [rows, fused out] += each row's own adapter's update of x [rows, in]."""
+        if group not in self.a[layer]:
+            return
+        xa = torch.bmm(x[self.index], self.a[layer][group])  # [adapters, width, columns]
+        for proj, offset, size in slices:
+            if proj in self.cols:
+                start, end = self.cols[proj]
+                update = torch.bmm(xa[:, :, start:end], self.b[layer][proj])  # [adapters, width, size]
+                out[:, offset : offset + size].index_add_(0, self.dest, update.view(-1, size)[self.take])
+
+
+@dataclass
+class _Stack:
+    """Several adapters in one layout (GroupedLora), in the order of `keys`."""
+
+    keys: list[tuple[int, float]]
+    a: list[dict[str, torch.Tensor]]
+    b: list[dict[str, torch.Tensor]]
+    cols: dict[str, tuple[int, int]]
+
+
+BatchLora = LoraWeights | GroupedLora  # one adapter for every row, or rows grouped by adapter
 
 
 class BatchStacker:
     """Builds the `BatchLora` of the engine's batch; keeps the last one, and the stacks of the
     last two sets of adapters (stacking copies their weights)."""
 
-    def __init__(self, dtype: torch.dtype, device: torch.device):
-        self.dtype, self.device = dtype, device
+    def __init__(self, device: torch.device):
+        self.device = device
         self._lora: BatchLora | None = None
         self._key: tuple | None = None
-        self._stacks: OrderedDict[tuple[tuple[int, float], ...], BatchLora] = OrderedDict()
+        self._stacks: OrderedDict[tuple[tuple[int, float], ...], _Stack] = OrderedDict()
 
     def stack(self, adapters: list[LoraWeights | None], rows: int) -> BatchLora | None:
-        """The stacked adapters of a batch, one entry of `adapters` per sequence of `rows` positions.
+        """The adapters of a batch, one entry of `adapters` per sequence of `rows` positions.
 
         Rebuilt only when the batch's composition changes (a request joins or leaves), not every
-        step; a batch of one adapter needs no copy and no mask."""
+        step; a batch whose rows all have one adapter uses its weights as they are."""
         key = (tuple(a.key if a else None for a in adapters), rows)
         if key == self._key:
             return self._lora
         present = sorted({a.key: a for a in adapters if a is not None}.values(), key=lambda a: a.key)
-        lora = None
-        if len(present) == 1:
-            lora = BatchLora(a=present[0].a, b=present[0].b, cols=present[0].cols)
+        lora: BatchLora | None = None
+        if len(present) == 1 and None not in key[0]:
+            lora = present[0]
         elif present:
-            ids = tuple(a.key for a in present)
-            if ids not in self._stacks:
-                self._stacks[ids] = _stack(present)
+            keys = tuple(a.key for a in present)
+            if keys not in self._stacks:
+                self._stacks[keys] = _stack(present)
                 if len(self._stacks) > 2:  # stacks are large: keep the current and the previous
                     self._stacks.popitem(last=False)
-            stacked = self._stacks[ids]
-            lora = BatchLora(a=stacked.a, b=stacked.b, cols=stacked.cols)
-        if lora is not None:
-            uniform = len(present) == 1 and None not in key[0]
-            for group, members in INPUT_GROUPS.items():
-                if uniform or group not in lora.a[0]:
-                    lora.row_mask[group] = None
-                    continue
-                mask = torch.zeros(len(adapters), lora.a[0][group].shape[1], dtype=self.dtype, device=self.device)
-                for row, adapter in enumerate(adapters):
-                    for proj in (p for p in members if adapter is not None and p in adapter.cols):
-                        start, end = _adapter_cols(lora, present, adapter, proj)
-                        mask[row, start:end] = 1
-                lora.row_mask[group] = mask.repeat_interleave(rows, dim=0)
+            lora = GroupedLora(self._stacks[keys], adapters, rows, self.device)
         self._lora, self._key = lora, key
         return lora
 
 
-def _stack(adapters: list[LoraWeights]) -> BatchLora:
-    """Adapters side by side: in each group's A, the columns of projection p of every adapter
-    are contiguous (adapter order), so each projection's update is still a single matmul."""
-    projections = [p for members in INPUT_GROUPS.values() for p in members if any(p in a.cols for a in adapters)]
+def _stack(adapters: list[LoraWeights]) -> _Stack:
+    """The adapters in one zero-padded layout: projection p takes the widest rank any of them
+    has for it, at the same columns in every adapter's A."""
+    widths = {p: max(_width(a, p) for a in adapters) for members in INPUT_GROUPS.values() for p in members}
     cols: dict[str, tuple[int, int]] = {}
     for members in INPUT_GROUPS.values():
         start = 0
-        for proj in (p for p in members if p in projections):
-            width = sum(_width(a, proj) for a in adapters)
-            cols[proj] = (start, start + width)
-            start += width
+        for proj in (p for p in members if widths[p]):
+            cols[proj] = (start, start + widths[proj])
+            start += widths[proj]
     a_layers, b_layers = [], []
     for layer in range(len(adapters[0].a)):
         a_layers.append({})
         b_layers.append({})
         for group, members in INPUT_GROUPS.items():
-            parts = []
-            for proj in (p for p in members if p in projections):
-                for adapter in adapters:
+            projections = [p for p in members if p in cols]
+            if not projections:
+                continue
+            some = next(a for a in adapters if group in a.a[layer])
+            inputs = some.a[layer][group].shape[0]
+            outputs = {p: next(a.b[layer][p].shape[1] for a in adapters if p in a.cols) for p in projections}
+            stacked_a = some.a[layer][group].new_zeros(len(adapters), inputs, cols[projections[-1]][1])
+            for proj in projections:
+                stacked_b = stacked_a.new_zeros(len(adapters), widths[proj], outputs[proj])
+                for i, adapter in enumerate(adapters):
                     if proj in adapter.cols:
                         start, end = adapter.cols[proj]
-                        parts.append(adapter.a[layer][group][:, start:end])
-                        b_layers[layer].setdefault(proj, []).append(adapter.b[layer][proj])
-            if parts:
-                a_layers[layer][group] = torch.cat(parts, dim=1)
-        b_layers[layer] = {proj: torch.cat(parts) for proj, parts in b_layers[layer].items()}
-    return BatchLora(a=a_layers, b=b_layers, cols=cols)
+                        column = cols[proj][0]
+                        stacked_a[i, :, column : column + end - start] = adapter.a[layer][group][:, start:end]
+                        stacked_b[i, : end - start] = adapter.b[layer][proj]
+                b_layers[layer][proj] = stacked_b
+            a_layers[layer][group] = stacked_a
+    return _Stack(keys=[a.key for a in adapters], a=a_layers, b=b_layers, cols=cols)
 
 
 def _width(adapter: LoraWeights, proj: str) -> int:
@@ -254,13 +294,3 @@ def _width(adapter: LoraWeights, proj: str) -> int:
         return 0
     start, end = adapter.cols[proj]
     return end - start
-
-
-def _adapter_cols(lora: BatchLora, present: list[LoraWeights], adapter: LoraWeights, proj: str) -> tuple[int, int]:
-    """Where one adapter's columns for a projection sit in the batch's stacked A."""
-    start = lora.cols[proj][0]
-    for other in present:
-        if other.key == adapter.key:
-            return start, start + _width(other, proj)
-        start += _width(other, proj)
-    raise KeyError(adapter.key)

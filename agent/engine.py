@@ -6,8 +6,8 @@ bandwidth. The engine stays close to that bound in two ways:
 - its own Llama forward pass over the base weights (agent/llama.py), with a preallocated KV
   cache (agent/kv_cache.py), removes most of the per-token framework overhead of `generate`;
 - every request in flight is decoded in the same step, whatever its tenant: the base weights are
-  read once per step for all rows, and each row adds its own LoRA adapter's low-rank update (the
-  batch's adapters stacked by agent/adapters.py).
+  read once per step for all rows, and each row adds its own LoRA adapter's low-rank update (rows
+  grouped by adapter: agent/adapters.py).
 
 This module is the scheduler. Requests wait in a bounded queue; past its bound `submit` raises
 `Overloaded`. A worker thread admits queued requests between decode steps (prefilling each
@@ -196,7 +196,7 @@ class Engine:
         self.adapters = adapters
         self.max_batch, self.max_length, self.batch_window_s = max_batch, max_length, batch_window_s
         self.cache = KVCache(self.model, max_batch, max_length)
-        self.stacker = BatchStacker(self.model.dtype, self.device)
+        self.stacker = BatchStacker(self.device)
         self._queue: queue.Queue[_Request] = queue.Queue(maxsize=max_queue)
         self._rows: list[_Row] = []
         self._durations: deque[float] = deque(maxlen=32)

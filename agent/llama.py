@@ -4,7 +4,7 @@ Decoding one token reads every weight of the model once, so on a CPU it is bound
 bandwidth. This forward stays close to that bound: q/k/v and gate/up are fused into one matmul
 each, matrix-vector products are split across both threads (`_matmul`), and there is none of the
 per-token framework overhead of `generate`. Each row of a batch adds its own LoRA adapter's
-low-rank update (a `BatchLora`, stacked in agent/adapters.py); attention, and with it the KV
+low-rank update (a `BatchLora`: agent/adapters.py); attention, and with it the KV
 cache, is a function the caller passes in (agent/kv_cache.py).
 
 Shapes: `rows` is batch * length, the tokens of one forward (a prompt's, or one per sequence in
@@ -110,6 +110,10 @@ class Llama:
             "up_proj": self.intermediate,
             "down_proj": config.hidden_size,
         }
+        self.slices = {}  # per input group: (projection, offset, size) in its fused output
+        for group, members in INPUT_GROUPS.items():
+            offsets = [sum(self.out_sizes[p] for p in members[:i]) for i in range(len(members))]
+            self.slices[group] = [(p, o, self.out_sizes[p]) for p, o in zip(members, offsets, strict=True)]
         # RoPE from the model's own rotary module, so positions match generate's exactly.
         positions = torch.arange(max_length, device=self.device)[None]
         probe = torch.zeros(1, device=self.device, dtype=self.dtype)
@@ -169,16 +173,6 @@ class Llama:
         """x [rows, in] @ weight^T [in, out], plus each row's own LoRA update for the projections
         of this input group (each one's slice of the fused output)."""
         out = _matmul(x, weight)
-        if lora is None or group not in lora.a[layer]:
-            return out
-        xa = x @ lora.a[layer][group]  # [rows, columns of every adapter]
-        if (mask := lora.row_mask[group]) is not None:
-            xa = xa * mask
-        offset = 0
-        for proj in INPUT_GROUPS[group]:
-            size = self.out_sizes[proj]
-            if proj in lora.cols:
-                start, end = lora.cols[proj]
-                out[:, offset : offset + size].addmm_(xa[:, start:end], lora.b[layer][proj])
-            offset += size
+        if lora is not None:
+            lora.add_to(out, x, layer, group, self.slices[group])
         return out
