@@ -44,7 +44,8 @@ $(LLAMA_VENV)/.installed:
 	@command -v cmake >/dev/null && command -v c++ >/dev/null || \
 		($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake build-essential)
 	python3 -m venv $(LLAMA_VENV)
-	$(LLAMA_VENV)/bin/python -m pip install --quiet --disable-pip-version-check llama-cpp-python==0.3.36
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(LLAMA_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+		llama-cpp-python==0.3.36
 	$(LLAMA_VENV)/bin/python -c "import llama_cpp"
 	touch $@
 

@@ -20,6 +20,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from training.models import Adapter, DatasetSnapshot, ExportFormat, GgufDtype, T
 # nothing they had; float32 keeps the merged weights bit for bit.
 DEFAULT_GGUF_DTYPE = GgufDtype.float16
 CARD = "README.md"
+STALE_EXPORT_S = 24 * 3600
 MODELFILE = "Modelfile"
 # The pre-tokenizer llama.cpp needs is named in the file, not derivable from it: GGUF export
 # knows SmolLM2's vocabulary (the embedded base's, and the test models'), by this hash of its tokens.
@@ -118,7 +120,7 @@ def write_export(
         elif fmt == ExportFormat.merged:
             save_merged(merged_model(source), settings, scratch)
         else:
-            gguf_name = f"{source.name}-{'f16' if dtype == GgufDtype.float16 else 'f32'}.gguf"
+            gguf_name = gguf_file_name(source.name, dtype)
             write_gguf(merged_model(source), scratch / gguf_name, dtype=dtype, name=source.name)
             (scratch / MODELFILE).write_text(modelfile(gguf_name, source.instructions, settings))
         os.chmod(scratch, 0o755)  # mkdtemp makes it private
@@ -130,6 +132,10 @@ def write_export(
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     return out
+
+
+def gguf_file_name(name: str, dtype: GgufDtype) -> str:
+    return f"{name}-{'f16' if dtype == GgufDtype.float16 else 'f32'}.gguf"
 
 
 def _check_destination(out: Path) -> None:
@@ -373,6 +379,35 @@ def modelfile(gguf_name: str, instructions: str, settings: Settings) -> str:
         f"PARAMETER repeat_penalty {settings.repetition_penalty:g}\n"
         "PARAMETER repeat_last_n -1\n"
     )
+
+
+def export_archive(
+    source: ExportSource, settings: Settings, fmt: ExportFormat, *, dtype: GgufDtype = DEFAULT_GGUF_DTYPE
+) -> tuple[str, Iterator[bytes]]:
+    """An archive's file name and its bytes: the export as a tar, gzip-compressed for peft (the
+    weights of the others barely compress). The export is written first, in a folder of its own
+    under <var_dir>/exports; the stream removes it when it ends or is dropped, and each export
+    removes what a stream never started or a killed server left there (a day old)."""
+    exports = settings.var_dir.resolve() / "exports"
+    exports.mkdir(parents=True, exist_ok=True)
+    for stale in exports.iterdir():
+        if time.time() - stale.stat().st_mtime > STALE_EXPORT_S:
+            shutil.rmtree(stale, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{source.name}-", dir=exports))
+    try:
+        folder = write_export(source, settings, fmt, scratch / f"{source.name}-{fmt}", dtype=dtype)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    compress = fmt == ExportFormat.peft
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            yield from archive(folder, compress=compress)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    return f"{folder.name}.tar{'.gz' if compress else ''}", chunks()
 
 
 def archive(folder: Path, *, compress: bool) -> Iterator[bytes]:
