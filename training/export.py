@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from agent.adapters import AdapterRef, attach
 from agent.base_model import fingerprint, model_id, model_source
 from agent.drafting import stop_token_ids
-from agent.prompt import DEFAULT_INSTRUCTIONS, END_OF_TURN
+from agent.prompt import DEFAULT_INSTRUCTIONS, END_OF_TURN, pad_token_id
 from core.errors import Conflict, Invalid
 from core.settings import Settings
 from feedback.models import Tenant
@@ -47,8 +47,8 @@ from training.models import Adapter, DatasetSnapshot, ExportFormat, GgufDtype, T
 # nothing they had; float32 keeps the merged weights bit for bit.
 DEFAULT_GGUF_DTYPE = GgufDtype.float16
 CARD = "README.md"
-STALE_EXPORT_S = 24 * 3600
 MODELFILE = "Modelfile"
+STALE_EXPORT_S = 24 * 3600  # an export folder left this long under <var_dir>/exports is removed
 # The pre-tokenizer llama.cpp needs is named in the file, not derivable from it: GGUF export
 # knows SmolLM2's vocabulary (the embedded base's, and the test models'), by this hash of its tokens.
 GGUF_PRE_TOKENIZERS = {"d1f2ce856b324081b621d9e2e8dbd22879f462329f3fd4aa39fa758dddb2ce55": "smollm"}
@@ -90,17 +90,16 @@ def export_source(session: Session, settings: Settings, tenant_id: int, version:
     source = model_source(settings)
     base_fingerprint = fingerprint(source)
     folder = registry.verified_path(settings, adapter, base_fingerprint)
-    tenant = session.get(Tenant, tenant_id)
-    scale = registry.served_scale(session, adapter)
+    tenant, base_model = session.get(Tenant, tenant_id), model_id(settings)
     return ExportSource(
         name=f"{tenant.slug}-v{adapter.version:04d}",
         adapter_dir=folder,
         adapter_id=adapter.id,
-        base_model=model_id(settings),
+        base_model=base_model,
         base_source=source,
-        scale=scale,
+        scale=registry.served_scale(session, adapter),
         instructions=tenant.instructions.strip() or DEFAULT_INSTRUCTIONS,
-        card=model_card(session, adapter, base_model=model_id(settings), base_fingerprint=base_fingerprint),
+        card=model_card(session, adapter, base_model=base_model, base_fingerprint=base_fingerprint),
     )
 
 
@@ -195,8 +194,8 @@ def model_card(session: Session, adapter: Adapter, *, base_model: str, base_fing
         )
     lines += ["", "## Hyper-parameters", "", "```json", json.dumps(adapter.config, indent=2, sort_keys=True), "```"]
     if selection := (report.get("training") or {}).get("selection"):
-        kept = {key: selection[key] for key in ("kept", "scale") if key in selection}
-        lines += ["", "Kept on the validation slice:", "", "```json", json.dumps(kept, indent=2, sort_keys=True), "```"]
+        lines += ["", "What training tried and kept on its validation slice:", ""]
+        lines += ["```json", json.dumps(selection, indent=2, sort_keys=True), "```"]
     lines += ["", "## Held-out scores", ""]
     if summary := report.get("summary"):
         names = sorted({score for scores in summary.values() for score in scores})
@@ -241,7 +240,7 @@ def save_merged(merged: Merged, settings: Settings, folder: Path) -> None:
     model, tokenizer = merged.model, merged.tokenizer
     config = model.generation_config
     config.eos_token_id = stop_token_ids(config, tokenizer)
-    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config.pad_token_id = pad_token_id(tokenizer)
     config.do_sample = False
     config.max_new_tokens = settings.max_new_tokens
     config.repetition_penalty = settings.repetition_penalty
@@ -363,8 +362,8 @@ def _gguf_vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int], 
 def modelfile(gguf_name: str, instructions: str, settings: Settings) -> str:
     """Ollama's recipe for the GGUF: ChatML as the chat template writes it, the tenant's
     instructions as the system prompt, and draftloop's decoding: greedy, the reply length, the
-    repetition penalty over the whole context (as transformers applies it), stopping at the end
-    of the turn. Ollama has no no_repeat_ngram_size; the cycle stop is draftloop's own."""
+    repetition penalty over the whole context it is given, stopping at the end of the turn.
+    Ollama has no no_repeat_ngram_size; the cycle stop is draftloop's own."""
     system = instructions.replace('"""', "'''")  # a Modelfile's triple-quoted string cannot hold """
     return (
         f"FROM ./{gguf_name}\n"

@@ -19,14 +19,14 @@ from typer.testing import CliRunner
 
 from agent.adapters import AdapterRef, attach, set_scale
 from agent.base_model import EMBEDDED_GGUF_FILE, EMBEDDED_PACKAGE, fingerprint, model_id
-from agent.drafting import stop_token_ids
+from agent.drafting import Drafter, stop_token_ids
 from agent.repetition import RepetitionGuard
 from api.cli import app
 from core.db import committing
 from core.settings import get_settings
 from feedback.models import Tenant
 from tests.agent.engines import prompts
-from tests.factories import make_tenant
+from tests.factories import make_tenant, random_lora, store_version
 from tests.live import REPO
 from tests.training.helpers import add_corrections, start
 from training import registry
@@ -236,47 +236,53 @@ def _field(reader: GGUFReader, key: str):
     return reader.fields[key].contents()
 
 
-def test_llama_cpp_loads_the_gguf_export_and_decodes_the_merged_models_tokens(trained, scaled, tiny_model):
-    """llama.cpp itself (its Python binding, `make llama-cpp`): the prompts tokenized to the same
-    ids, and the merged model's greedy tokens with the repetition penalty over the whole context
-    (as the Modelfile sets it), up to 32, in both dtypes."""
+def test_llama_cpp_decodes_from_the_gguf_export_the_tokens_the_engine_drafts(
+    embedded_model, model_settings, pg_session, tmp_path
+):
+    """llama.cpp itself (its Python binding, `make llama-cpp`), on a version of the embedded model:
+    the prompts tokenized to the same ids, and greedily the tokens the serving engine drafts with
+    the version, 32 of each, from the float16 GGUF (the default)."""
     if not LLAMA_PYTHON.exists():
         raise RuntimeError(f"{LLAMA_PYTHON} is missing: run `make llama-cpp` (llama.cpp's Python binding)")
-    settings, _, _, _ = trained
-    folder, source = scaled
-    merged = AutoModelForCausalLM.from_pretrained(folder / "merged").eval()
-    batch = prompts(tiny_model.tokenizer, 3)
-    stop_ids = stop_token_ids(merged.generation_config, tiny_model.tokenizer)
-    guard = RepetitionGuard(repetition_penalty=settings.repetition_penalty)
-    expected = [greedy(merged, ids, max_new_tokens=32, **decoding(guard, stop_ids)) for ids in batch]
+    settings = model_settings.model_copy(update={"adapter_dir": tmp_path / "registry"})
+    tenant = make_tenant(pg_session)
+    trained = random_lora(embedded_model.model.config, tmp_path / "trained", rank=8, seed=3, std=0.02)
+    adapter = store_version(pg_session, settings, tenant.id, trained)
+    folder = export_adapter(pg_session, settings, tenant.id, adapter.version, ExportFormat.gguf, tmp_path / "gguf")
+    drafter = Drafter.local(embedded_model, settings)
+    batch = prompts(embedded_model.tokenizer, 3)
+    try:
+        ref = registry.serving_ref(pg_session, settings, adapter, drafter.fingerprint)
+        streams = drafter.submit_many(batch, max_new_tokens=32, adapter=ref, guard=RepetitionGuard())
+        expected = [s.result(timeout=300) for s in streams]
+    finally:
+        drafter.close()
     job = {
         "prompts": batch,
-        "texts": [tiny_model.tokenizer.decode(ids) for ids in batch],
-        "stop": stop_ids,
-        "repeat_penalty": guard.repetition_penalty,
+        "texts": [embedded_model.tokenizer.decode(ids) for ids in batch],
+        "stop": stop_token_ids(embedded_model.model.generation_config, embedded_model.tokenizer),
     }
-    for dtype in GgufDtype:
-        path = folder / str(dtype) / gguf_file_name(source.name, dtype)
-        command = [str(LLAMA_PYTHON), "-c", LLAMA_SCRIPT, str(path), json.dumps(job)]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr[-2000:]
-        decoded = json.loads(result.stdout.splitlines()[-1])
-        assert decoded["tokenized"] == batch, dtype
-        assert decoded["tokens"] == expected, dtype
+    path = folder / gguf_file_name(f"{tenant.slug}-v0001", GgufDtype.float16)
+    command = [str(LLAMA_PYTHON), "-c", LLAMA_SCRIPT, str(path), json.dumps(job)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    decoded = json.loads(result.stdout.splitlines()[-1])
+    assert decoded["tokenized"] == batch
+    assert decoded["tokens"] == expected
 
 
-# Run by .venv-llama's Python: tokenize the texts, then decode each prompt greedily, the penalty
-# over the whole context, up to a stop token or 32 tokens
+# Run by .venv-llama's Python: tokenize the texts, then decode each prompt greedily up to a stop
+# token or 32 tokens (no repetition penalty: llama-cpp-python's leaves the prompt out of it)
 LLAMA_SCRIPT = """
 import json, sys
 from llama_cpp import Llama
 job = json.loads(sys.argv[2])
-model = Llama(model_path=sys.argv[1], n_ctx=1024, last_n_tokens_size=1024, n_threads=2, verbose=False)
+model = Llama(model_path=sys.argv[1], n_ctx=1024, n_threads=2, verbose=False)
 tokenized = [model.tokenize(text.encode(), add_bos=False, special=True) for text in job["texts"]]
 tokens = []
 for prompt in job["prompts"]:
     out = []
-    for token in model.generate(prompt, temp=0.0, top_k=1, repeat_penalty=job["repeat_penalty"], reset=True):
+    for token in model.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
         out.append(token)
         if token in job["stop"] or len(out) == 32:
             break
