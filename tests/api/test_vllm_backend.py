@@ -9,6 +9,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 from agent.adapters import AdapterRef
@@ -20,9 +21,11 @@ from core.settings import get_settings
 from feedback.samples import load_sample_tenant
 from tests.agent.engines import prompts
 from tests.api.apps import app_client
-from tests.factories import random_lora, store_version
+from tests.factories import make_tenant, random_lora, store_version
 from tests.vllm import VllmServer
 from training import registry
+from training.export import export_adapter
+from training.models import ExportFormat
 
 SECRET = "a-vllm-key"
 # vLLM has repetition_penalty but no no_repeat_ngram_size; the cycle stop is the backend's own
@@ -143,3 +146,34 @@ def test_an_adapter_published_outside_the_resolvers_folder_is_loaded_through_the
         local.close()
     assert ours == theirs
     assert (tmp_path / "elsewhere" / ref.name).is_dir() and not (vllm.publish_dir / ref.name).exists()
+
+
+def test_vllm_serves_a_peft_export_as_it_is(vllm, embedded_model, model_settings, pg_session, tmp_path):
+    """vLLM loads the exported folder itself, through its runtime load route, with nothing
+    published or rewritten, and drafts with it the engine's tokens for the version."""
+    settings = remote_settings(model_settings, vllm, tmp_path)
+    tenant = make_tenant(pg_session)
+    adapter = stored_adapter(pg_session, settings, tenant.id, embedded_model.model.config, tmp_path / "a", seed=11)
+    folder = export_adapter(pg_session, settings, tenant.id, adapter.version, ExportFormat.peft, tmp_path / "export")
+    name = f"export-{adapter.content_hash[:12]}"
+    loaded = httpx.post(
+        f"{vllm.url}/v1/load_lora_adapter",
+        json={"lora_name": name, "lora_path": str(folder)},
+        headers={"Authorization": f"Bearer {SECRET}"},
+        timeout=120,
+    )
+    assert loaded.status_code == 200, loaded.text
+    remote = Drafter.remote(settings.model_copy(update={"remote_publish_dir": None}))  # it drafts with `name`
+    local = Drafter.local(embedded_model, settings)
+    ref = registry.serving_ref(pg_session, settings, adapter, local.fingerprint)
+    batch = prompts(remote.tokenizer, 2)
+    try:
+        exported = dataclasses.replace(ref, name=name)
+        ours = [s.result(timeout=300) for s in remote.submit_many(batch, max_new_tokens=24, adapter=exported)]
+        theirs = [s.result(timeout=300) for s in local.submit_many(batch, max_new_tokens=24, adapter=ref)]
+        base = [s.result(timeout=300) for s in local.submit_many(batch, max_new_tokens=24)]
+    finally:
+        remote.close()
+        local.close()
+    assert ours == theirs != base
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", *registry.ADAPTER_FILES]
