@@ -192,6 +192,12 @@ def model_card(session: Session, adapter: Adapter, *, base_model: str, base_fing
         lines.append(
             f"| {snapshot.id} | {snapshot.split} | {snapshot.kind} | {snapshot.row_count} | `{snapshot.content_hash}` |"
         )
+    if adapter.composition:
+        parents = " + ".join(
+            f"{p['weight']:g} x {p['role']} (tenant {p['tenant_id']}) v{p['version']} at scale {p['scale']:g}"
+            for p in adapter.composition["parents"]
+        )
+        lines += ["", "## Combined from", "", f"{parents}, method {adapter.composition['method']}."]
     lines += ["", "## Hyper-parameters", "", "```json", json.dumps(adapter.config, indent=2, sort_keys=True), "```"]
     if selection := (report.get("training") or {}).get("selection"):
         lines += ["", "What training tried and kept on its validation slice:", ""]

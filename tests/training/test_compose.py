@@ -186,6 +186,14 @@ def test_a_composition_is_a_run_evaluated_and_gated_like_training(worker_setting
     )
     assert cli.exit_code == 0, cli.output
     assert "combined 2 x organization v1 + 0.1 x team v1 (cat, rank 24" in cli.output
+    exported = CliRunner().invoke(
+        cli_app,
+        ["adapters", "export", "--tenant", team.slug, "--version", str(candidate.version), "--format", "peft"]
+        + ["--out", str(tmp_path / "export")],
+    )
+    assert exported.exit_code == 0, exported.output
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "## Combined from\n\n0.1 x organization" in card and "method cat." in card
     listed = CliRunner().invoke(cli_app, ["adapters", "list", "--tenant", team.slug])
     assert listed.exit_code == 0 and "combined: 0.1 x organization v1 + 1 x team v1 (cat)" in listed.output
     with session_scope() as session:
