@@ -16,6 +16,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from agent.adapters import AdapterCache, AdapterRef
 from agent.base_model import LoadedModel, fingerprint, load_base_model, load_tokenizer, model_id, model_source
 from agent.engine import Engine, TokenStream, in_fresh_thread
+from agent.llama import compute_dtype
 from agent.prompt import END_OF_TURN, IncomingEmail, build_messages, fit_messages, prompt_token_ids
 from agent.remote import RemoteBackend
 from agent.repetition import RepetitionGuard
@@ -122,7 +123,7 @@ class Drafter:
             settings.adapter_cache_count,
             settings.adapter_cache_mb * 2**20,
             num_layers=loaded.model.config.num_hidden_layers,
-            dtype=loaded.model.dtype,
+            dtype=compute_dtype(loaded.model.dtype, settings.serving_weights),
             device=loaded.model.device,
         )
         engine = Engine(
@@ -132,6 +133,7 @@ class Drafter:
             max_batch=settings.max_batch,
             max_queue=settings.max_queue,
             max_length=settings.max_prompt_tokens + settings.max_new_tokens_limit,
+            weights=settings.serving_weights,
         )
         return cls(
             tokenizer=loaded.tokenizer,

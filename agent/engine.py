@@ -189,8 +189,9 @@ class Engine:
         max_queue: int,
         max_length: int,
         batch_window_s: float = 0.005,
+        weights: str = "float",
     ):
-        self.model = Llama(model, max_length)
+        self.model = Llama(model, max_length, weights)
         self.device = self.model.device
         self.stop_ids = set(stop_ids)
         self.adapters = adapters

@@ -1,0 +1,54 @@
+"""The serving engine's base weights held at 8 or 4 bits: the products stay close to float, a
+weight already on a 4-bit grid is held as it is, and the engine drafts with them, adapters too."""
+
+import pytest
+import torch
+
+from agent.kv_cache import KVCache
+from agent.llama import _Int4Weight, _Int8Weight, _Weight
+from tests.agent.engines import engine_for, prompts
+
+
+def _relative_error(held, weight: torch.Tensor, x: torch.Tensor) -> float:
+    exact = x @ weight.t()
+    return ((held.matmul(x) - exact).norm() / exact.norm()).item()
+
+
+@pytest.mark.parametrize(("held", "bound"), [(_Int8Weight, 0.01), (_Int4Weight, 0.1)])
+def test_quantized_products_stay_close_to_float(held, bound):
+    torch.manual_seed(0)
+    weight, x = torch.randn(960, 576), torch.randn(5, 576)
+    error = _relative_error(held(weight), weight, x)
+    assert 0 < error < bound
+    assert held(weight).nbytes < _Weight(weight).nbytes / (3 if held is _Int8Weight else 6)
+
+
+def test_a_weight_on_a_4_bit_grid_is_held_as_it_is():
+    """The embedded model was shipped as Q4_1 (per 32 inputs, a scale and a minimum): such a
+    weight is reproduced up to the bfloat16 rounding of its scale and zero."""
+    torch.manual_seed(1)
+    codes = torch.randint(0, 16, (64, 128)).float()
+    codes[:, ::32], codes[:, 1::32] = 0, 15  # every group spans the whole grid
+    scale, low = torch.rand(64, 4, 1) * 0.01 + 0.001, torch.randn(64, 4, 1) * 0.01
+    weight = (codes.view(64, 4, 32) * scale + low).view(64, 128)
+    x = torch.randn(3, 128)
+    assert _relative_error(_Int4Weight(weight), weight, x) < 0.01  # against ~0.08 for a Gaussian weight
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_the_engine_drafts_with_quantized_weights_and_mixed_adapters(tiny_model, adapters, weights):
+    engine = engine_for(tiny_model, weights=weights)
+    float_engine = engine_for(tiny_model)
+    requests = list(zip(prompts(tiny_model.tokenizer, 4), [0, None, 1, 2], strict=True))
+    streams = [engine.submit(p, 10, adapters[c] if c is not None else None) for p, c in requests]
+    assert all(len(stream.result(timeout=60)) == 10 for stream in streams)
+
+    with torch.inference_mode():  # scored as the engine computes: the same text's NLL, close to float's
+        tokens = torch.tensor(requests[0][0])
+        nll = {}
+        for name, model in (("float", float_engine.model), (weights, engine.model)):
+            logits = model.prefill(tokens, None, KVCache(model, 1, 512).prefill_attention(0, len(tokens)), True)
+            nll[name] = torch.nn.functional.cross_entropy(logits[:-1].float(), tokens[1:]).item()
+    assert abs(nll[weights] / nll["float"] - 1) < (0.01 if weights == "int8" else 0.05), nll
+    engine.close()
+    float_engine.close()
