@@ -78,8 +78,11 @@ bench-preference: install
 bench-shadow: install
 	$(PY) -m bench.shadow
 
-bench-serving: install
+# Single-stream decode per weight format (with llama.cpp on the same GGUF as an anchor), what the
+# 8- and 4-bit formats do to the drafts, then 8 tenants over HTTP.
+bench-serving: install llama-cpp
 	$(PY) -m bench.decode
+	$(PY) -m bench.quantized
 	$(PY) -m bench.serving
 
 # The 8-tenant load through the in-process engine, then through the remote backend on vLLM.

@@ -26,7 +26,7 @@ import torch
 from agent.adapters import AdapterCache, AdapterRef, attach
 from agent.base_model import load_base_model
 from agent.drafting import Drafter, generate_greedy
-from agent.engine import in_fresh_thread
+from agent.engine import PLAIN_GREEDY, in_fresh_thread
 from agent.prompt import IncomingEmail, pad_token_id
 from bench.report import save
 from core.settings import Settings
@@ -109,7 +109,8 @@ def time_generate(model, prompt: list[int], pad_id: int) -> dict:
 def same_tokens(drafter: Drafter, model, prompt: list[int], adapter, stops: list[int]) -> bool:
     """The engine's greedy draft (with its real stop tokens) against generate's."""
     drafter.backend.stop_ids = set(stops)
-    ours = drafter.submit(prompt, max_new_tokens=NEW_TOKENS, adapter=adapter).result()
+    # plain greedy, as generate_greedy decodes (the server's repetition guard would differ)
+    ours = drafter.submit(prompt, max_new_tokens=NEW_TOKENS, adapter=adapter, guard=PLAIN_GREEDY).result()
     theirs = in_fresh_thread(
         lambda: generate_greedy(
             model, [prompt], max_new_tokens=NEW_TOKENS, stop_ids=stops, pad_id=pad_token_id(drafter.tokenizer)
