@@ -255,7 +255,7 @@ def evaluate(tenant: Annotated[str, typer.Option(help="Tenant slug")]) -> None:
 @adapters_app.command("list")
 def adapters_list(tenant: Annotated[str, typer.Option(help="Tenant slug")]) -> None:
     """Every adapter version with its status and held-out scores."""
-    from training import registry
+    from training import compose, registry
 
     with session_scope() as session:
         rows = registry.list_adapters(session, service.get_tenant_by_slug(session, tenant).id)
@@ -265,8 +265,7 @@ def adapters_list(tenant: Annotated[str, typer.Option(help="Tenant slug")]) -> N
             created = a.created_at.strftime("%Y-%m-%d %H:%M")
             combined = ""
             if a.composition:
-                parents = " + ".join(f"{p['weight']:g} x {p['role']} v{p['version']}" for p in a.composition["parents"])
-                combined = f"  combined: {parents} ({a.composition['method']})"
+                combined = f"  combined: {compose.describe(a.composition)} ({a.composition['method']})"
             typer.echo(
                 f"{a.version:>7}  {a.status:<9}  {a.scale:>5g}  {nll:>6.3f}  {chrf:>5.1f}  {a.training_run_id or '':>4}"
                 f"  {created}{combined}"

@@ -70,6 +70,11 @@ def plan(
     }
 
 
+def describe(composition: dict) -> str:
+    """The parents and their weights, as the CLI and the run's progress show them."""
+    return " + ".join(f"{p['weight']:g} x {p['role']} v{p['version']}" for p in composition["parents"])
+
+
 def _parent(session: Session, tenant_id: int, version: int | None, role: str) -> Adapter:
     if version is not None:
         return registry.get_adapter(session, tenant_id, version=version)

@@ -242,7 +242,7 @@ def _combine_candidate(context: RunContext) -> tuple[int, dict]:
             train_snapshot_id=None,  # trained on no snapshot: its parents were
             composition=composition,
         )
-    weights = " + ".join(f"{p['weight']:g} x {p['role']} v{p['version']}" for p in composition["parents"])
+    weights = compose.describe(composition)
     seconds = time.perf_counter() - started
     context.echo(f"run {context.run_id}: combined {weights} ({composition['method']}, rank {rank}, {seconds:.0f}s)")
     return candidate_id, {"composition": composition, "rank": rank, "seconds": round(seconds, 1)}
