@@ -284,6 +284,7 @@ class ShadowComparisonOut(BaseModel):
 
     shadow_version: int
     champion_version: int | None = Field(description="null: the bare base model")
+    champion_inherited: bool = Field(description="The champion is the organization's: the team has none of its own")
     needed: int | None = Field(description="The tenant's shadow_corrections: scored corrections to decide on")
     drafts: int = Field(description="The shadow's drafts stored")
     scored: int = Field(description="Of them, scored against a correction's final text")

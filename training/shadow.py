@@ -158,6 +158,7 @@ class Comparison:
 
     shadow_version: int
     champion_version: int | None  # None: the bare base model
+    champion_inherited: bool  # the champion is the organization's (a team without its own)
     needed: int | None  # the tenant's shadow_corrections
     drafts: int  # the shadow's drafts stored
     scored: int  # of them, scored against a correction's final text
@@ -188,7 +189,10 @@ class Comparison:
 
     def summary(self) -> str:
         """The figures in words, as a decision's reason gives them."""
-        champion = f"champion v{self.champion_version}" if self.champion_version else "the base model"
+        champion = "the base model"
+        if self.champion_version:
+            owner = "the organization's " if self.champion_inherited else ""
+            champion = f"{owner}champion v{self.champion_version}"
         if not self.scored:
             return f"no corrections scored yet; shadow v{self.shadow_version} against {champion}"
         ci = f", 95% CI [{self.ci_low:+.2f}, {self.ci_high:+.2f}]" if self.ci_low is not None else ""
@@ -229,10 +233,11 @@ def comparison(session: Session, shadow: Adapter) -> Comparison:
     differences = [s - c for c, s, _, _ in scored]
     edits = [s - c for _, _, c, s in scored if c is not None and s is not None]
     (chrf_low, chrf_high), (edit_low, edit_high) = interval(differences), interval(edits)
-    current = registry.champion(session, shadow.tenant_id)
+    current = registry.drafting_adapter(session, shadow.tenant_id)  # what the shown drafts came from
     return Comparison(
         shadow_version=shadow.version,
         champion_version=current.version if current else None,
+        champion_inherited=current is not None and current.tenant_id != shadow.tenant_id,
         needed=session.get(Tenant, shadow.tenant_id).shadow_corrections,
         drafts=drafts or 0,
         scored=len(scored),

@@ -15,7 +15,7 @@ from core.errors import Invalid
 from feedback.models import Tenant
 from feedback.service import review_stats_by_adapter, set_adapter_scale
 from training import registry, shadow
-from training.config import Preference, TrainConfig
+from training.config import Preference, PreferenceReference, TrainConfig
 from training.runs import active_run, create_run, list_runs
 from training.tasks import enqueue
 
@@ -56,6 +56,7 @@ def dashboard(request: Request, key: AdminPageKey, session: SessionDep):
         shadow=shadow.status(session, key.tenant_id),
         chart=versions_chart(adapters),
         preferences=get_args(Preference),
+        references=get_args(PreferenceReference),
         default_preference=TrainConfig.preference,
     )
 
@@ -67,10 +68,16 @@ def trigger_run(
     session: SessionDep,
     background: BackgroundTasks,
     preference: Annotated[Preference | Literal[""], Form()] = "",
+    reference: Annotated[PreferenceReference | Literal[""], Form()] = "",
 ):
-    """Queue a run with the defaults, or with the preference training chosen on the page."""
-    overrides = {"preference": preference} if preference else None
-    run = create_run(session, key.tenant_id, trigger="web", requested_by=key.name, overrides=overrides)
+    """Queue a run with the defaults, or with the preference training and reference chosen on the
+    page; preference training alone refers to the frozen base unless the champion is chosen."""
+    if preference == "alone" and not reference:
+        reference = "base"
+    overrides = {"preference": preference} if preference else {}
+    if reference:
+        overrides["preference_reference"] = reference
+    run = create_run(session, key.tenant_id, trigger="web", requested_by=key.name, overrides=overrides or None)
     background.add_task(enqueue, [run.id])  # after the commit, as the JSON route does
     flash(request, f"Run {run.id} is queued; a worker trains, evaluates and gates it.")
     return _back(request)

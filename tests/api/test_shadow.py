@@ -14,8 +14,9 @@ from agent.adapters import AdapterRef
 from agent.prompt import IncomingEmail
 from api.cli import app as cli
 from core.settings import get_settings
+from feedback import service
 from feedback.models import Tenant, utcnow
-from tests.factories import EMAIL, make_draft, random_lora, store_version
+from tests.factories import EMAIL, make_draft, make_tenant, random_lora, store_version
 from training import registry, scheduling, shadow
 from training.models import Adapter, AdapterEvent, AdapterStatus, ShadowDraft
 
@@ -246,3 +247,29 @@ def test_a_shadow_with_higher_chrf_but_more_words_to_edit_is_rejected(session, k
     assert event.scores["ci_low"] > 0 and event.scores["edit_ci_low"] > 0  # better chrF, confidently more edits
     assert "mean edit-words difference +13.0, 95% CI [" in event.reason and "more words to edit" in event.reason
     assert registry.champion(session, keys.tenant.id).id == shadowed.champion_id
+
+
+def test_a_teams_shadow_is_compared_with_the_organizations_champion_it_drafts_beside(
+    session, tiny_drafter, tiny_model, tiny_settings, tmp_path
+):
+    settings = get_settings().model_copy(
+        update={"adapter_dir": tmp_path / "registry", "base_model": tiny_settings.base_model}
+    )
+    organization, team = make_tenant(session), make_tenant(session)
+    service.set_organization(session, team, organization)
+    champion, candidate = (
+        store_version(
+            session,
+            settings,
+            tenant.id,
+            random_lora(tiny_model.model.config, tmp_path / f"trained-{tenant.id}", seed=tenant.id),
+            base_fingerprint=tiny_drafter.fingerprint,
+        )
+        for tenant in (organization, team)
+    )
+    registry.promote(session, settings, champion, actor="test", reason="the organization's champion")
+    team.shadow_corrections = N
+    registry.start_shadow(session, settings, candidate, actor="test", reason="in shadow")
+    compared = shadow.comparison(session, candidate)
+    assert (compared.champion_version, compared.champion_inherited) == (champion.version, True)
+    assert f"against the organization's champion v{champion.version}" in compared.summary()

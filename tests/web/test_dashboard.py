@@ -1,6 +1,7 @@
 """The admin's dashboard in a real browser: versions and scores, the last run, promote and roll back
 with confirmation, trigger a run; reviewers are kept out."""
 
+import pytest
 from sqlalchemy import select
 
 from core.db import committing
@@ -99,20 +100,37 @@ def test_the_run_shows_what_preference_training_did(browser, versions, committed
     assert "reference sft, beta 0.1; validation NLL after it 2.310" in shown
 
 
-def test_train_now_queues_a_run(browser, versions, committed):
-    browser.sign_in(versions.shop.admin)
+def train_now(browser, committed, tenant_id: int, preference: str, reference: str = "") -> TrainingRun:
+    """Choose on the dashboard, press Train now and confirm; the run it queued."""
     browser.open("/web/dashboard")
-    browser.find("#preference option[value='after_sft']").click()
+    browser.find(f"#preference option[value='{preference}']").click()
+    browser.find(f"#reference option[value='{reference}']").click()
     submit_confirmed(browser, "form:has(button.primary) button.primary", accept=True)
     browser.wait(lambda d: "is queued" in d.find_element("css selector", "main").text)
     with committed() as session:
-        run = session.scalars(
-            select(TrainingRun).where(TrainingRun.tenant_id == versions.shop.tenant_id).order_by(TrainingRun.id.desc())
+        return session.scalars(
+            select(TrainingRun).where(TrainingRun.tenant_id == tenant_id).order_by(TrainingRun.id.desc())
         ).first()
+
+
+def test_train_now_queues_a_run(browser, versions, committed):
+    browser.sign_in(versions.shop.admin)
+    run = train_now(browser, committed, versions.shop.tenant_id, "after_sft")
     assert (run.status, run.trigger, run.requested_by) == (RunStatus.queued, "web", "Ops")
     assert run.config["preference"] == "after_sft"  # the choice on the page, the defaults for the rest
+    assert run.config["preference_reference"] == "sft"
     assert f"Run {run.id}: queued" in browser.text("section:has(#run-heading)")
     assert not browser.find("form:has(button.primary) button.primary").is_enabled()  # one active run at a time
+
+
+@pytest.mark.parametrize(("reference", "expected"), [("", "base"), ("champion", "champion")])
+def test_preference_training_alone_refers_to_the_base_unless_the_champion_is_chosen(
+    browser, versions, committed, reference, expected
+):
+    """There is no SFT adapter to refer to: the default reference alone is the frozen base."""
+    browser.sign_in(versions.shop.admin)
+    run = train_now(browser, committed, versions.shop.tenant_id, "alone", reference)
+    assert (run.config["preference"], run.config["preference_reference"]) == ("alone", expected)
 
 
 def test_a_reviewer_cannot_open_the_dashboard(browser, shop):
