@@ -179,10 +179,15 @@ class GroupedLora:
     """The adapters of a batch whose rows do not all share one adapter: rows are grouped by
     adapter, so each row pays only for its own adapter's update. For every layer, one batched
     matmul per input group (`a`: [adapters, in, columns]) and one per projection (`b`:
-    [adapters, its columns, out]) over the rows gathered per adapter (`index`: [adapters, most
-    rows of one], padded with a repeat of the group's first row), then each real row's update is
-    added to its output (`take`: their places in the gathered rows, `dest`: their rows). Adapters
-    of other ranks or projections are zero-padded to one layout (zeros change no sum)."""
+    [adapters, its columns, out]) over the rows gathered per adapter (`gather`: [adapters *
+    width], each adapter's rows padded to `width` with a repeat of its first), then the group's
+    updates are added to each real row's output in one step: gathered back by `place` (each
+    row's slot) when every row has an adapter, else added at `dest` from the slots `take`.
+    Adapters of other ranks or projections are zero-padded to one layout (zeros change no sum).
+
+    Gathers and one add per group, not a scatter per projection: on the CPU the batched
+    matmuls cost what they compute, and scattering into strided column slices cost as much
+    again (bench/results/lora-paths.json)."""
 
     def __init__(self, stack: "_Stack", adapters: list[LoraWeights | None], rows: int, device: torch.device):
         self.a, self.b, self.cols = stack.a, stack.b, stack.cols
@@ -190,22 +195,37 @@ class GroupedLora:
         for sequence, adapter in enumerate(adapters):
             if adapter is not None:
                 members[stack.keys.index(adapter.key)].extend(range(sequence * rows, (sequence + 1) * rows))
-        width = max(len(m) for m in members)
-        padded = [m + [m[0]] * (width - len(m)) for m in members]
-        self.index = torch.tensor(padded, device=device)  # [adapters, width]
-        self.take = torch.tensor([i * width + j for i, m in enumerate(members) for j in range(len(m))], device=device)
-        self.dest = torch.tensor([row for m in members for row in m], device=device)
+        self.width = max(len(m) for m in members)
+        padded = [m + [m[0]] * (self.width - len(m)) for m in members]
+        self.gather = torch.tensor([row for m in padded for row in m], device=device)  # [adapters * width]
+        slots = {row: i * self.width + j for i, m in enumerate(members) for j, row in enumerate(m)}
+        self.place = None
+        if len(slots) == len(adapters) * rows:  # every row has an adapter
+            self.place = torch.tensor([slots[row] for row in range(len(slots))], device=device)
+        self.take = torch.tensor(list(slots.values()), device=device)
+        self.dest = torch.tensor(list(slots), device=device)
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, layer: int, group: str, slices) -> None:
         """out [rows, fused out] += each row's own adapter's update of x [rows, in]."""
         if group not in self.a[layer]:
             return
-        xa = torch.bmm(x[self.index], self.a[layer][group])  # [adapters, width, columns]
+        gathered = x.index_select(0, self.gather).view(-1, self.width, x.shape[-1])  # [adapters, width, in]
+        xa = torch.bmm(gathered, self.a[layer][group])  # [adapters, width, columns]
+        updates = []
         for proj, offset, size in slices:
             if proj in self.cols:
                 start, end = self.cols[proj]
-                update = torch.bmm(xa[:, :, start:end], self.b[layer][proj])  # [adapters, width, size]
-                out[:, offset : offset + size].index_add_(0, self.dest, update.view(-1, size)[self.take])
+                update = torch.bmm(xa[:, :, start:end], self.b[layer][proj]).view(-1, size)  # [slots, size]
+                updates.append((offset, size, update))
+        if len(updates) == len(slices):  # the whole fused output at once
+            whole = torch.cat([u for _, _, u in updates], dim=-1) if len(updates) > 1 else updates[0][2]
+            updates = [(0, out.shape[-1], whole)]
+        for offset, size, update in updates:
+            target = out[:, offset : offset + size]
+            if self.place is not None:
+                target.add_(update.index_select(0, self.place))
+            else:
+                target.index_add_(0, self.dest, update.index_select(0, self.take))
 
 
 @dataclass
