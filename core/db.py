@@ -11,6 +11,7 @@ one open while it waits for something else: a request's authentication commits b
 runs, and drafting commits before the model works.
 """
 
+import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from functools import lru_cache
@@ -112,19 +113,44 @@ def as_domain_error(error: SQLAlchemyError) -> DomainError | None:
 
     A write lock not granted within the busy timeout (SQLite), a serialization failure or
     deadlock (PostgreSQL), a lost connection and no free connection in the pool are temporary:
-    503, retry. A constraint that a concurrent request won is a conflict; a value the database
-    cannot store is invalid input."""
+    503, retry. A unique constraint that a concurrent request won is a conflict; a value the
+    database cannot store is invalid input. Any other failure (a missing table, a NOT NULL or
+    foreign key the code broke) is a bug, not the caller's to retry or fix."""
     if isinstance(error, PoolTimeout):
         return Overloaded("every database connection of this process is busy; retry", RETRY_AFTER_S)
     if not isinstance(error, DBAPIError):
         return None
-    if isinstance(error, IntegrityError):
+    if isinstance(error, IntegrityError) and _unique_violation(error):
         return Conflict(f"the request conflicts with what is stored ({_first_line(error)})")
     if isinstance(error, DataError):
         return Invalid(f"a value cannot be stored: {_first_line(error)}")
-    if isinstance(error, OperationalError) or error.connection_invalidated:
+    if error.connection_invalidated or (isinstance(error, OperationalError) and _temporary(error)):
         return Overloaded(f"the database is busy or unreachable ({_first_line(error)}); retry", RETRY_AFTER_S)
     return None
+
+
+# PostgreSQL's SQLSTATE classes of a failure worth retrying: a connection exception, a
+# transaction rolled back (serialization failure, deadlock), insufficient resources, an operator
+# intervention (the server shutting down).
+_TEMPORARY_CLASSES = ("08", "40", "53", "57")
+
+
+def _sqlstate(error: DBAPIError) -> str | None:
+    return getattr(error.orig, "sqlstate", None)
+
+
+def _unique_violation(error: IntegrityError) -> bool:
+    return _sqlstate(error) == "23505" or str(error.orig).startswith("UNIQUE constraint failed")
+
+
+def _temporary(error: OperationalError) -> bool:
+    """SQLite: a lock or a busy database (not, say, a missing table). PostgreSQL: a temporary
+    SQLSTATE class, or none at all (the driver lost the server before it answered)."""
+    if isinstance(error.orig, sqlite3.Error):
+        message = str(error.orig)
+        return "locked" in message or "busy" in message
+    state = _sqlstate(error)
+    return state is None or state[:2] in _TEMPORARY_CLASSES
 
 
 def _first_line(error: DBAPIError) -> str:  # the driver's message, without the statement

@@ -16,6 +16,7 @@ ID_ROUTES = [
     ("get", "/v1/runs/{}", "admin", None),
     ("get", "/v1/runs/{}/dataset", "admin", None),
     ("post", "/v1/adapters/{}/promote", "admin", {"reason": "try it"}),
+    ("get", "/v1/adapters/{}/export", "admin", None),
     ("get", "/v1/drafts?before_id={}", "reviewer", None),
 ]
 

@@ -9,7 +9,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, text, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
@@ -92,6 +92,24 @@ def test_a_lock_that_times_out_is_a_503(sqlite_file, monkeypatch):
     error = as_domain_error(raised.value)
     assert isinstance(error, Overloaded) and "database is locked" in error.message and error.retry_after_s > 0
     impatient.dispose()
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_a_unique_race_is_a_conflict_and_a_broken_statement_a_bug(database, sqlite_file, postgres_engine):
+    """Only what a concurrent request can cause is the caller's to retry or resolve: a unique
+    violation is a 409; a missing table or a NOT NULL the code broke stays a 500."""
+    factory = sqlite_file if database == "sqlite" else sessionmaker(bind=postgres_engine)
+
+    def failure(statement: str, **values):
+        with pytest.raises(DBAPIError) as raised, factory() as session, committing(session):
+            session.execute(text(statement), values)
+        return as_domain_error(raised.value)
+
+    with factory() as session, committing(session):
+        tenant_id = make_tenant(session).id
+    assert isinstance(failure("INSERT INTO tenants SELECT * FROM tenants WHERE id = :id", id=tenant_id), Conflict)
+    assert failure("UPDATE tenants SET name = NULL WHERE id = :id", id=tenant_id) is None
+    assert failure("SELECT * FROM no_such_table") is None
 
 
 def test_a_serialization_failure_on_postgres_is_a_503(postgres_engine):
