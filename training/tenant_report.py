@@ -12,8 +12,8 @@ from feedback.service import get_tenant_by_slug
 from training import plots, registry
 from training.dataset import tenant_dataset
 from training.evaluate import example_nll, forgetting, mean
-from training.pipeline import Echo
 from training.regression_set import regression_rows
+from training.run_context import Echo
 
 
 def evaluate_tenant(slug: str, settings: Settings, *, sessions: Sessions = session_scope, echo: Echo = print) -> dict:
