@@ -30,7 +30,8 @@ from tests.factories import make_tenant, random_lora, store_version
 from tests.live import REPO
 from tests.training.helpers import add_corrections, start
 from training import registry
-from training.export import export_adapter, export_source, gguf_file_name, write_export
+from training.export import export_adapter, export_source, write_export
+from training.gguf import gguf_file_name
 from training.models import Adapter, DatasetSnapshot, ExportFormat, GgufDtype, RunStatus, TrainingRun
 from training.pipeline import execute_run
 

@@ -303,8 +303,9 @@ def test_the_scheduling_worker_loads_no_torch():
 
 def test_the_api_and_the_run_lookups_load_no_trainer():
     """The API, its routes and pages, and the modules that create, list and schedule runs import
-    nothing of training or evaluation (torch and transformers they do: the API drafts)."""
+    nothing of training or evaluation (torch and transformers they do: the API drafts), nor the
+    `gguf` package (an export in that format imports it when it writes one)."""
     routes = ", ".join(f"api.routes.{module.name}" for module in pkgutil.iter_modules(api.routes.__path__))
     imports = f"import api.app, api.web.dashboard, {routes}, training.runs, training.scheduling"
-    trainer = ("trl", "sacrebleu", "matplotlib", "datasets", "bitsandbytes")
+    trainer = ("trl", "sacrebleu", "matplotlib", "datasets", "bitsandbytes", "gguf", "training.gguf")
     assert loaded_after(imports, (*trainer, "training.pipeline", "training.train", "training.evaluate")) == "[]"
