@@ -11,13 +11,12 @@ rows SFT fits on are used: the validation slice stays unseen by both stages.
 import math
 import tempfile
 
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedModel, TrainerCallback
 
 from agent.adapters import AdapterRef, set_scale
-from agent.base_model import resolve_dtype
 from training import qlora
 from training.config import TrainConfig
+from training.qlora import Training
 
 REFERENCE_ADAPTER = "ref"  # the name TRL's DPOTrainer looks up for a PEFT model's reference
 
@@ -37,8 +36,8 @@ def pair_batch_size(config: TrainConfig) -> int:
 
 
 class _Progress(TrainerCallback):
-    def __init__(self, progress, offset: int, total: int):
-        self.progress, self.offset, self.total = progress, offset, total
+    def __init__(self, training: Training, offset: int):
+        self.training, self.offset = training, offset
         self.history: list[dict] = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -48,27 +47,22 @@ class _Progress(TrainerCallback):
                 if name in logs:
                     entry[name.split("/")[1]] = round(logs[name], 4)
             self.history.append(entry)
-            self.progress(self.offset + state.global_step, self.total, logs["loss"])
+            self.training.progress(self.offset + state.global_step, self.training.total_steps, logs["loss"])
 
 
 def train_preferences(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: list[dict],
-    config: TrainConfig,
-    champion: AdapterRef | None,
-    progress,
-    offset: int,
-    total: int,
+    model: PreTrainedModel, pairs: list[dict], champion: AdapterRef | None, training: Training, *, offset: int
 ) -> tuple[PreTrainedModel, dict]:
-    """DPO on `pairs` over `model`: the PeftModel SFT trained (after_sft) or the bare base (alone).
-    Returns the PeftModel with the trained adapter active and what the stage did."""
+    """DPO on `pairs` over `model`: the PeftModel SFT trained (after_sft) or the bare base (alone),
+    its steps reported after the `offset` steps before it. Returns the PeftModel with the trained
+    adapter active and what the stage did."""
     from datasets import Dataset
     from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
+    config = training.config
     after_sft = isinstance(model, PeftModel)
-    watch = _Progress(progress, offset, total)
+    watch = _Progress(training, offset)
     with tempfile.TemporaryDirectory(prefix="draftloop-dpo-") as scratch:
         args = DPOConfig(
             output_dir=scratch,
@@ -78,25 +72,19 @@ def train_preferences(
             beta=config.dpo_beta,
             **qlora.trainer_arguments(config),
         )
-        lora = None
-        if not after_sft:
-            lora = qlora.lora_config(config)
-            torch.manual_seed(config.seed)  # the LoRA initialisation, drawn when the trainer wraps the model
         trainer = DPOTrainer(
             model=model,
             args=args,
             train_dataset=Dataset.from_list(pairs),
-            processing_class=tokenizer,
-            peft_config=lora,
+            processing_class=training.tokenizer,
+            peft_config=None if after_sft else qlora.fresh_lora(config),
             callbacks=[watch],
         )
         reference = _set_reference(trainer.model, config, champion)
-        compute_dtype = resolve_dtype(config.compute_dtype)
-        for parameter in trainer.model.parameters():
-            if parameter.requires_grad:  # TRL keeps a 4-bit model's LoRA weights in bf16 (see train._fit)
-                parameter.data = parameter.data.to(compute_dtype)
-        qlora.merge_lora_forward(trainer.model)
-        trainer.train()
+        # Cast to the compute dtype as they are, never rounded through bf16: after SFT they are the
+        # weights SFT trained, and rounding would lose what it learnt. (Alone on NF4 that leaves the
+        # two NF4 paths starting DPO from slightly different weights, as they always have.)
+        qlora.train(trainer, config, round_through_bf16=False)
     trained = trainer.model
     if REFERENCE_ADAPTER in trained.peft_config:
         trained.delete_adapter(REFERENCE_ADAPTER)  # the saved folder holds the trained adapter alone

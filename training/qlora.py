@@ -16,13 +16,31 @@ are still the low-rank ones; the merged weight is never stored.
 """
 
 import types
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from agent.base_model import resolve_dtype
 from training.config import TrainConfig
+
+Progress = Callable[[int, int, float | None], None]  # step, total steps, latest loss
+
+
+@dataclass
+class Training:
+    """What every trainer of one adapter's training shares (SFT's probes and run, DPO's): the
+    tokenizer, the config, where progress goes and the steps of all of them together, and the
+    tokens the SFT trainers have trained so far."""
+
+    tokenizer: PreTrainedTokenizerBase
+    config: TrainConfig
+    progress: Progress
+    total_steps: int
+    trained_tokens: int = 0  # prompt + completion tokens of every step (padding not counted)
+    reply_tokens: int = 0  # of which completion tokens
 
 
 def lora_config(config: TrainConfig):
@@ -38,6 +56,29 @@ def lora_config(config: TrainConfig):
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def fresh_lora(config: TrainConfig):
+    """lora_config for a trainer that wraps the bare base in a new adapter, its initialisation
+    seeded (drawn when the trainer wraps the model)."""
+    torch.manual_seed(config.seed)
+    return lora_config(config)
+
+
+def train(trainer, config: TrainConfig, *, round_through_bf16: bool) -> None:
+    """Train a TRL trainer's model as every trainer of a run does: its trainable (LoRA) weights in
+    the compute dtype, each LoRA layer over a float32 plain linear through MergedLoRA.
+
+    TRL keeps a 4-bit model's LoRA weights in bf16, which on a CPU without native bf16 is several
+    times slower. With `round_through_bf16` the weights start from TRL's bf16-rounded values on
+    either NF4 path (the same run, whichever applies the base) before the cast."""
+    compute_dtype = resolve_dtype(config.compute_dtype)
+    for parameter in trainer.model.parameters():
+        if parameter.requires_grad:
+            start = parameter.data.to(torch.bfloat16) if round_through_bf16 else parameter.data
+            parameter.data = start.to(compute_dtype)
+    merge_lora_forward(trainer.model)
+    trainer.train()
 
 
 def trainer_arguments(config: TrainConfig) -> dict:

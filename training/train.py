@@ -17,7 +17,6 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,8 +28,7 @@ from agent.base_model import nf4_quantization_config, resolve_dtype
 from core.errors import Invalid
 from training import preference, qlora
 from training.config import TrainConfig
-
-Progress = Callable[[int, int, float | None], None]  # step, total steps, latest loss
+from training.qlora import Progress, Training
 
 
 @dataclass
@@ -134,9 +132,8 @@ class _Watch(TrainerCallback):
     """Reports progress, scores the validation slice at each epoch's end (and at a probe's last
     step), keeps the LoRA weights of the best epoch, and stops when an epoch made it worse."""
 
-    def __init__(self, progress, offset, total, validation, tokenizer, stop_after):
-        self.progress, self.offset, self.total = progress, offset, total
-        self.validation, self.tokenizer, self.stop_after = validation, tokenizer, stop_after
+    def __init__(self, training: Training, offset: int, validation: list[dict], stop_after: int | None):
+        self.training, self.offset, self.validation, self.stop_after = training, offset, validation, stop_after
         self.history: list[dict] = []
         self.scores: list[dict] = []  # [{"step", "epoch", "validation_nll"}]
         self.best: dict[str, torch.Tensor] | None = None
@@ -144,7 +141,7 @@ class _Watch(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.history.append({"step": state.global_step, "loss": round(logs["loss"], 4), "epoch": logs.get("epoch")})
-            self.progress(self.offset + state.global_step, self.total, logs["loss"])
+            self.training.progress(self.offset + state.global_step, self.training.total_steps, logs["loss"])
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.stop_after is not None and state.global_step >= self.stop_after:
@@ -160,7 +157,7 @@ class _Watch(TrainerCallback):
         if not self.validation:
             return False
         model.eval()
-        nll = _mean_nll(model, self.tokenizer, self.validation)
+        nll = _mean_nll(model, self.training.tokenizer, self.validation)
         model.train()
         best = min((s["validation_nll"] for s in self.scores), default=math.inf)
         self.scores.append(
@@ -211,10 +208,11 @@ def train_adapter(
     sft_total = probe_steps * len(rates) + steps
     total = sft_total + (preference.dpo_steps(len(pairs), config) if with_pairs else 0)
     progress(0, total, None)
-    started, counted, tried, selection = time.perf_counter(), [0, 0], [], {}
+    training = Training(tokenizer, config, progress, total)
+    started, tried, selection = time.perf_counter(), [], {}
     for index, rate in enumerate(rates if probe_steps else []):
-        watch = _Watch(progress, index * probe_steps, total, validation, tokenizer, stop_after=probe_steps)
-        trainer = _fit(model, tokenizer, fit, config, rate, watch, counted)
+        watch = _Watch(training, index * probe_steps, validation, stop_after=probe_steps)
+        trainer = _fit(model, fit, rate, watch)
         tried.append(
             {"learning_rate": rate, "steps": probe_steps, "validation_nll": watch.scores[-1]["validation_nll"]}
         )
@@ -222,8 +220,8 @@ def train_adapter(
     history, kept, done = [], None, 0
     if sft:
         rate = min(tried, key=lambda t: t["validation_nll"])["learning_rate"] if tried else config.learning_rate
-        watch = _Watch(progress, probe_steps * len(rates), total, validation, tokenizer, stop_after=None)
-        trainer = _fit(model, tokenizer, fit, config, rate, watch, counted)
+        watch = _Watch(training, probe_steps * len(rates), validation, stop_after=None)
+        trainer = _fit(model, fit, rate, watch)
         watch.restore_best(trainer.model)
         model, history, done = trainer.model, watch.history, probe_steps * len(rates) + trainer.state.global_step
         kept = min(watch.scores, key=lambda s: s["validation_nll"]) if watch.scores else None
@@ -231,7 +229,7 @@ def train_adapter(
     if config.preference != "none":
         selection["preference"] = {"stage": config.preference, "pairs": len(pairs), "validation_pairs": held_pairs}
     if with_pairs:
-        model, dpo = preference.train_preferences(model, tokenizer, pairs, config, champion, progress, sft_total, total)
+        model, dpo = preference.train_preferences(model, pairs, champion, training, offset=sft_total)
         history, done = history + dpo.pop("loss_history"), sft_total + dpo["steps"]
         selection["preference"] |= dpo
         if validation:
@@ -250,8 +248,8 @@ def train_adapter(
     return TrainResult(
         steps=done,
         seconds=time.perf_counter() - started,
-        trained_tokens=counted[0],
-        reply_tokens=counted[1],
+        trained_tokens=training.trained_tokens,
+        reply_tokens=training.reply_tokens,
         loss_history=history,
         selection={
             "fit_rows": len(fit),
@@ -288,12 +286,14 @@ def _score_scales(model, tokenizer, validation: list[dict], kept_nll: float) -> 
     return scores
 
 
-def _fit(model, tokenizer, rows, config: TrainConfig, learning_rate: float, watch: _Watch, counted: list[int]):
-    """One TRL run over rows at this learning rate, watched by `watch`; returns its trainer.
-    `counted` accumulates the trained and reply tokens of every run."""
+def _fit(model, rows: list[dict], learning_rate: float, watch: _Watch):
+    """One TRL run over rows at this learning rate, watched by `watch`; returns its trainer. The
+    trained and reply tokens of every run add up in `watch.training`."""
     from datasets import Dataset
     from trl import SFTConfig
 
+    training = watch.training
+    config = training.config
     with tempfile.TemporaryDirectory(prefix="draftloop-train-") as scratch:
         args = SFTConfig(
             output_dir=scratch,
@@ -304,26 +304,17 @@ def _fit(model, tokenizer, rows, config: TrainConfig, learning_rate: float, watc
             train_sampling_strategy="group_by_length",  # less padding per batch
             **qlora.trainer_arguments(config),
         )
-        lora = qlora.lora_config(config)
-        torch.manual_seed(config.seed)  # the LoRA initialisation, drawn when the trainer wraps the model
         trainer = _completion_only_trainer()(
             model=model,
             args=args,
             train_dataset=Dataset.from_list(rows),
-            processing_class=tokenizer,
-            peft_config=lora,
+            processing_class=training.tokenizer,
+            peft_config=qlora.fresh_lora(config),
             callbacks=[watch],
         )
-        # TRL keeps a 4-bit model's LoRA weights in bf16, which on a CPU without native bf16 is
-        # several times slower: they start from TRL's bf16-rounded values on either NF4 path
-        # (the same run, whichever applies the base) and train in the compute dtype.
-        compute_dtype = resolve_dtype(config.compute_dtype)
-        for parameter in trainer.model.parameters():
-            if parameter.requires_grad:
-                start = parameter.data.to(torch.bfloat16) if config.quantization == "nf4" else parameter.data
-                parameter.data = start.to(compute_dtype)
-        qlora.merge_lora_forward(trainer.model)
-        trainer.train()
-    counted[0] += trainer.trained_tokens
-    counted[1] += trainer.reply_tokens
+        # Fresh LoRA weights: on either NF4 path they start from the bf16-rounded values TRL gives
+        # a 4-bit model's, so the run is the same whichever path applies the base.
+        qlora.train(trainer, config, round_through_bf16=config.quantization == "nf4")
+    training.trained_tokens += trainer.trained_tokens
+    training.reply_tokens += trainer.reply_tokens
     return trainer
