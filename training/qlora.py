@@ -13,6 +13,10 @@ On plain linear layers in float32 the LoRA update is merged into the frozen weig
 step (`MergedLoRA`): one matrix product per projection instead of three, and none of the
 rank-16 products whose inner dimension of 16 MKL runs at a tenth of its speed. The gradients
 are still the low-rank ones; the merged weight is never stored.
+
+Every trainer of a run, SFT's (training/train.py) and DPO's (training/preference.py), is set up
+here alike: the LoRA config (lora_config, fresh_lora), the training arguments, what they share
+(Training) and the cast and MergedLoRA routing before it trains (train).
 """
 
 import types
