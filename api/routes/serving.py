@@ -68,7 +68,7 @@ def _prepare(request: TokenCompletionRequest, session, drafter: Drafter, setting
     if request.model != BASE:
         adapter = registry.ref_by_served_name(session, settings, request.model, drafter.fingerprint)
     session.commit()  # nothing is held while the model works
-    guard = RepetitionGuard(  # the caller stops cycles itself (agent/engine.emit)
+    guard = RepetitionGuard(  # the caller stops cycles itself (agent/stream.emit)
         repetition_penalty=request.repetition_penalty or 1.0,
         no_repeat_ngram_size=request.no_repeat_ngram_size or 0,
         frequency_penalty=request.frequency_penalty or 0.0,

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from agent.adapters import AdapterRef, attach, set_scale
 from agent.base_model import EMBEDDED_GGUF_FILE, EMBEDDED_PACKAGE, fingerprint, model_id
-from agent.drafting import Drafter, stop_token_ids
+from agent.drafting import Drafter
+from agent.prompt import stop_token_ids
 from agent.repetition import RepetitionGuard
 from api.cli import app
 from core.db import committing
