@@ -24,7 +24,7 @@ from agent.drafting import Drafter, IncrementalText
 from agent.repetition import RepetitionGuard
 from api import disconnect
 from api.deps import DrafterDep, SessionDep, SettingsDep
-from api.schemas import TokenCompletionRequest
+from api.openai_schemas import TokenCompletionRequest
 from core.errors import Conflict, Forbidden, Invalid, TooLarge, Unauthorized
 from core.settings import Settings
 from training import registry
