@@ -15,11 +15,13 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from agent.adapters import AdapterCache, AdapterRef
 from agent.base_model import LoadedModel, fingerprint, load_base_model, load_tokenizer, model_id, model_source
-from agent.engine import Engine, TokenStream, in_fresh_thread
-from agent.llama import compute_dtype
-from agent.prompt import END_OF_TURN, IncomingEmail, build_messages, fit_messages, prompt_token_ids
+from agent.engine import Engine
+from agent.prompt import IncomingEmail, build_messages, fit_messages, prompt_token_ids, stop_token_ids
 from agent.remote import RemoteBackend
 from agent.repetition import RepetitionGuard
+from agent.stream import TokenStream
+from agent.threads import in_fresh_thread
+from agent.weights import compute_dtype
 from core import metrics
 from core.errors import RateLimited, RetryLater
 from core.settings import Settings, get_settings
@@ -32,18 +34,6 @@ class DraftResult:
     prompt_tokens: int
     latency_ms: float  # from submission to the last token, including any wait in the queue
     finish_reason: str  # "stop" | "length" | "repetition" (a cycle the guard stopped)
-
-
-def stop_token_ids(generation_config: GenerationConfig, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """End-of-turn ids: the tokenizer's eos, the model's configured eos, and ChatML's <|im_end|>."""
-    ids = {tokenizer.eos_token_id}
-    configured = generation_config.eos_token_id
-    ids.update(configured if isinstance(configured, list) else [configured])
-    ids.add(tokenizer.get_vocab().get(END_OF_TURN))
-    ids.discard(None)
-    if not ids:
-        raise ValueError("the tokenizer has no end-of-sequence token")
-    return sorted(ids)
 
 
 class Backend(Protocol):

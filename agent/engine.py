@@ -18,7 +18,6 @@ the same weights and the same `repetition_penalty` / `no_repeat_ngram_size` (che
 tests).
 """
 
-import asyncio
 import math
 import queue
 import threading
@@ -33,125 +32,13 @@ from transformers import PreTrainedModel
 from agent.adapters import AdapterCache, AdapterRef, BatchStacker, LoraWeights
 from agent.kv_cache import KVCache
 from agent.llama import Llama
-from agent.repetition import RepetitionGuard, RowPenalties, cycle_start
+from agent.repetition import RepetitionGuard, RowPenalties
+from agent.stream import TokenStream, emit
 from core import metrics
 from core.errors import Overloaded
 
 PLAIN_GREEDY = RepetitionGuard()
 _CLOSE = object()  # queued by Engine.close: the worker thread ends once its rows are done
-
-
-class TokenStream:
-    """The tokens of one request as the engine produces them.
-
-    Iterate it with `async for` in the event loop it was created in; `result()` waits for the
-    end (in any thread). The engine finishes every stream it accepts, with "stop", "length",
-    "repetition" (a cycle stopped by the guard; the tokens end after its first copy),
-    "cancelled" or an error."""
-
-    def __init__(self, on_finish: Callable[[], None] | None = None) -> None:
-        self.tokens: list[int] = []
-        self.finish_reason: str | None = None
-        self.error: BaseException | None = None
-        self.submitted_at = time.perf_counter()
-        self.first_token_at: float | None = None
-        self.finished_at: float | None = None
-        self.cancelled = False
-        self._on_finish = on_finish  # called once, in the engine's thread, when the stream ends
-        self._events: queue.SimpleQueue = queue.SimpleQueue()
-        self._done = threading.Event()
-        try:
-            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-            self._wake: asyncio.Event | None = asyncio.Event()
-        except RuntimeError:
-            self._loop = self._wake = None
-
-    # The engine's side
-    def _emit(self, token: int) -> None:
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-            metrics.TIME_TO_FIRST_TOKEN.observe(self.first_token_at - self.submitted_at)
-        self.tokens.append(token)
-        self._put(token)
-
-    def _finish(self, reason: str, error: BaseException | None = None) -> None:
-        self.finish_reason, self.error, self.finished_at = reason, error, time.perf_counter()
-        if self._on_finish is not None:
-            self._on_finish()
-        self._done.set()
-        self._put(None)
-
-    def _put(self, item: int | None) -> None:
-        self._events.put(item)
-        if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._wake.set)
-            except RuntimeError:  # the event loop has closed: nobody is listening any more
-                pass
-
-    # The consumer's side
-    def cancel(self) -> None:
-        """Stop generating at the next step (the stream then ends with "cancelled")."""
-        self.cancelled = True
-
-    async def __aiter__(self):
-        while True:
-            try:
-                token = self._events.get_nowait()
-            except queue.Empty:
-                self._wake.clear()
-                if self._events.empty():
-                    await self._wake.wait()
-                continue
-            if token is None:
-                break
-            yield token
-        self._raise_error()
-
-    async def started(self) -> None:
-        """Wait for the first token or the end; a stream that failed before its first token
-        raises here (so a route can answer with the error before a response has started)."""
-        while not self.tokens and not self._done.is_set():
-            self._wake.clear()
-            if not self.tokens and not self._done.is_set():
-                await self._wake.wait()
-        if not self.tokens:
-            self._raise_error()
-
-    def result(self, timeout: float | None = None) -> list[int]:
-        if not self._done.wait(timeout):
-            raise TimeoutError("the draft did not finish in time")
-        self._raise_error()
-        return self.tokens
-
-    def _raise_error(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-
-def emit(stream: TokenStream, token: int, stop_ids: set[int], guard: RepetitionGuard, max_new_tokens: int) -> bool:
-    """Hand a new token to its stream and finish the stream if the draft is done: at a stop
-    token, at a cycle the guard stops (the tokens end after its first copy), at the length
-    limit, or when the client cancelled. Every backend ends drafts by this one rule."""
-    stream._emit(token)
-    metrics.GENERATED_TOKENS.inc()
-    tokens = stream.tokens
-    reason = (
-        "stop"
-        if token in stop_ids
-        else "repetition"
-        if guard.stop_cycles and (start := cycle_start(tokens)) is not None
-        else "length"
-        if len(tokens) >= max_new_tokens
-        else "cancelled"
-        if stream.cancelled
-        else None
-    )
-    if reason == "repetition":
-        del tokens[start:]
-    if reason is not None:
-        stream._finish(reason)
-    return reason is not None
 
 
 @dataclass
@@ -247,7 +134,8 @@ class Engine:
 
     def close(self) -> None:
         """Finish the requests already submitted, then end the worker thread (and with it its
-        OpenMP team, which would otherwise slow the process's later torch work: in_fresh_thread)."""
+        OpenMP team, which would otherwise slow the process's later torch work: see
+        agent/threads.in_fresh_thread)."""
         with self._start_lock:
             if self._thread is not None:
                 self._queue.put(_CLOSE)
@@ -295,8 +183,8 @@ class Engine:
         row = _Row(request.stream, None, request.max_new_tokens, length=0, next_token=-1, guard=request.guard)
         self._rows.append(row)
         try:
-            # Loaded here, on the engine's thread: see in_fresh_thread for why no other thread
-            # should run parallel torch work in a serving process.
+            # Loaded here, on the engine's thread: see agent/threads.in_fresh_thread for why no other
+            # thread should run parallel torch work in a serving process.
             row.adapter = self.adapters.get(request.adapter) if request.adapter is not None else None
             if request.guard.processes_logits:
                 row.penalties = RowPenalties(request.guard, request.prompt, self.model.vocab_size, self.device)
@@ -363,26 +251,3 @@ class Engine:
         for i, penalties in penalised:
             penalties.push(tokens[i])
         return tokens
-
-
-def in_fresh_thread(fn, *args):
-    """Run fn(*args) in a new thread that ends with it, and return its result.
-
-    A thread that has run parallel torch work keeps an OpenMP team for as long as it lives, and
-    libgomp stops spin-waiting once a process has more OpenMP threads than cores: with one idle
-    team beside the engine's, decode steps took 65-70 ms instead of 43 (measured, 2 cores).
-    One-off work in a serving process (loading the model) therefore runs in a thread that ends."""
-    box: dict = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn(*args)
-        except BaseException as error:  # re-raised in the caller
-            box["error"] = error
-
-    thread = threading.Thread(target=run, name="draftloop-load")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["result"]

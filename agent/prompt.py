@@ -3,7 +3,7 @@
 import re
 from dataclasses import dataclass
 
-from transformers import PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from core.errors import Invalid
 
@@ -114,3 +114,21 @@ def _plain(text: str) -> str:
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id that pads a batch of prompts: the tokenizer's pad token, else its end of sequence."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The id of END_OF_TURN, the token a reply ends with; None for a tokenizer without it."""
+    token_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    return token_id if token_id is not None and tokenizer.convert_ids_to_tokens(token_id) == END_OF_TURN else None
+
+
+def stop_token_ids(generation_config: GenerationConfig, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """End-of-turn ids: the tokenizer's eos, the model's configured eos, and ChatML's <|im_end|>."""
+    ids = {tokenizer.eos_token_id}
+    configured = generation_config.eos_token_id
+    ids.update(configured if isinstance(configured, list) else [configured])
+    ids.add(end_of_turn_id(tokenizer))
+    ids.discard(None)
+    if not ids:
+        raise ValueError("the tokenizer has no end-of-sequence token")
+    return sorted(ids)

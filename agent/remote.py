@@ -6,7 +6,7 @@ Each draft is one streamed `/v1/completions` request carrying the prompt as toke
 prompt builder stays here, so both backends draft from the same ids), greedy decoding, the stop
 tokens and the repetition penalties, and `model` = the adapter's immutable name (tenant,
 version and content hash: a name is never reused, so no server ever serves a stale copy).
-Tokens come back as they are decoded and end by the engine's own rule (`engine.emit`), so the
+Tokens come back as they are decoded and end by the engine's rule (`stream.emit`), so the
 cycle stop works here too: a draft that loops is cut and its request closed, which aborts it
 on the server.
 
@@ -31,8 +31,8 @@ import httpx
 
 from agent.adapters import AdapterRef
 from agent.base_model import publish_dir as rename_into_place
-from agent.engine import TokenStream, emit
 from agent.repetition import RepetitionGuard
+from agent.stream import TokenStream, emit
 from core.errors import Overloaded, UpstreamFailed
 
 log = logging.getLogger(__name__)

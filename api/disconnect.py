@@ -5,7 +5,7 @@ import asyncio
 
 from fastapi import Request
 
-from agent.engine import TokenStream
+from agent.stream import TokenStream
 from core.errors import DomainError
 
 POLL_S = 0.25  # how often the connection is looked at while the drafts decode

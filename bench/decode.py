@@ -26,8 +26,9 @@ import torch
 from agent.adapters import AdapterCache, AdapterRef, attach
 from agent.base_model import load_base_model
 from agent.drafting import Drafter, generate_greedy
-from agent.engine import PLAIN_GREEDY, in_fresh_thread
+from agent.engine import PLAIN_GREEDY
 from agent.prompt import IncomingEmail, pad_token_id
+from agent.threads import in_fresh_thread
 from bench.report import save
 from core.settings import Settings
 from feedback.samples import load_sample_tenant

@@ -17,10 +17,10 @@ import torch
 
 from agent.base_model import load_base_model
 from agent.drafting import Drafter
-from agent.engine import in_fresh_thread
 from agent.kv_cache import KVCache
 from agent.llama import Llama
-from agent.prompt import END_OF_TURN, IncomingEmail
+from agent.prompt import IncomingEmail, end_of_turn_id
+from agent.threads import in_fresh_thread
 from bench.report import save
 from core.settings import Settings
 from feedback.samples import load_sample_tenant
@@ -58,7 +58,7 @@ def main() -> None:
     emails = sample.emails[::5]
     settings = Settings(model_dtype="float32")
     loaded = in_fresh_thread(load_base_model, settings)
-    end = loaded.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    end = end_of_turn_id(loaded.tokenizer)
     figures: dict = {"emails": len(emails), "new_tokens": NEW_TOKENS, "dtype": "float32"}
     drafts: dict[str, list[list[int]]] = {}
     for weights in FORMATS:

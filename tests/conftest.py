@@ -14,9 +14,10 @@ from agent.drafting import Drafter
 from core.db import make_engine
 from core.settings import Settings
 from migrations import upgrade
+from tests.db import POSTGRES_SERVER
 from tests.factories import save_tiny_llama
+from tests.live import MODEL_CACHE_DIR
 
-POSTGRES_SERVER = os.environ.get("DRAFTLOOP_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432")
 # DRAFTLOOP_TEST_DATABASE lets two checkouts on one machine keep their own test databases.
 TEST_DATABASE = os.environ.get("DRAFTLOOP_TEST_DATABASE", "draftloop_test")
 POSTGRES_URL = f"{POSTGRES_SERVER}/{TEST_DATABASE}"
@@ -87,10 +88,6 @@ def session(engine) -> Iterator[Session]:
 @pytest.fixture
 def pg_session(postgres_engine) -> Iterator[Session]:
     yield from _rolled_back_session(postgres_engine)
-
-
-# The repo's model cache: the GGUF conversion (~15 s) happens once per checkout, not once per run.
-MODEL_CACHE_DIR = Path(__file__).resolve().parents[1] / "var" / "models"
 
 
 @pytest.fixture(scope="session")

@@ -31,11 +31,13 @@ from sqlalchemy.orm import Session
 from core.db import make_engine
 from feedback.models import Role
 from migrations import upgrade
+from tests.db import POSTGRES_SERVER
 from tests.factories import make_key, make_tenant
 
 REPO = Path(__file__).resolve().parents[1]
-POSTGRES_SERVER = os.environ.get("DRAFTLOOP_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432")
-MODEL_CACHE_DIR = REPO / "var" / "models"  # the embedded model's converted copy, shared with the test suite
+# The embedded model's converted copy, shared with the test suite (tests/conftest.py): the GGUF
+# conversion (~15 s) happens once per checkout, not once per run.
+MODEL_CACHE_DIR = REPO / "var" / "models"
 
 
 def free_port() -> int:

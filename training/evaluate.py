@@ -13,13 +13,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from agent.adapters import AdapterRef
 from agent.drafting import Drafter
-from agent.prompt import END_OF_TURN, pad_token_id, prompt_token_ids
+from agent.prompt import end_of_turn_id, pad_token_id, prompt_token_ids
 
 
 def _completion_ids(tokenizer: PreTrainedTokenizerBase, row: dict) -> list[int]:
     """The reply and the end-of-turn token: what the model must produce, as in training."""
     ids = tokenizer(row["completion"][0]["content"], add_special_tokens=False).input_ids
-    return [*ids, tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+    return [*ids, end_of_turn_id(tokenizer)]
 
 
 @torch.inference_mode()

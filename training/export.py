@@ -32,8 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from agent.adapters import AdapterRef, attach
 from agent.base_model import fingerprint, model_id, model_source
-from agent.drafting import stop_token_ids
-from agent.prompt import DEFAULT_INSTRUCTIONS, pad_token_id
+from agent.prompt import DEFAULT_INSTRUCTIONS, pad_token_id, stop_token_ids
 from core.errors import Conflict, Invalid
 from core.settings import Settings
 from feedback.models import Tenant

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from agent.adapters import AdapterRef
 from agent.drafting import Drafter
-from agent.engine import TokenStream
+from agent.stream import TokenStream
 from core import metrics
 from core.db import Sessions
 from core.errors import DomainError, Invalid

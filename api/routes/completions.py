@@ -18,7 +18,7 @@ from agent.drafting import Drafter, IncrementalText
 from agent.prompt import prompt_token_ids
 from api import disconnect
 from api.deps import AgentKey, DrafterDep, SessionDep, SettingsDep
-from api.schemas import ChatCompletion, ChatCompletionRequest, ModelList
+from api.openai_schemas import ChatCompletion, ChatCompletionRequest, ModelList
 from core.errors import Invalid, NotFound, TooLarge
 from core.settings import Settings
 from feedback.models import ApiKey

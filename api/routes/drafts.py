@@ -11,9 +11,9 @@ from fastapi.responses import StreamingResponse
 
 from agent.adapters import AdapterRef
 from agent.drafting import Drafter, DraftResult, IncrementalText
-from agent.engine import TokenStream
 from agent.prompt import IncomingEmail
 from agent.repetition import RepetitionGuard
+from agent.stream import TokenStream
 from api import disconnect
 from api.deps import AgentKey, AnyKey, DrafterDep, SessionDep, SessionsDep, SettingsDep
 from api.schemas import DecodingOptions, DraftBatchRequest, DraftOut, DraftPage, DraftRequest, EmailIn, Id

@@ -24,7 +24,7 @@ from agent.drafting import Drafter, IncrementalText
 from agent.repetition import RepetitionGuard
 from api import disconnect
 from api.deps import DrafterDep, SessionDep, SettingsDep
-from api.schemas import TokenCompletionRequest
+from api.openai_schemas import TokenCompletionRequest
 from core.errors import Conflict, Forbidden, Invalid, TooLarge, Unauthorized
 from core.settings import Settings
 from training import registry
@@ -68,7 +68,7 @@ def _prepare(request: TokenCompletionRequest, session, drafter: Drafter, setting
     if request.model != BASE:
         adapter = registry.ref_by_served_name(session, settings, request.model, drafter.fingerprint)
     session.commit()  # nothing is held while the model works
-    guard = RepetitionGuard(  # the caller stops cycles itself (agent/engine.emit)
+    guard = RepetitionGuard(  # the caller stops cycles itself (agent/stream.emit)
         repetition_penalty=request.repetition_penalty or 1.0,
         no_repeat_ngram_size=request.no_repeat_ngram_size or 0,
         frequency_penalty=request.frequency_penalty or 0.0,

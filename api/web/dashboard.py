@@ -1,6 +1,7 @@
 """The admin's dashboard: adapter versions and their scores, the last run, trigger, promote, roll
 back, the tenant's adapter scale, and the shadow's live comparison with its setting."""
 
+from collections.abc import Callable
 from typing import Annotated, Literal, get_args
 
 from fastapi import APIRouter, BackgroundTasks, Form, Request
@@ -109,13 +110,18 @@ def rollback(request: Request, key: AdminPageKey, session: SessionDep, reason: R
 Number = Annotated[text(strip=True, max_length=20), Form()]  # a form's number, parsed by its route
 
 
+def _number(raw: str, parse: Callable[[str], float], what: str) -> float | None:
+    """A form's number: None when the field is empty; an Invalid error saying `what` when it is no number."""
+    try:
+        return parse(raw) if raw else None
+    except ValueError:
+        raise Invalid(f"{what}, not {raw!r}") from None
+
+
 @router.post("/scale", name="adapter_scale", dependencies=[CSRF])
 def adapter_scale(request: Request, key: AdminPageKey, session: SessionDep, scale: Number = ""):
     """Set the scale every version is served at; empty: each version at its own chosen scale."""
-    try:
-        value = float(scale) if scale else None
-    except ValueError:
-        raise Invalid(f"the adapter scale must be a number, not {scale!r}") from None
+    value = _number(scale, float, "the adapter scale must be a number")
     set_adapter_scale(session, key.tenant, value)
     if value is None:
         flash(request, "Each version is served at its own chosen scale now.")
@@ -127,10 +133,7 @@ def adapter_scale(request: Request, key: AdminPageKey, session: SessionDep, scal
 @router.post("/shadow", name="shadow_corrections", dependencies=[CSRF])
 def shadow_corrections(request: Request, key: AdminPageKey, session: SessionDep, count: Number = ""):
     """Set how many live corrections decide a shadow; empty: candidates are promoted at once."""
-    try:
-        value = int(count) if count else None
-    except ValueError:
-        raise Invalid(f"the number of corrections must be a whole number, not {count!r}") from None
+    value = _number(count, int, "the number of corrections must be a whole number")
     shadow.set_corrections(session, key.tenant, value, actor=key.name)
     if value is None:
         flash(request, "A candidate that passes the gate is promoted at once now.")

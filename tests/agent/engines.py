@@ -1,9 +1,9 @@
 """Engines on a test's model, and prompts for them to decode."""
 
 from agent.adapters import AdapterCache
-from agent.drafting import generate_greedy, stop_token_ids
+from agent.drafting import generate_greedy
 from agent.engine import Engine
-from agent.prompt import IncomingEmail, build_messages, pad_token_id, prompt_token_ids
+from agent.prompt import IncomingEmail, build_messages, pad_token_id, prompt_token_ids, stop_token_ids
 
 
 def prompts(tokenizer, count: int) -> list[list[int]]:

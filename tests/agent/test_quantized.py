@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from agent.kv_cache import KVCache
-from agent.llama import _Int4Weight, _Int8Weight, _Weight
+from agent.weights import _Int4Weight, _Int8Weight, _Weight
 from tests.agent.engines import engine_for, prompts
 
 

@@ -8,8 +8,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from agent.adapters import attach
-from agent.drafting import stop_token_ids
 from agent.engine import PLAIN_GREEDY
+from agent.prompt import stop_token_ids
 from agent.repetition import RepetitionGuard, cycle_start
 from tests.agent.engines import engine_for, prompts
 

@@ -1,19 +1,16 @@
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import redis
 import torch
-from sqlalchemy.orm import Session, sessionmaker
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from agent.prompt import pad_token_id
-from core.db import committing
 from core.settings import get_settings
 from feedback.samples import load_emails
+from tests.db import committing_sessions
 from tests.factories import make_tenant
 from tests.training.helpers import add_corrections
 from training.regression_set import REGRESSION_SET
@@ -21,15 +18,8 @@ from training.regression_set import REGRESSION_SET
 
 @pytest.fixture(params=["postgres", "sqlite"])
 def sessions(request):
-    """A unit-of-work factory on a real database, as the worker uses: each block commits."""
-    factory = sessionmaker(bind=request.getfixturevalue(f"{request.param}_engine"), expire_on_commit=False)
-
-    @contextmanager
-    def scope() -> Iterator[Session]:
-        with factory() as session, committing(session):
-            yield session
-
-    return scope
+    """A unit-of-work factory on each real database in turn, as the worker uses: each block commits."""
+    return committing_sessions(request.getfixturevalue(f"{request.param}_engine"))
 
 
 @pytest.fixture

@@ -6,26 +6,25 @@ import importlib.util
 import json
 import shutil
 import subprocess
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 from gguf import GGUFReader
 from peft import PeftModel
-from sqlalchemy.orm import sessionmaker
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from agent.adapters import AdapterRef, attach, set_scale
 from agent.base_model import EMBEDDED_GGUF_FILE, EMBEDDED_PACKAGE, fingerprint, model_id
-from agent.drafting import Drafter, stop_token_ids
+from agent.drafting import Drafter
+from agent.prompt import stop_token_ids
 from agent.repetition import RepetitionGuard
 from api.cli import app
-from core.db import committing
 from core.settings import get_settings
 from feedback.models import Tenant
 from tests.agent.engines import prompts
+from tests.db import committing_sessions
 from tests.factories import make_tenant, random_lora, store_version
 from tests.live import REPO
 from tests.training.helpers import add_corrections, start
@@ -48,13 +47,7 @@ def trained(postgres_engine, tiny_settings, tmp_path_factory):
     its report), committed on PostgreSQL; and the settings whose registry holds it."""
     var_dir = tmp_path_factory.mktemp("export-var")
     settings = tiny_settings.model_copy(update={"var_dir": var_dir, "adapter_dir": var_dir / "adapters"})
-    factory = sessionmaker(bind=postgres_engine, expire_on_commit=False)
-
-    @contextmanager
-    def sessions():
-        with factory() as session, committing(session):
-            yield session
-
+    sessions = committing_sessions(postgres_engine)
     with sessions() as session:
         tenant = make_tenant(session, instructions="Answer as Marta.")
         add_corrections(session, tenant, 40)

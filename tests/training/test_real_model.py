@@ -1,13 +1,9 @@
 """End to end with the real embedded model on a small slice of the sample tenant."""
 
-from contextlib import contextmanager
-
-from sqlalchemy.orm import sessionmaker
-
-from core.db import committing
 from feedback import service
 from feedback.models import Role
 from feedback.samples import load_sample_tenant, record_history
+from tests.db import committing_sessions
 from tests.factories import make_tenant
 from training import registry
 from training.models import RunStatus, TrainingRun
@@ -19,13 +15,7 @@ QUICK = {"epochs": 3, "learning_rate": 2e-3, "batch_size": 4, "max_length": 512}
 
 
 def test_the_embedded_model_learns_the_house_style_on_a_slice(postgres_engine, model_settings, tmp_path):
-    factory = sessionmaker(bind=postgres_engine, expire_on_commit=False)
-
-    @contextmanager
-    def sessions():
-        with factory() as session, committing(session):
-            yield session
-
+    sessions = committing_sessions(postgres_engine)
     settings = model_settings.model_copy(
         update={
             "var_dir": tmp_path,

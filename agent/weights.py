@@ -1,0 +1,88 @@
+"""How the serving engine holds the base model's weight matrices: as loaded (`float`), or at 8 or 4
+bits (`int8`, `int4`), each with its own matrix product for the forward (agent/llama.py).
+`WEIGHT_FORMATS` names them as `DRAFTLOOP_SERVING_WEIGHTS` does."""
+
+import torch
+import torch.nn.functional as F
+
+SPLIT_BELOW = 64  # inputs of fewer rows (decode steps) use the row-split matrix product
+
+
+class _Weight:
+    """A weight matrix [out, in] as it was loaded, and the same memory as two halves of its rows,
+    transposed."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.full = weight
+        self.halves = weight.view(2, weight.shape[0] // 2, weight.shape[1]).transpose(1, 2)
+        self.nbytes = weight.numel() * weight.element_size()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ weight^T. For a few rows, MKL's matrix-vector product runs on one thread and
+        reaches about half the memory bandwidth (measured: 11 of 23-30 GB/s on 2 cores);
+        multiplying the two halves of the weight's rows as a batch of two runs one half per
+        thread (1.5x faster)."""
+        rows = x.shape[0]
+        if rows >= SPLIT_BELOW:
+            return F.linear(x, self.full)
+        halves = torch.bmm(x.expand(2, rows, x.shape[1]), self.halves)  # [2, rows, out / 2]
+        return halves.view(1, -1) if rows == 1 else halves.transpose(0, 1).reshape(rows, -1)
+
+
+# PyTorch's weight-only CPU kernels are vectorized for bfloat16 activations (measured on 2 AVX-512
+# cores: with float32 ones, int8 decoded 11 tokens/s and int4 6, against 33 and 48 in bfloat16).
+# The quantized weights take their input in bfloat16 and give their output in the model's dtype;
+# the rest of the forward (norms, attention, LoRA) stays as it is.
+KERNEL_DTYPE = torch.bfloat16
+
+
+class _Int8Weight:
+    """A weight matrix [out, in] held at 8 bits: symmetric per output row, w = q * scale[row],
+    multiplied by PyTorch's weight-only int8 kernel."""
+
+    def __init__(self, weight: torch.Tensor):
+        w = weight.float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # [out]
+        self.q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        self.scale = scale.to(KERNEL_DTYPE)
+        self.nbytes = self.q.numel() + self.scale.numel() * self.scale.element_size()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE), self.q, self.scale).to(x.dtype)
+
+
+INT4_GROUP = 32  # input columns per 4-bit scale and zero
+
+
+class _Int4Weight:
+    """A weight matrix [out, in] held at 4 bits: per group of INT4_GROUP inputs of a row, an
+    asymmetric code w = (q - 8) * scale + zero, as PyTorch's weight-only int4 kernel reads it."""
+
+    def __init__(self, weight: torch.Tensor):
+        out, inputs = weight.shape
+        if inputs % INT4_GROUP:
+            raise ValueError(f"int4 serving weights need inputs in groups of {INT4_GROUP}, not {inputs}: use int8")
+        w = weight.float().view(out, inputs // INT4_GROUP, INT4_GROUP)
+        low, high = w.amin(dim=-1), w.amax(dim=-1)  # [out, groups]
+        scale = ((high - low) / 15).clamp(min=1e-12)
+        q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 15)  # w = q * scale + low
+        zero = low + 8 * scale  # so that w = (q - 8) * scale + zero
+        packed = q.view(out, inputs).to(torch.int32)
+        self.q = torch.ops.aten._convert_weight_to_int4pack_for_cpu(packed, 1)
+        self.scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
+        self.nbytes = out * inputs // 2 + self.scales_and_zeros.numel() * self.scales_and_zeros.element_size()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE), self.q, INT4_GROUP, self.scales_and_zeros)
+        return out.to(x.dtype)
+
+
+Weight = _Weight | _Int8Weight | _Int4Weight
+WEIGHT_FORMATS = {"float": _Weight, "int8": _Int8Weight, "int4": _Int4Weight}
+
+
+def compute_dtype(model_dtype: torch.dtype, weights: str) -> torch.dtype:
+    """The dtype the forward computes in (and adapters are held in): the model's, except that
+    with quantized weights it is float32, which decoded faster than bfloat16 around the same
+    kernels (measured on 2 AVX-512 BF16 cores, int4: 60-70 against 49 tokens/s)."""
+    return model_dtype if weights == "float" else torch.float32
