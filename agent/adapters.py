@@ -199,11 +199,12 @@ class GroupedLora:
         padded = [m + [m[0]] * (self.width - len(m)) for m in members]
         self.gather = torch.tensor([row for m in padded for row in m], device=device)  # [adapters * width]
         slots = {row: i * self.width + j for i, m in enumerate(members) for j, row in enumerate(m)}
-        self.place = None
+        self.place = self.take = self.dest = None
         if len(slots) == len(adapters) * rows:  # every row has an adapter
             self.place = torch.tensor([slots[row] for row in range(len(slots))], device=device)
-        self.take = torch.tensor(list(slots.values()), device=device)
-        self.dest = torch.tensor(list(slots), device=device)
+        else:
+            self.take = torch.tensor(list(slots.values()), device=device)
+            self.dest = torch.tensor(list(slots), device=device)
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, layer: int, group: str, slices) -> None:
         """out [rows, fused out] += each row's own adapter's update of x [rows, in]."""
