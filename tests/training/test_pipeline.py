@@ -9,7 +9,7 @@ from core.errors import Conflict
 from core.settings import get_settings
 from feedback.models import Role, Tenant
 from tests.factories import make_key
-from tests.training.helpers import start
+from tests.training.helpers import FAST, start
 from training import registry
 from training.models import Adapter, AdapterStatus, RunStatus, TrainingRun
 from training.pipeline import execute_run
@@ -17,7 +17,9 @@ from training.pipeline import execute_run
 
 def test_a_run_is_promoted_then_an_equal_candidate_is_rejected(sessions, tenant_with_corrections, run_settings):
     tenant, lines = tenant_with_corrections, []
-    first = start(sessions, tenant)
+    # Without a validation slice whatever ids the database hands out (they decide the held-out split)
+    overrides = FAST | {"validation_fraction": 0}
+    first = start(sessions, tenant, overrides)
     assert execute_run(first, run_settings, sessions=sessions, echo=lines.append) == RunStatus.promoted, lines
     with sessions() as session:
         run = session.get(TrainingRun, first)
@@ -28,7 +30,7 @@ def test_a_run_is_promoted_then_an_equal_candidate_is_rejected(sessions, tenant_
         assert summary["candidate"]["nll"] < summary["base"]["nll"] and "champion" not in summary
         assert run.report["decision"]["promote"] and run.decision_reason.startswith("held-out NLL")
         assert champion.metrics["nll"] == summary["candidate"]["nll"]
-        # Too few train rows for a validation slice: served at the trained scaling
+        # No validation slice: served at the trained scaling
         assert run.report["training"]["selection"]["scale"] == champion.scale == run.report["scales"]["candidate"] == 1
         guard = run.report["decision"]["forgetting"]  # the forgetting guard passed it
         assert not guard["forgot"] and guard["change"] <= guard["margin"] == run_settings.forgetting_margin
@@ -43,7 +45,7 @@ def test_a_run_is_promoted_then_an_equal_candidate_is_rejected(sessions, tenant_
     # tenant's scale wins over each version's: both are scored at it, as they would be served.
     with sessions() as session:
         session.get(Tenant, tenant.id).adapter_scale = 0.5
-    second = start(sessions, tenant)
+    second = start(sessions, tenant, overrides)
     assert execute_run(second, run_settings, sessions=sessions, echo=lines.append) == RunStatus.rejected
     with sessions() as session:
         run = session.get(TrainingRun, second)
