@@ -13,7 +13,8 @@ Every held-out email is drafted by the base model and the candidate through the 
 with the server's repetition guard. Figures per tenant: held-out NLL and chrF before and after,
 the share of drafts that loop, the generic style fidelity (opening, closing), the run's seconds.
 Then the promoted adapter drafts the held-out emails again under each repetition guard of GUARDS
-(the measurement behind the server's default).
+(the measurement behind the server's default), and with the engine's base weights in each format
+of WEIGHTS (what 8 or 4 bits do to a trained adapter's drafts: the default format's measurement).
 
 Run: .venv/bin/python -m bench.fidelity [tenant ...]
      (default: northwind-neutral enron-dasovich-j enron-nemec-g enron-steffes-j)
@@ -41,6 +42,8 @@ GUARDS = {  # settings overrides; every guard here stops cycles (the evaluation 
     "repetition_penalty 1.2": {"repetition_penalty": 1.2},
     "repetition_penalty 1.1, no_repeat_ngram_size 10": {"repetition_penalty": 1.1, "no_repeat_ngram_size": 10},
 }
+# the serving engine's base-weight formats (agent/weights.py), each under the server's own guard
+WEIGHTS = {f"weights {name}": {"serving_weights": name} for name in ("float", "int8", "int4")}
 
 
 def _emails(tenant: str) -> tuple[str, list[dict]]:
@@ -107,7 +110,8 @@ def run_tenant(tenant: str) -> dict:
     started = time.perf_counter()
     status = execute_run(run_id, settings, echo=lambda line: print(f"[{tenant}] {line}", flush=True))
     figures = run_figures(tenant, run_id, status, time.perf_counter() - started)
-    figures["guards"] = compare_guards(tenant, run_id, settings)
+    figures["guards"] = redraft(tenant, run_id, settings, GUARDS)
+    figures["weights"] = redraft(tenant, run_id, settings, WEIGHTS)
     return figures
 
 
@@ -144,9 +148,9 @@ def run_figures(tenant: str, run_id: int, status: str, seconds: float) -> dict:
     return figures
 
 
-def compare_guards(tenant: str, run_id: int, settings) -> dict:
-    """The run's candidate drafting the run's own held-out snapshot again under each guard of
-    GUARDS: loops, style, chrF, length stops."""
+def redraft(tenant: str, run_id: int, settings, variants: dict[str, dict]) -> dict:
+    """The run's candidate drafting the run's own held-out snapshot again under each variant of
+    the settings (a name and its overrides): loops, style, chrF, length stops."""
     from sqlalchemy import select
 
     from agent.base_model import load_base_model
@@ -164,9 +168,8 @@ def compare_guards(tenant: str, run_id: int, settings) -> dict:
         adapter = session.scalar(select(Adapter).where(Adapter.training_run_id == run_id))
         ref = registry.serving_ref(session, settings, adapter, loaded.fingerprint)
     results = {}
-    for name, overrides in GUARDS.items():
-        guarded = settings.model_copy(update=overrides | {"max_queue": len(rows) + 1})
-        drafter = Drafter.local(loaded, guarded)
+    for name, overrides in variants.items():
+        drafter = Drafter.local(loaded, settings.model_copy(update=overrides | {"max_queue": len(rows) + 1}))
         started = time.perf_counter()
         try:
             drafts = greedy_drafts(drafter, rows, {"candidate": ref}, settings.eval_max_new_tokens)["candidate"]
@@ -187,7 +190,7 @@ def compare_guards(tenant: str, run_id: int, settings) -> dict:
         }
         if tenant == "northwind-neutral":
             results[name]["house_style"] = northwind_checks(report_rows, "candidate")
-        print(f"[{tenant}] guard {name}: {json.dumps(results[name])}", flush=True)
+        print(f"[{tenant}] {name}: {json.dumps(results[name])}", flush=True)
     return results
 
 
