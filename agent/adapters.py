@@ -4,8 +4,10 @@ under its id never needs to be loaded again.
 Two consumers: training and evaluation attach adapters to the Hugging Face model with PEFT
 (`attach`); the serving engine reads the same files into per-layer matrices it applies itself,
 several adapters in one batch (`LoraWeights`), kept in a bounded LRU cache (`AdapterCache`);
-a batch whose rows have different adapters groups its rows by adapter (`GroupedLora`, built by
-`BatchStacker`), so that each row pays for its own adapter's update only.
+a decode step whose rows have different adapters groups its rows by adapter (`GroupedLora`,
+built by `BatchStacker`), so that each row pays for its own adapter's update only, and a
+prefill pack applies each adapter to its own prompts' rows (`SegmentLora`, built by
+`pack_lora`).
 
 An adapter is applied at a scale (its strength): W x + scale * (alpha / r) * B A x, PEFT's
 `LoraLayer.set_scale`. The engine folds the scale into B when it loads the adapter, so an
@@ -239,7 +241,28 @@ class _Stack:
     cols: dict[str, tuple[int, int]]
 
 
-BatchLora = LoraWeights | GroupedLora  # one adapter for every row, or rows grouped by adapter
+class SegmentLora:
+    """The adapters of a prefill pack (prompts one after another in one forward: Llama.prefill)
+    whose prompts do not all share one adapter. `runs` are (start, end, adapter), one per run of
+    contiguous rows with the same adapter; each run adds its adapter's update to its own rows
+    [start, end) as a single adapter would (`LoraWeights.add_to` on the slices), and rows
+    without an adapter are in no run.
+
+    Nothing is stacked or gathered: a prompt's rows are many (tens to hundreds), so each run's
+    products are already matrix-matrix ones, and GroupedLora would pad every adapter's rows to
+    the longest prompt's."""
+
+    def __init__(self, runs: list[tuple[int, int, LoraWeights]]):
+        self.runs = runs
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, layer: int, group: str, slices) -> None:
+        """out [rows, fused out] += each run's adapter's update of its rows of x [rows, in]."""
+        for start, end, adapter in self.runs:
+            adapter.add_to(out[start:end], x[start:end], layer, group, slices)
+
+
+# one adapter for every row, rows grouped by adapter (a decode step), or runs of rows (a prefill pack)
+BatchLora = LoraWeights | GroupedLora | SegmentLora
 
 
 class BatchStacker:
@@ -273,6 +296,26 @@ class BatchStacker:
             lora = GroupedLora(self._stacks[keys], adapters, rows, self.device)
         self._lora, self._key = lora, key
         return lora
+
+
+def pack_lora(adapters: list[LoraWeights | None], lengths: list[int]) -> BatchLora | None:
+    """The adapters of a prefill pack, one entry of `adapters` per prompt of `lengths` rows, in
+    the pack's order: none, the one adapter every prompt has (its weights as they are), or a
+    SegmentLora of the runs of rows that share one."""
+    runs: list[tuple[int, int, LoraWeights]] = []
+    start = 0
+    for adapter, length in zip(adapters, lengths, strict=True):
+        if adapter is not None:
+            if runs and runs[-1][1] == start and runs[-1][2].key == adapter.key:
+                runs[-1] = (runs[-1][0], start + length, adapter)  # the run goes on
+            else:
+                runs.append((start, start + length, adapter))
+        start += length
+    if not runs:
+        return None
+    if len(runs) == 1 and runs[0][:2] == (0, start):
+        return runs[0][2]
+    return SegmentLora(runs)
 
 
 def _stack(adapters: list[LoraWeights]) -> _Stack:

@@ -218,7 +218,7 @@ class Engine:
         """Fill the slot's cache with the prompt; returns the logits after it ([1, vocab])."""
         tokens = torch.tensor(prompt, device=self.device)
         lora = self.stacker.stack([adapter], rows=len(prompt))
-        return self.model.prefill(tokens, lora, self.cache.prefill_attention(slot, len(prompt)))
+        return self.model.prefill([tokens], lora, self.cache.prefill_attention([slot], [len(prompt)]))
 
     @torch.inference_mode()
     def _step(self) -> None:
