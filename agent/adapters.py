@@ -178,31 +178,32 @@ class AdapterCache:
 
 
 class GroupedLora:
-    """The adapters of a batch whose rows do not all share one adapter: rows are grouped by
-    adapter, so each row pays only for its own adapter's update. For every layer, one batched
-    matmul per input group (`a`: [adapters, in, columns]) and one per projection (`b`:
-    [adapters, its columns, out]) over the rows gathered per adapter (`gather`: [adapters *
-    width], each adapter's rows padded to `width` with a repeat of its first), then the group's
-    updates are added to each real row's output in one step: gathered back by `place` (each
-    row's slot) when every row has an adapter, else added at `dest` from the slots `take`.
-    Adapters of other ranks or projections are zero-padded to one layout (zeros change no sum).
+    """The adapters of a decode step (a row per sequence) whose rows do not all share one
+    adapter: rows are grouped by adapter, so each row pays only for its own adapter's update.
+    For every layer, one batched matmul per input group (`a`: [adapters, in, columns]) and one
+    per projection (`b`: [adapters, its columns, out]) over the rows gathered per adapter
+    (`gather`: [adapters * width], each adapter's rows padded to `width` with a repeat of its
+    first), then the group's updates are added to each real row's output in one step: gathered
+    back by `place` (each row's slot) when every row has an adapter, else added at `dest` from
+    the slots `take`. Adapters of other ranks or projections are zero-padded to one layout
+    (zeros change no sum).
 
     Gathers and one add per group, not a scatter per projection: on the CPU the batched
     matmuls cost what they compute, and scattering into strided column slices cost as much
     again (bench/results/lora-paths.json)."""
 
-    def __init__(self, stack: "_Stack", adapters: list[LoraWeights | None], rows: int, device: torch.device):
+    def __init__(self, stack: "_Stack", adapters: list[LoraWeights | None], device: torch.device):
         self.a, self.b, self.cols = stack.a, stack.b, stack.cols
         members = [[] for _ in stack.keys]
-        for sequence, adapter in enumerate(adapters):
+        for row, adapter in enumerate(adapters):
             if adapter is not None:
-                members[stack.keys.index(adapter.key)].extend(range(sequence * rows, (sequence + 1) * rows))
+                members[stack.keys.index(adapter.key)].append(row)
         self.width = max(len(m) for m in members)
         padded = [m + [m[0]] * (self.width - len(m)) for m in members]
         self.gather = torch.tensor([row for m in padded for row in m], device=device)  # [adapters * width]
         slots = {row: i * self.width + j for i, m in enumerate(members) for j, row in enumerate(m)}
         self.place = self.take = self.dest = None
-        if len(slots) == len(adapters) * rows:  # every row has an adapter
+        if len(slots) == len(adapters):  # every row has an adapter
             self.place = torch.tensor([slots[row] for row in range(len(slots))], device=device)
         else:
             self.take = torch.tensor(list(slots.values()), device=device)
@@ -266,8 +267,8 @@ BatchLora = LoraWeights | GroupedLora | SegmentLora
 
 
 class BatchStacker:
-    """Builds the `BatchLora` of the engine's batch; keeps the last one, and the stacks of the
-    last two sets of adapters (stacking copies their weights)."""
+    """Builds the `BatchLora` of the engine's decode steps; keeps the last one, and the stacks of
+    the last two sets of adapters (stacking copies their weights)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -275,17 +276,17 @@ class BatchStacker:
         self._key: tuple | None = None
         self._stacks: OrderedDict[tuple[tuple[int, float], ...], _Stack] = OrderedDict()
 
-    def stack(self, adapters: list[LoraWeights | None], rows: int) -> BatchLora | None:
-        """The adapters of a batch, one entry of `adapters` per sequence of `rows` positions.
+    def stack(self, adapters: list[LoraWeights | None]) -> BatchLora | None:
+        """The adapters of a decode step, one entry of `adapters` per row.
 
         Rebuilt only when the batch's composition changes (a request joins or leaves), not every
         step; a batch whose rows all have one adapter uses its weights as they are."""
-        key = (tuple(a.key if a else None for a in adapters), rows)
+        key = tuple(a.key if a else None for a in adapters)
         if key == self._key:
             return self._lora
         present = sorted({a.key: a for a in adapters if a is not None}.values(), key=lambda a: a.key)
         lora: BatchLora | None = None
-        if len(present) == 1 and None not in key[0]:
+        if len(present) == 1 and None not in key:
             lora = present[0]
         elif present:
             keys = tuple(a.key for a in present)
@@ -293,7 +294,7 @@ class BatchStacker:
                 self._stacks[keys] = _stack(present)
                 if len(self._stacks) > 2:  # stacks are large: keep the current and the previous
                     self._stacks.popitem(last=False)
-            lora = GroupedLora(self._stacks[keys], adapters, rows, self.device)
+            lora = GroupedLora(self._stacks[keys], adapters, self.device)
         self._lora, self._key = lora, key
         return lora
 

@@ -285,7 +285,7 @@ class Engine:
         tokens = torch.tensor([row.next_token for row in rows], device=self.device)
         positions = torch.tensor([row.length for row in rows], device=self.device)
         attend = self.cache.decode_attention(positions, span=max(row.length for row in rows) + 1)
-        lora = self.stacker.stack([row.adapter for row in rows], rows=1)
+        lora = self.stacker.stack([row.adapter for row in rows])
         next_tokens = self._choose(self.model.decode(tokens, positions, lora, attend), rows)
         self.steps += 1
         metrics.STEP_DURATION.observe(time.perf_counter() - started)
