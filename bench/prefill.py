@@ -6,7 +6,8 @@ forward per prompt, on the embedded model with float32 weights, as the engine ad
 - N = 1, 4 and 8 prompts, each a different email, into one KV cache (prompt i in slot i);
 - adapters: none, one (every prompt the same rank-16 adapter on every projection) or two (the
   prompts alternating between two such adapters, so each prompt is its own run of rows);
-- each figure the median of RUNS prefills of the N prompts, after a warm-up;
+- each figure the median of RUNS prefills of the N prompts after a warm-up, one by one and
+  packed in turn (per token too: the time over the N prompts' tokens);
 - attention: one layer's attention of 8 packed prompts, one causal attention per prompt (what
   agent/kv_cache.prefill_attention runs) against one attention over the pack with a
   block-diagonal causal mask, median of ATTENTION_RUNS.
@@ -33,7 +34,7 @@ from core.settings import Settings
 from feedback.samples import load_sample_tenant
 
 COUNTS = (1, 4, 8)
-RUNS = 5
+RUNS = 7
 ATTENTION_RUNS = 20
 MAX_LENGTH = 512
 
@@ -56,14 +57,17 @@ def sample_prompts(tokenizer, count: int) -> dict[str, list[list[int]]]:
     }
 
 
-def median_ms(work, runs: int = RUNS) -> float:
-    work()  # warm-up
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - started)
-    return round(statistics.median(times) * 1000, 2)
+def median_ms(works: dict, runs: int) -> dict[str, float]:
+    """Each work's median wall time in ms, the works run in turn (so that the machine's speed
+    drifting falls on each alike), after a warm-up of each."""
+    times: dict[str, list[float]] = {name: [] for name in works}
+    for run in range(runs + 1):
+        for name, work in works.items():
+            started = time.perf_counter()
+            work()
+            if run:
+                times[name].append(time.perf_counter() - started)
+    return {name: round(statistics.median(t) * 1000, 2) for name, t in times.items()}
 
 
 def time_prefill(llama: Llama, cache: KVCache, prompts: list[list[int]], adapters: list) -> dict:
@@ -77,13 +81,9 @@ def time_prefill(llama: Llama, cache: KVCache, prompts: list[list[int]], adapter
         for slot, (t, adapter) in enumerate(zip(tokens, adapters, strict=True)):
             llama.prefill([t], adapter, cache.prefill_attention([slot], [len(t)]))
 
-    alone_ms, packed_ms = median_ms(one_by_one), median_ms(packed)
-    return {
-        "tokens": sum(lengths),
-        "one_by_one_ms": alone_ms,
-        "packed_ms": packed_ms,
-        "speedup": round(alone_ms / packed_ms, 2),
-    }
+    ms = median_ms({"one_by_one_ms": one_by_one, "packed_ms": packed}, RUNS)
+    per_token = {f"{name}_per_token": round(value / sum(lengths), 2) for name, value in ms.items()}
+    return {"tokens": sum(lengths), **ms, **per_token, "speedup": round(ms["one_by_one_ms"] / ms["packed_ms"], 2)}
 
 
 def time_attention(llama: Llama, lengths: list[int]) -> dict:
@@ -101,11 +101,7 @@ def time_attention(llama: Llama, lengths: list[int]) -> dict:
     def masked():
         F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
-    return {
-        "rows": rows,
-        "per_prompt_ms": median_ms(per_prompt, ATTENTION_RUNS),
-        "block_diagonal_mask_ms": median_ms(masked, ATTENTION_RUNS),
-    }
+    return {"rows": rows, **median_ms({"per_prompt_ms": per_prompt, "block_diagonal_mask_ms": masked}, ATTENTION_RUNS)}
 
 
 @torch.inference_mode()
@@ -121,20 +117,18 @@ def main() -> None:
         ref = type(ref)(seed + 1, ref.path)  # each its own id
         two.append(LoraWeights.load(ref, llama.num_layers, llama.dtype, llama.device))
     figures: dict = {"dtype": "float32", "rank": 16, "runs": RUNS, "prefill": {}, "attention": {}}
-    print(
-        f"{'prompts':>8} {'N':>2} {'adapters':>8} {'tokens':>6} {'one by one ms':>13} {'packed ms':>9} {'speedup':>7}"
-    )
+    print("prompts N adapters tokens | one-by-one ms (per token) | packed ms (per token) | speedup")
     for kind, texts in prompts.items():
         for count in COUNTS:
             choices = {"none": [None] * count, "one": [two[0]] * count}
             if count > 1:
                 choices["two"] = [two[i % 2] for i in range(count)]
             for name, adapters in choices.items():
-                entry = time_prefill(llama, cache, texts[:count], adapters)
-                figures["prefill"][f"{kind} x{count}, {name}"] = entry
+                e = time_prefill(llama, cache, texts[:count], adapters)
+                figures["prefill"][f"{kind} x{count}, {name}"] = e
                 print(
-                    f"{kind:>8} {count:>2} {name:>8} {entry['tokens']:>6} {entry['one_by_one_ms']:>13} "
-                    f"{entry['packed_ms']:>9} {entry['speedup']:>7}",
+                    f"{kind} {count} {name} {e['tokens']} | {e['one_by_one_ms']} ({e['one_by_one_ms_per_token']}) | "
+                    f"{e['packed_ms']} ({e['packed_ms_per_token']}) | {e['speedup']}",
                     flush=True,
                 )
         figures["attention"][f"{kind} x{max(COUNTS)}"] = time_attention(llama, [len(p) for p in texts])
