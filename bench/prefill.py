@@ -12,7 +12,7 @@ forward per prompt, on the embedded model with float32 weights, as the engine ad
   agent/kv_cache.prefill_attention runs) against one attention over the pack with a
   block-diagonal causal mask, median of ATTENTION_RUNS.
 
-Run: .venv/bin/python -m bench.prefill   (about 8 minutes on 2 CPU cores)
+Run: .venv/bin/python -m bench.prefill   (about 6 minutes on 2 CPU cores)
 """
 
 import statistics
