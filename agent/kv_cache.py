@@ -34,7 +34,8 @@ class KVCache:
 
         One causal attention per prompt on its own slice of the rows, not one attention over the
         pack with a block-diagonal mask: a masked attention computes every pair of the pack's
-        rows, and on the CPU it was slower (bench/results/prefill.json, `attention`)."""
+        rows. For 8 sample emails' prompts (1586 rows) one layer took 7.5 ms against 50.8 masked,
+        for 8 short ones (371 rows) 1.6 against 3.9 (2 AVX2 cores; bench/results/prefill.json)."""
         k_cache, v_cache = self.k, self.v
 
         def attend(layer: int, q, k, v):  # q [1, heads, rows, head_dim]; k, v [1, kv_heads, rows, head_dim]
