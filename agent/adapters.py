@@ -4,8 +4,10 @@ under its id never needs to be loaded again.
 Two consumers: training and evaluation attach adapters to the Hugging Face model with PEFT
 (`attach`); the serving engine reads the same files into per-layer matrices it applies itself,
 several adapters in one batch (`LoraWeights`), kept in a bounded LRU cache (`AdapterCache`);
-a batch whose rows have different adapters groups its rows by adapter (`GroupedLora`, built by
-`BatchStacker`), so that each row pays for its own adapter's update only.
+a decode step whose rows have different adapters groups its rows by adapter (`GroupedLora`,
+built by `BatchStacker`), so that each row pays for its own adapter's update only, and a
+prefill pack applies each adapter to its own prompts' rows (`SegmentLora`, built by
+`pack_lora`).
 
 An adapter is applied at a scale (its strength): W x + scale * (alpha / r) * B A x, PEFT's
 `LoraLayer.set_scale`. The engine folds the scale into B when it loads the adapter, so an
@@ -176,31 +178,32 @@ class AdapterCache:
 
 
 class GroupedLora:
-    """The adapters of a batch whose rows do not all share one adapter: rows are grouped by
-    adapter, so each row pays only for its own adapter's update. For every layer, one batched
-    matmul per input group (`a`: [adapters, in, columns]) and one per projection (`b`:
-    [adapters, its columns, out]) over the rows gathered per adapter (`gather`: [adapters *
-    width], each adapter's rows padded to `width` with a repeat of its first), then the group's
-    updates are added to each real row's output in one step: gathered back by `place` (each
-    row's slot) when every row has an adapter, else added at `dest` from the slots `take`.
-    Adapters of other ranks or projections are zero-padded to one layout (zeros change no sum).
+    """The adapters of a decode step (a row per sequence) whose rows do not all share one
+    adapter: rows are grouped by adapter, so each row pays only for its own adapter's update.
+    For every layer, one batched matmul per input group (`a`: [adapters, in, columns]) and one
+    per projection (`b`: [adapters, its columns, out]) over the rows gathered per adapter
+    (`gather`: [adapters * width], each adapter's rows padded to `width` with a repeat of its
+    first), then the group's updates are added to each real row's output in one step: gathered
+    back by `place` (each row's slot) when every row has an adapter, else added at `dest` from
+    the slots `take`. Adapters of other ranks or projections are zero-padded to one layout
+    (zeros change no sum).
 
     Gathers and one add per group, not a scatter per projection: on the CPU the batched
     matmuls cost what they compute, and scattering into strided column slices cost as much
     again (bench/results/lora-paths.json)."""
 
-    def __init__(self, stack: "_Stack", adapters: list[LoraWeights | None], rows: int, device: torch.device):
+    def __init__(self, stack: "_Stack", adapters: list[LoraWeights | None], device: torch.device):
         self.a, self.b, self.cols = stack.a, stack.b, stack.cols
         members = [[] for _ in stack.keys]
-        for sequence, adapter in enumerate(adapters):
+        for row, adapter in enumerate(adapters):
             if adapter is not None:
-                members[stack.keys.index(adapter.key)].extend(range(sequence * rows, (sequence + 1) * rows))
+                members[stack.keys.index(adapter.key)].append(row)
         self.width = max(len(m) for m in members)
         padded = [m + [m[0]] * (self.width - len(m)) for m in members]
         self.gather = torch.tensor([row for m in padded for row in m], device=device)  # [adapters * width]
         slots = {row: i * self.width + j for i, m in enumerate(members) for j, row in enumerate(m)}
         self.place = self.take = self.dest = None
-        if len(slots) == len(adapters) * rows:  # every row has an adapter
+        if len(slots) == len(adapters):  # every row has an adapter
             self.place = torch.tensor([slots[row] for row in range(len(slots))], device=device)
         else:
             self.take = torch.tensor(list(slots.values()), device=device)
@@ -239,12 +242,33 @@ class _Stack:
     cols: dict[str, tuple[int, int]]
 
 
-BatchLora = LoraWeights | GroupedLora  # one adapter for every row, or rows grouped by adapter
+class SegmentLora:
+    """The adapters of a prefill pack (prompts one after another in one forward: Llama.prefill)
+    whose prompts do not all share one adapter. `runs` are (start, end, adapter), one per run of
+    contiguous rows with the same adapter; each run adds its adapter's update to its own rows
+    [start, end) as a single adapter would (`LoraWeights.add_to` on the slices), and rows
+    without an adapter are in no run.
+
+    Nothing is stacked or gathered: a prompt's rows are many (tens to hundreds), so each run's
+    products are already matrix-matrix ones, and GroupedLora would pad every adapter's rows to
+    the longest prompt's."""
+
+    def __init__(self, runs: list[tuple[int, int, LoraWeights]]):
+        self.runs = runs
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, layer: int, group: str, slices) -> None:
+        """out [rows, fused out] += each run's adapter's update of its rows of x [rows, in]."""
+        for start, end, adapter in self.runs:
+            adapter.add_to(out[start:end], x[start:end], layer, group, slices)
+
+
+# one adapter for every row, rows grouped by adapter (a decode step), or runs of rows (a prefill pack)
+BatchLora = LoraWeights | GroupedLora | SegmentLora
 
 
 class BatchStacker:
-    """Builds the `BatchLora` of the engine's batch; keeps the last one, and the stacks of the
-    last two sets of adapters (stacking copies their weights)."""
+    """Builds the `BatchLora` of the engine's decode steps; keeps the last one, and the stacks of
+    the last two sets of adapters (stacking copies their weights)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -252,17 +276,17 @@ class BatchStacker:
         self._key: tuple | None = None
         self._stacks: OrderedDict[tuple[tuple[int, float], ...], _Stack] = OrderedDict()
 
-    def stack(self, adapters: list[LoraWeights | None], rows: int) -> BatchLora | None:
-        """The adapters of a batch, one entry of `adapters` per sequence of `rows` positions.
+    def stack(self, adapters: list[LoraWeights | None]) -> BatchLora | None:
+        """The adapters of a decode step, one entry of `adapters` per row.
 
         Rebuilt only when the batch's composition changes (a request joins or leaves), not every
         step; a batch whose rows all have one adapter uses its weights as they are."""
-        key = (tuple(a.key if a else None for a in adapters), rows)
+        key = tuple(a.key if a else None for a in adapters)
         if key == self._key:
             return self._lora
         present = sorted({a.key: a for a in adapters if a is not None}.values(), key=lambda a: a.key)
         lora: BatchLora | None = None
-        if len(present) == 1 and None not in key[0]:
+        if len(present) == 1 and None not in key:
             lora = present[0]
         elif present:
             keys = tuple(a.key for a in present)
@@ -270,9 +294,29 @@ class BatchStacker:
                 self._stacks[keys] = _stack(present)
                 if len(self._stacks) > 2:  # stacks are large: keep the current and the previous
                     self._stacks.popitem(last=False)
-            lora = GroupedLora(self._stacks[keys], adapters, rows, self.device)
+            lora = GroupedLora(self._stacks[keys], adapters, self.device)
         self._lora, self._key = lora, key
         return lora
+
+
+def pack_lora(adapters: list[LoraWeights | None], lengths: list[int]) -> BatchLora | None:
+    """The adapters of a prefill pack, one entry of `adapters` per prompt of `lengths` rows, in
+    the pack's order: none, the one adapter every prompt has (its weights as they are), or a
+    SegmentLora of the runs of rows that share one."""
+    runs: list[tuple[int, int, LoraWeights]] = []
+    start = 0
+    for adapter, length in zip(adapters, lengths, strict=True):
+        if adapter is not None:
+            if runs and runs[-1][1] == start and runs[-1][2].key == adapter.key:
+                runs[-1] = (runs[-1][0], start + length, adapter)  # the run goes on
+            else:
+                runs.append((start, start + length, adapter))
+        start += length
+    if not runs:
+        return None
+    if len(runs) == 1 and runs[0][:2] == (0, start):
+        return runs[0][2]
+    return SegmentLora(runs)
 
 
 def _stack(adapters: list[LoraWeights]) -> _Stack:

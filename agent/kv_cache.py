@@ -27,17 +27,26 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=CACHE_DTYPE, device=self.device) for _ in range(model.num_layers)]
         self.v = [torch.zeros(shape, dtype=CACHE_DTYPE, device=self.device) for _ in range(model.num_layers)]
 
-    def prefill_attention(self, slot: int, length: int) -> Attend:
-        """Attention for a prompt of `length` tokens (a batch of one): its keys and values fill
-        positions [0, length) of the slot, and each token attends to those before it."""
+    def prefill_attention(self, slots: list[int], lengths: list[int]) -> Attend:
+        """Attention for prompts packed into one forward (a batch of one, sum(lengths) long):
+        prompt i's keys and values fill positions [0, lengths[i]) of slot slots[i], and each of
+        its tokens attends to those before it in the same prompt.
+
+        One causal attention per prompt on its own slice of the rows, not one attention over the
+        pack with a block-diagonal mask: a masked attention computes every pair of the pack's
+        rows. For 8 sample emails' prompts (1586 rows) one layer took 7.5 ms against 50.8 masked,
+        for 8 short ones (371 rows) 1.6 against 3.9 (2 AVX2 cores; bench/results/prefill.json)."""
         k_cache, v_cache = self.k, self.v
 
-        def attend(layer: int, q, k, v):  # q [1, heads, length, head_dim]; k, v [1, kv_heads, length, head_dim]
-            k_cache[layer][slot, :, :length] = k[0]
-            v_cache[layer][slot, :, :length] = v[0]
-            dtype = q.dtype
-            q, k, v = (t.to(CACHE_DTYPE) for t in (q, k, v))
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).to(dtype)
+        def attend(layer: int, q, k, v):  # q [1, heads, rows, head_dim]; k, v [1, kv_heads, rows, head_dim]
+            attended = []
+            for slot, length, q_i, k_i, v_i in zip(
+                slots, lengths, *(t.to(CACHE_DTYPE).split(lengths, dim=2) for t in (q, k, v)), strict=True
+            ):
+                k_cache[layer][slot, :, :length] = k_i[0]
+                v_cache[layer][slot, :, :length] = v_i[0]
+                attended.append(F.scaled_dot_product_attention(q_i, k_i, v_i, is_causal=True, enable_gqa=True))
+            return torch.cat(attended, dim=2).to(q.dtype)  # [1, heads, rows, head_dim]
 
         return attend
 

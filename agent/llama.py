@@ -7,8 +7,8 @@ agent/weights.py), and there is none of the per-token framework overhead of `gen
 row of a batch adds its own LoRA adapter's low-rank update (a `BatchLora`: agent/adapters.py);
 attention, and with it the KV cache, is a function the caller passes in (agent/kv_cache.py).
 
-Shapes: `rows` is batch * length, the tokens of one forward (a prompt's, or one per sequence in
-a decode step); `hidden` the model's width; q/k/v are [batch, heads, length, head_dim].
+Shapes: `rows` is batch * length, the tokens of one forward (several prompts' packed one after
+another, or one per sequence in a decode step); `hidden` the model's width; q/k/v are [batch, heads, length, head_dim].
 """
 
 from collections.abc import Callable
@@ -45,7 +45,7 @@ class _LayerWeights:
 class Llama:
     """A Llama-architecture model's weights as the forward reads them (q/k/v and gate/up
     concatenated; the others shared with the Hugging Face model, not copied) and its forward
-    pass for a prompt (`prefill`) and for one decode step of a batch (`decode`). RoPE covers
+    pass for prompts (`prefill`) and for one decode step of a batch (`decode`). RoPE covers
     positions below `max_length`."""
 
     def __init__(self, model: PreTrainedModel, max_length: int, weights: str = "float"):
@@ -102,14 +102,20 @@ class Llama:
         self.cos, self.sin = cos[0], sin[0]  # [max_length, head_dim]
 
     def prefill(
-        self, tokens: torch.Tensor, lora: BatchLora | None, attend: Attend, every_position: bool = False
+        self, prompts: list[torch.Tensor], lora: BatchLora | None, attend: Attend, every_position: bool = False
     ) -> torch.Tensor:
-        """One prompt, `tokens` [length]; returns the logits after its last token [1, vocab]
-        (after each of its tokens [length, vocab] with every_position, for scoring a text)."""
-        n = tokens.shape[0]
-        cos, sin = self.cos[:n, None], self.sin[:n, None]  # [length, 1, head_dim]
-        hidden = self._forward(tokens, lora, cos, sin, attend, batch=1, length=n)  # [length, hidden]
-        return self.logits(hidden if every_position else hidden[-1:])
+        """Prompts, each `tokens` [length], packed without padding into one forward of
+        sum(lengths) rows (a batch of one), each prompt's positions counted from 0; `attend` keeps
+        each prompt to its own rows. Returns the logits after each prompt's last token [prompts,
+        vocab] (after every token [rows, vocab] with every_position, for scoring a text)."""
+        lengths = [tokens.shape[0] for tokens in prompts]
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])  # [rows]
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [rows, 1, head_dim]
+        rows = positions.shape[0]
+        hidden = self._forward(torch.cat(prompts), lora, cos, sin, attend, batch=1, length=rows)  # [rows, hidden]
+        if not every_position:
+            hidden = hidden[torch.tensor(lengths, device=self.device).cumsum(0) - 1]  # [prompts, hidden]
+        return self.logits(hidden)
 
     def decode(
         self, tokens: torch.Tensor, positions: torch.Tensor, lora: BatchLora | None, attend: Attend

@@ -141,11 +141,11 @@ def adapter_timings(drafter: Drafter, folder: Path, count: int = 8) -> dict:
     single, mixed = [], []
     for i in range(200):
         started = time.perf_counter()
-        engine.stacker.stack([weights[i % count]], rows=1)
+        engine.stacker.stack([weights[i % count]])
         single.append(time.perf_counter() - started)
         rows = [weights[(i + j) % count] for j in range(count)] + ([weights[0]] if i % 2 else [])
         started = time.perf_counter()
-        engine.stacker.stack(rows, rows=1)  # every other time a row joins: a new composition
+        engine.stacker.stack(rows)  # every other time a row joins: a new composition
         mixed.append(time.perf_counter() - started)
     return {
         "adapter_mb": round(weights[0].nbytes / 2**20, 1),

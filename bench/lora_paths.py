@@ -69,7 +69,7 @@ def main() -> None:
 
             one = adapters[0]
             spread = [adapters[row % TENANTS] for row in range(rows)]  # one row per sequence
-            grouped = BatchStacker(llama.device).stack(spread, rows=1)
+            grouped = BatchStacker(llama.device).stack(spread)
             base_ms = best_ms(base)
             one_ms, grouped_ms = best_ms(lora_of(one)), best_ms(lora_of(grouped))
             figures["rows"][rows] = {

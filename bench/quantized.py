@@ -36,7 +36,7 @@ def mean_nll(model: Llama, rows: list[tuple[list[int], list[int]]]) -> float:
     scores = []
     for prompt, completion in rows:
         tokens = torch.tensor(prompt + completion)
-        logits = model.prefill(tokens, None, cache.prefill_attention(0, len(tokens)), every_position=True)
+        logits = model.prefill([tokens], None, cache.prefill_attention([0], [len(tokens)]), every_position=True)
         predicted = logits[len(prompt) - 1 : -1].float().log_softmax(-1)
         scores.append(-predicted.gather(1, tokens[len(prompt) :, None]).mean().item())
     return statistics.mean(scores)

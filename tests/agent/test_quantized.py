@@ -47,7 +47,7 @@ def test_the_engine_drafts_with_quantized_weights_and_mixed_adapters(tiny_model,
         tokens = torch.tensor(requests[0][0])
         nll = {}
         for name, model in (("float", float_engine.model), (weights, engine.model)):
-            logits = model.prefill(tokens, None, KVCache(model, 1, 512).prefill_attention(0, len(tokens)), True)
+            logits = model.prefill([tokens], None, KVCache(model, 1, 512).prefill_attention([0], [len(tokens)]), True)
             nll[name] = torch.nn.functional.cross_entropy(logits[:-1].float(), tokens[1:]).item()
     assert abs(nll[weights] / nll["float"] - 1) < (0.01 if weights == "int8" else 0.05), nll
     engine.close()
