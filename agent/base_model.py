@@ -98,7 +98,6 @@ def model_source(settings: Settings) -> str:
 
 
 @lru_cache
-@lru_cache
 def fingerprint(source: str) -> str:
     """A content hash of a model folder's config and weights, the same whatever dtype they load
     in; read once per process (a base model folder is not changed under a running service)."""
