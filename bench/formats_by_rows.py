@@ -1,0 +1,72 @@
+"""Where each format of the engine's base weights is fast: one decode step of ROWS rows (each at
+position 240, attending over a 241-token cache) and one prompt's prefill of PROMPT_TOKENS tokens,
+for the float and int4 weights of the embedded model in float32, no adapters. Median of 9 calls,
+the formats alternating, the best of two such rounds.
+
+The question it answers: whether one format can serve every load, or prefill and many-row steps
+should read other weights than decode steps of a few rows.
+
+Run: .venv/bin/python -m bench.formats_by_rows   (about a minute on 2 CPU cores)
+"""
+
+import time
+
+import torch
+
+from agent.base_model import load_base_model
+from agent.kv_cache import KVCache
+from agent.llama import Llama
+from bench.report import save
+from core.settings import Settings
+
+FORMATS = ("float", "int4")
+ROWS = (1, 2, 4, 8, 16)
+PROMPT_TOKENS = (40, 240, 480)
+POSITION = 240
+
+
+def median_ms(call, repeats: int = 9) -> float:
+    call()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[repeats // 2] * 1000
+
+
+def best_of_two_rounds(calls: dict) -> dict:
+    """Each call's median, the calls alternating, the lower of two rounds."""
+    rounds = [{name: median_ms(call) for name, call in calls.items()} for _ in range(2)]
+    return {name: round(min(r[name] for r in rounds), 1) for name in calls}
+
+
+def main() -> None:
+    model = load_base_model(Settings(model_dtype="float32")).model
+    engines = {weights: Llama(model, 512, weights) for weights in FORMATS}
+    caches = {weights: KVCache(llama, max(ROWS), 512) for weights, llama in engines.items()}
+    figures: dict = {"dtype": "float32", "decode_step_ms": {}, "prefill_ms": {}}
+    with torch.inference_mode():
+        for rows in ROWS:
+            tokens, positions = torch.randint(0, 1000, (rows,)), torch.full((rows,), POSITION)
+
+            def step(weights, tokens=tokens, positions=positions):
+                attend = caches[weights].decode_attention(positions, span=POSITION + 1)
+                return lambda: engines[weights].decode(tokens, positions, None, attend)
+
+            figures["decode_step_ms"][rows] = best_of_two_rounds({w: step(w) for w in FORMATS})
+            print("decode step, rows", rows, figures["decode_step_ms"][rows], flush=True)
+        for length in PROMPT_TOKENS:
+            prompt = [torch.randint(0, 1000, (length,))]
+
+            def prefill(weights, prompt=prompt, length=length):
+                attend = caches[weights].prefill_attention([0], [length])
+                return lambda: engines[weights].prefill(prompt, None, attend)
+
+            figures["prefill_ms"][length] = best_of_two_rounds({w: prefill(w) for w in FORMATS})
+            print("prefill, tokens", length, figures["prefill_ms"][length], flush=True)
+    save("formats-by-rows", figures)
+
+
+if __name__ == "__main__":
+    main()
