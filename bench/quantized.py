@@ -3,7 +3,8 @@ tenant (the embedded model in float32, the base model: the formats change the ba
 a LoRA update is applied in float in every format):
 
 - held-out NLL: mean token NLL of the reviewers' replies given their prompts, over every fifth of
-  the sample tenant's 130 emails (26), as the engine's forward scores them in each format;
+  the sample tenant's 130 emails (26), as the engine drafts in each format (the prompt
+  prefilled, the reply fed one decode step a token: prefills multiply by the float weights);
 - greedy-draft agreement with the float engine: the same 26 emails drafted with the server's
   repetition guard, up to 128 new tokens; the share drafted token for token the same, and the mean
   share of each float draft's tokens before the first difference.
@@ -31,14 +32,19 @@ FORMATS = ("float", "int8", "int4")
 
 @torch.inference_mode()
 def mean_nll(model: Llama, rows: list[tuple[list[int], list[int]]]) -> float:
-    """Mean token NLL of each completion given its prompt, averaged over the rows."""
+    """Mean token NLL of each completion given its prompt, averaged over the rows, scored as the
+    engine drafts: the prompt prefilled, then the completion's tokens fed one decode step each
+    (a prefill multiplies by the float weights, a decode step by the format's own)."""
     cache = KVCache(model, 1, max(len(p) + len(c) for p, c in rows))
     scores = []
     for prompt, completion in rows:
-        tokens = torch.tensor(prompt + completion)
-        logits = model.prefill([tokens], None, cache.prefill_attention([0], [len(tokens)]), every_position=True)
-        predicted = logits[len(prompt) - 1 : -1].float().log_softmax(-1)
-        scores.append(-predicted.gather(1, tokens[len(prompt) :, None]).mean().item())
+        logits = [model.prefill([torch.tensor(prompt)], None, cache.prefill_attention([0], [len(prompt)]))]
+        for offset, token in enumerate(completion[:-1]):
+            position = torch.tensor([len(prompt) + offset])
+            attend = cache.decode_attention(position, span=len(prompt) + offset + 1)
+            logits.append(model.decode(torch.tensor([token]), position, None, attend))
+        predicted = torch.cat(logits).float().log_softmax(-1)
+        scores.append(-predicted.gather(1, torch.tensor(completion)[:, None]).mean().item())
     return statistics.mean(scores)
 
 

@@ -1,11 +1,13 @@
 """The serving engine's base weights held at 8 or 4 bits: the products stay close to float, a
-weight already on a 4-bit grid is held as it is, and the engine drafts with them, adapters too."""
+weight already on a 4-bit grid is held as it is, prefills multiply by the float weights, and the
+engine drafts with them, adapters too."""
 
 import pytest
 import torch
 
 from agent.kv_cache import KVCache
-from agent.weights import _Int4Weight, _Int8Weight, _Weight
+from agent.llama import Llama
+from agent.weights import FLOAT_FROM_ROWS, _Int4Weight, _Int8Weight, _Weight
 from tests.agent.engines import engine_for, prompts
 
 
@@ -52,3 +54,26 @@ def test_the_engine_drafts_with_quantized_weights_and_mixed_adapters(tiny_model,
     assert abs(nll[weights] / nll["float"] - 1) < (0.01 if weights == "int8" else 0.05), nll
     engine.close()
     float_engine.close()
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_a_prefill_multiplies_by_the_float_weights_and_a_decode_step_by_the_quantized(tiny_model, weights):
+    """Prefills are bound by arithmetic, where the weight-only kernels are slow: from
+    FLOAT_FROM_ROWS rows on, a quantized format multiplies by the float weights it was made from."""
+    model = tiny_model.model
+    float_model, held = Llama(model, 512), Llama(model, 512, weights)
+    torch.manual_seed(2)
+    with torch.inference_mode():
+        for rows, same in ((FLOAT_FROM_ROWS, True), (FLOAT_FROM_ROWS - 1, False)):
+            tokens = [torch.randint(0, model.config.vocab_size, (rows,))]
+            logits = [
+                m.prefill(tokens, None, KVCache(m, 1, 512).prefill_attention([0], [rows]), True)
+                for m in (float_model, held)
+            ]
+            assert torch.equal(logits[0], logits[1]) is same
+        tokens, positions = torch.randint(0, model.config.vocab_size, (3,)), torch.tensor([5, 9, 2])
+        steps = [
+            m.decode(tokens, positions, None, KVCache(m, 3, 512).decode_attention(positions, 10))
+            for m in (float_model, held)
+        ]
+        assert not torch.equal(steps[0], steps[1])
