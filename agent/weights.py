@@ -38,44 +38,53 @@ KERNEL_DTYPE = torch.bfloat16
 # ones were made from, kept beside them: what the float format holds (for a float32 model the
 # loaded tensors themselves; the fused q/k/v and gate/up are copies, as in the float format). A
 # prefill is bound by arithmetic, not by reading weights, and the weight-only kernels unpack the
-# weights for every product: on 2 AVX2 cores a 240-token prefill took 829 ms in int4 against 429 in float32,
-# while int4 decode steps were faster at every batch size up to 16 rows
+# weights for every product: on 2 AVX2 cores a 240-token prefill took 738 ms in int4 against 431
+# in float32, while int4 decode steps were faster at every batch size up to 16 rows
 # (bench/results/formats-by-rows.json).
 FLOAT_FROM_ROWS = 64
 
 
-class _Int8Weight:
-    """A weight matrix [out, in] held at 8 bits: symmetric per output row, w = q * scale[row],
-    multiplied by PyTorch's weight-only int8 kernel (prefills: by the float weight, `full`)."""
+class _QuantizedWeight:
+    """A weight matrix [out, in] held at fewer bits for decode steps (`_kernel`), and in float32
+    (`full`) for prefills."""
 
     def __init__(self, weight: torch.Tensor):
         self.full = weight.float()  # the loaded tensor itself when it is float32
-        w = weight.float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # [out]
-        self.q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        self.scale = scale.to(KERNEL_DTYPE)
-        self.nbytes = self.q.numel() + self.scale.numel() * self.scale.element_size()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] >= FLOAT_FROM_ROWS:
             return F.linear(x, self.full)
-        return torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE), self.q, self.scale).to(x.dtype)
+        return self._kernel(x.to(KERNEL_DTYPE)).to(x.dtype)
+
+
+class _Int8Weight(_QuantizedWeight):
+    """Held at 8 bits: symmetric per output row, w = q * scale[row], multiplied by PyTorch's
+    weight-only int8 kernel."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__(weight)
+        scale = (self.full.abs().amax(dim=1) / 127).clamp(min=1e-12)  # [out]
+        self.q = torch.round(self.full / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        self.scale = scale.to(KERNEL_DTYPE)
+        self.nbytes = self.q.numel() + self.scale.numel() * self.scale.element_size()
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
 
 
 INT4_GROUP = 32  # input columns per 4-bit scale and zero
 
 
-class _Int4Weight:
-    """A weight matrix [out, in] held at 4 bits: per group of INT4_GROUP inputs of a row, an
-    asymmetric code w = (q - 8) * scale + zero, as PyTorch's weight-only int4 kernel reads it
-    (prefills: the float weight, `full`)."""
+class _Int4Weight(_QuantizedWeight):
+    """Held at 4 bits: per group of INT4_GROUP inputs of a row, an asymmetric code
+    w = (q - 8) * scale + zero, as PyTorch's weight-only int4 kernel reads it."""
 
     def __init__(self, weight: torch.Tensor):
         out, inputs = weight.shape
         if inputs % INT4_GROUP:
             raise ValueError(f"int4 serving weights need inputs in groups of {INT4_GROUP}, not {inputs}: use int8")
-        self.full = weight.float()  # the loaded tensor itself when it is float32
-        w = weight.float().view(out, inputs // INT4_GROUP, INT4_GROUP)
+        super().__init__(weight)
+        w = self.full.view(out, inputs // INT4_GROUP, INT4_GROUP)
         low, high = w.amin(dim=-1), w.amax(dim=-1)  # [out, groups]
         scale = ((high - low) / 15).clamp(min=1e-12)
         q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 15)  # w = q * scale + low
@@ -85,11 +94,8 @@ class _Int4Weight:
         self.scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
         self.nbytes = out * inputs // 2 + self.scales_and_zeros.numel() * self.scales_and_zeros.element_size()
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] >= FLOAT_FROM_ROWS:
-            return F.linear(x, self.full)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE), self.q, INT4_GROUP, self.scales_and_zeros)
-        return out.to(x.dtype)
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.q, INT4_GROUP, self.scales_and_zeros)
 
 
 Weight = _Weight | _Int8Weight | _Int4Weight

@@ -1,7 +1,7 @@
 """Where each format of the engine's base weights is fast: one decode step of ROWS rows (each at
 position 240, attending over a 241-token cache) and one prompt's prefill of PROMPT_TOKENS tokens,
-for the float and int4 weights of the embedded model in float32, no adapters. Median of 9 calls,
-the formats alternating, the best of two such rounds.
+for the float and int4 weights of the embedded model in float32, no adapters. Median of RUNS
+calls, the formats alternating (bench.prefill.median_ms).
 
 The question it answered: whether one format can serve every load, or prefills should read other
 weights than decode steps (they now do: agent/weights.FLOAT_FROM_ROWS). To time the int4 kernel's
@@ -10,14 +10,13 @@ own prefill, the benchmark lifts that threshold for its run.
 Run: .venv/bin/python -m bench.formats_by_rows   (about a minute on 2 CPU cores)
 """
 
-import time
-
 import torch
 
 from agent import weights as weight_formats
 from agent.base_model import load_base_model
 from agent.kv_cache import KVCache
 from agent.llama import Llama
+from bench.prefill import median_ms
 from bench.report import save
 from core.settings import Settings
 
@@ -25,22 +24,7 @@ FORMATS = ("float", "int4")
 ROWS = (1, 2, 4, 8, 16)
 PROMPT_TOKENS = (40, 240, 480)
 POSITION = 240
-
-
-def median_ms(call, repeats: int = 9) -> float:
-    call()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return sorted(times)[repeats // 2] * 1000
-
-
-def best_of_two_rounds(calls: dict) -> dict:
-    """Each call's median, the calls alternating, the lower of two rounds."""
-    rounds = [{name: median_ms(call) for name, call in calls.items()} for _ in range(2)]
-    return {name: round(min(r[name] for r in rounds), 1) for name in calls}
+RUNS = 9
 
 
 def main() -> None:
@@ -57,7 +41,7 @@ def main() -> None:
                 attend = caches[weights].decode_attention(positions, span=POSITION + 1)
                 return lambda: engines[weights].decode(tokens, positions, None, attend)
 
-            figures["decode_step_ms"][rows] = best_of_two_rounds({w: step(w) for w in FORMATS})
+            figures["decode_step_ms"][rows] = median_ms({w: step(w) for w in FORMATS}, RUNS)
             print("decode step, rows", rows, figures["decode_step_ms"][rows], flush=True)
         for length in PROMPT_TOKENS:
             prompt = [torch.randint(0, 1000, (length,))]
@@ -66,7 +50,7 @@ def main() -> None:
                 attend = caches[weights].prefill_attention([0], [length])
                 return lambda: engines[weights].prefill(prompt, None, attend)
 
-            figures["prefill_ms"][length] = best_of_two_rounds({w: prefill(w) for w in FORMATS})
+            figures["prefill_ms"][length] = median_ms({w: prefill(w) for w in FORMATS}, RUNS)
             print("prefill, tokens", length, figures["prefill_ms"][length], flush=True)
     save("formats-by-rows", figures)
 
