@@ -21,7 +21,6 @@ from agent.remote import RemoteBackend
 from agent.repetition import RepetitionGuard
 from agent.stream import TokenStream
 from agent.threads import in_fresh_thread
-from agent.weights import compute_dtype
 from core import metrics
 from core.errors import RateLimited, RetryLater
 from core.settings import Settings, get_settings
@@ -113,7 +112,6 @@ class Drafter:
             settings.adapter_cache_count,
             settings.adapter_cache_mb * 2**20,
             num_layers=loaded.model.config.num_hidden_layers,
-            dtype=compute_dtype(loaded.model.dtype, settings.serving_weights),
             device=loaded.model.device,
         )
         engine = Engine(

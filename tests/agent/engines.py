@@ -27,5 +27,5 @@ def plain(model, tokenizer, prompt: list[int], max_new_tokens: int) -> list[int]
 def engine_for(loaded, **overrides) -> Engine:
     options = {"max_batch": 8, "max_queue": 16, "max_length": 512} | overrides
     model = loaded.model
-    cache = AdapterCache(4, 2**30, num_layers=model.config.num_hidden_layers, dtype=model.dtype, device=model.device)
+    cache = AdapterCache(4, 2**30, num_layers=model.config.num_hidden_layers, device=model.device)
     return Engine(model, stop_ids=stop_token_ids(model.generation_config, loaded.tokenizer), adapters=cache, **options)
