@@ -34,26 +34,26 @@ class _Weight:
 # The quantized weights take their input in bfloat16 and give their output in the model's dtype;
 # the rest of the forward (norms, attention, LoRA) stays as it is.
 KERNEL_DTYPE = torch.bfloat16
-# Inputs of at least this many rows (prefills) are multiplied by the float32 weights the quantized
-# ones were made from, kept beside them: what the float format holds (for a float32 model the
-# loaded tensors themselves; the fused q/k/v and gate/up are copies, as in the float format). A
-# prefill is bound by arithmetic, not by reading weights, and the weight-only kernels unpack the
-# weights for every product: on 2 AVX2 cores a 240-token prefill took 738 ms in int4 against 431
-# in float32, while int4 decode steps were faster at every batch size up to 16 rows
-# (bench/results/formats-by-rows.json).
+# Inputs of at least this many rows (prefills) are multiplied by the weights the quantized ones
+# were made from, kept beside them in the model's dtype: the loaded tensors themselves (the fused
+# q/k/v and gate/up are copies, as in the float format); on a CPU with native bfloat16 that is
+# bfloat16, the dtype its products are fastest in. A prefill is bound by arithmetic, not by
+# reading weights, and the weight-only kernels unpack the weights for every product: on 2 AVX2
+# cores a 240-token prefill took 738 ms in int4 against 431 in float32, while int4 decode steps
+# were faster at every batch size up to 16 rows (bench/results/formats-by-rows.json).
 FLOAT_FROM_ROWS = 64
 
 
 class _QuantizedWeight:
-    """A weight matrix [out, in] held at fewer bits for decode steps (`_kernel`), and in float32
+    """A weight matrix [out, in] held at fewer bits for decode steps (`_kernel`), and as loaded
     (`full`) for prefills."""
 
     def __init__(self, weight: torch.Tensor):
-        self.full = weight.float()  # the loaded tensor itself when it is float32
+        self.full = weight
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] >= FLOAT_FROM_ROWS:
-            return F.linear(x, self.full)
+            return F.linear(x.to(self.full.dtype), self.full).to(x.dtype)
         return self._kernel(x.to(KERNEL_DTYPE)).to(x.dtype)
 
 
@@ -63,8 +63,9 @@ class _Int8Weight(_QuantizedWeight):
 
     def __init__(self, weight: torch.Tensor):
         super().__init__(weight)
-        scale = (self.full.abs().amax(dim=1) / 127).clamp(min=1e-12)  # [out]
-        self.q = torch.round(self.full / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        weight = weight.float()
+        scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12)  # [out]
+        self.q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
         self.scale = scale.to(KERNEL_DTYPE)
         self.nbytes = self.q.numel() + self.scale.numel() * self.scale.element_size()
 
@@ -84,7 +85,7 @@ class _Int4Weight(_QuantizedWeight):
         if inputs % INT4_GROUP:
             raise ValueError(f"int4 serving weights need inputs in groups of {INT4_GROUP}, not {inputs}: use int8")
         super().__init__(weight)
-        w = self.full.view(out, inputs // INT4_GROUP, INT4_GROUP)
+        w = weight.float().view(out, inputs // INT4_GROUP, INT4_GROUP)
         low, high = w.amin(dim=-1), w.amax(dim=-1)  # [out, groups]
         scale = ((high - low) / 15).clamp(min=1e-12)
         q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 15)  # w = q * scale + low
