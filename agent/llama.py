@@ -113,10 +113,10 @@ class Llama:
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])  # [rows]
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [rows, 1, head_dim]
         rows = positions.shape[0]
-        hidden = self._forward(torch.cat(prompts), lora, cos, sin, attend, batch=1, length=rows)  # [rows, hidden]
+        hidden = self._forward(torch.cat(prompts), lora, cos, sin, attend, batch=1, length=rows, prefill=True)
         if not every_position:
             hidden = hidden[torch.tensor(lengths, device=self.device).cumsum(0) - 1]  # [prompts, hidden]
-        return self.logits(hidden)
+        return self.logits(hidden, prefill=True)
 
     def decode(
         self, tokens: torch.Tensor, positions: torch.Tensor, lora: BatchLora | None, attend: Attend
@@ -124,21 +124,24 @@ class Llama:
         """One new token per sequence, `tokens` [batch] at `positions` [batch]; returns the
         logits after each [batch, vocab]."""
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [batch, 1, head_dim]
-        hidden = self._forward(tokens, lora, cos, sin, attend, batch=tokens.shape[0], length=1)  # [batch, hidden]
-        return self.logits(hidden)
+        hidden = self._forward(tokens, lora, cos, sin, attend, batch=tokens.shape[0], length=1, prefill=False)
+        return self.logits(hidden, prefill=False)
 
-    def logits(self, hidden):
+    def logits(self, hidden, prefill: bool):
         """hidden [rows, hidden] -> logits [rows, vocab]."""
-        return self.lm_head.matmul(self._norm(hidden, self.final_norm))
+        return self._product(self._norm(hidden, self.final_norm), self.lm_head, prefill)
 
-    def _forward(self, tokens, lora: BatchLora | None, cos, sin, attend: Attend, *, batch: int, length: int):
+    def _forward(
+        self, tokens, lora: BatchLora | None, cos, sin, attend: Attend, *, batch: int, length: int, prefill: bool
+    ):
         """The decoder layers on `tokens` ([batch * length]); returns the final hidden states
-        [batch * length, hidden]. `cos` and `sin` are per token ([batch * length, 1, head_dim])."""
+        [batch * length, hidden]. `cos` and `sin` are per token ([batch * length, 1, head_dim]);
+        `prefill`: a prefill's forward, not a decode step's (the weights' product for each)."""
         x = F.embedding(tokens, self.embed)  # [rows, hidden]
         rows, heads = batch * length, self.num_heads + self.num_kv_heads
         for index, weights in enumerate(self.layers):
             h = self._norm(x, weights.input_norm)
-            qkv = self._project(h, weights.qkv, lora, index, "attn_in")  # [rows, q_size + 2 * kv_size]
+            qkv = self._project(h, weights.qkv, lora, index, "attn_in", prefill)  # [rows, q_size + 2 * kv_size]
             # q and k rotated together: [rows, heads + kv_heads, head_dim]
             qk = _rope(qkv[:, : self.q_size + self.kv_size].view(rows, heads, self.head_dim), cos, sin)
             v = qkv[:, self.q_size + self.kv_size :].view(batch, length, self.num_kv_heads, self.head_dim)
@@ -146,10 +149,10 @@ class Llama:
             # q [batch, heads, length, head_dim]; k, v [batch, kv_heads, length, head_dim]
             attended = attend(index, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             attended = attended.transpose(1, 2).reshape(rows, self.q_size)  # [rows, q_size]
-            x = x + self._project(attended, weights.o, lora, index, "attn_out")  # [rows, hidden]
+            x = x + self._project(attended, weights.o, lora, index, "attn_out", prefill)  # [rows, hidden]
             h = self._norm(x, weights.post_attention_norm)
-            gate, up = self._project(h, weights.gate_up, lora, index, "mlp_in").split(self.intermediate, dim=-1)
-            x = x + self._project(F.silu(gate) * up, weights.down, lora, index, "mlp_out")  # [rows, hidden]
+            gate, up = self._project(h, weights.gate_up, lora, index, "mlp_in", prefill).split(self.intermediate, -1)
+            x = x + self._project(F.silu(gate) * up, weights.down, lora, index, "mlp_out", prefill)  # [rows, hidden]
         return x
 
     def _norm(self, x, weight):
@@ -160,10 +163,16 @@ class Llama:
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * x32.to(x.dtype)
 
-    def _project(self, x, weight: Weight, lora: BatchLora | None, layer: int, group: str):
+    @staticmethod
+    def _product(x, weight: Weight, prefill: bool):
+        """x [rows, in] @ weight^T [in, out], by the weight format's product for prefills or for
+        decode steps."""
+        return weight.prefill(x) if prefill else weight.matmul(x)
+
+    def _project(self, x, weight: Weight, lora: BatchLora | None, layer: int, group: str, prefill: bool):
         """x [rows, in] @ weight^T [in, out], plus each row's own LoRA update for the projections
         of this input group (each one's slice of the fused output)."""
-        out = weight.matmul(x)
+        out = self._product(x, weight, prefill)
         if lora is not None:
             lora.add_to(out, x, layer, group, self.slices[group])
         return out

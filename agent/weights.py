@@ -30,33 +30,39 @@ class _Weight:
         halves = torch.bmm(x.expand(2, rows, x.shape[1]), self.halves)  # [2, rows, out / 2]
         return halves.view(1, -1) if rows == 1 else halves.transpose(0, 1).reshape(rows, -1)
 
+    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ weight^T for a prefill's rows (a prompt's tokens)."""
+        return F.linear(x, self.full)
+
 
 # PyTorch's weight-only CPU kernels are vectorized for bfloat16 activations (measured on 2 AVX-512
 # cores: with float32 ones, int8 decoded 11 tokens/s and int4 6, against 33 and 48 in bfloat16).
 # The quantized weights take their input in bfloat16 and give their output in the model's dtype;
 # the rest of the forward (norms, attention, LoRA) stays as it is.
 KERNEL_DTYPE = torch.bfloat16
-# Inputs of at least this many rows (prefills) are multiplied by the weights the quantized ones
-# were made from, kept beside them in the model's dtype: the loaded tensors themselves (the fused
-# q/k/v and gate/up are copies, as in the float format); on a CPU with native bfloat16 that is
-# bfloat16, the dtype its products are fastest in. A prefill is bound by arithmetic, not by
-# reading weights, and the weight-only kernels unpack the weights for every product: on 2 AVX2
-# cores a 240-token prefill took 738 ms in int4 against 431 in float32, while int4 decode steps
-# were faster at every batch size up to 16 rows (bench/results/formats-by-rows.json).
-FLOAT_FROM_ROWS = 64
 
 
 class _QuantizedWeight:
-    """A weight matrix [out, in] held at fewer bits for decode steps (`_kernel`), and as loaded
-    (`full`) for prefills."""
+    """A weight matrix [out, in] held at fewer bits for decode steps (`matmul`, by the format's
+    `_kernel`), and as loaded (`full`, the model's dtype) for prefills.
+
+    A prefill is bound by arithmetic, not by reading weights, and the weight-only kernels unpack
+    the weights for every product: on 2 AVX2 cores they prefilled 40, 240 and 480 tokens in int4
+    1.3-1.9x slower than float32, while int4 decode steps were faster at every batch size up to
+    16 rows (bench/results/formats-by-rows.json). So prefills multiply by the weights the
+    quantized ones were made from, kept beside them: the loaded tensors themselves (the fused
+    q/k/v and gate/up are copies, as in the float format), bfloat16 on a CPU with native bf16,
+    the dtype its products are fastest in. Every prefill does, whatever its length, so a
+    prompt's prefill is the same whether it is packed with others or alone."""
 
     def __init__(self, weight: torch.Tensor):
         self.full = weight
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] >= FLOAT_FROM_ROWS:
-            return F.linear(x.to(self.full.dtype), self.full).to(x.dtype)
         return self._kernel(x.to(KERNEL_DTYPE)).to(x.dtype)
+
+    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.full.dtype), self.full).to(x.dtype)
 
 
 class _Int8Weight(_QuantizedWeight):

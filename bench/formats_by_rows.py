@@ -4,8 +4,8 @@ for the float and int4 weights of the embedded model in float32, no adapters. Me
 calls, the formats alternating (bench.prefill.median_ms).
 
 The question it answered: whether one format can serve every load, or prefills should read other
-weights than decode steps (they now do: agent/weights.FLOAT_FROM_ROWS). To time the int4 kernel's
-own prefill, the benchmark lifts that threshold for its run.
+weights than decode steps (they now do: agent/weights._QuantizedWeight.prefill). To time the int4
+kernel's own prefill, the benchmark prefills with the kernel for its run.
 
 Run: .venv/bin/python -m bench.formats_by_rows   (about a minute on 2 CPU cores)
 """
@@ -28,7 +28,7 @@ RUNS = 9
 
 
 def main() -> None:
-    weight_formats.FLOAT_FROM_ROWS = 10**9  # every product by the format's own kernel
+    weight_formats._QuantizedWeight.prefill = weight_formats._QuantizedWeight.matmul  # the kernel's own prefill
     model = load_base_model(Settings(model_dtype="float32")).model
     engines = {weights: Llama(model, 512, weights) for weights in FORMATS}
     caches = {weights: KVCache(llama, max(ROWS), 512) for weights, llama in engines.items()}
