@@ -9,7 +9,7 @@ a LoRA update is applied in float in every format):
   repetition guard, up to 128 new tokens; the share drafted token for token the same, and the mean
   share of each float draft's tokens before the first difference.
 
-Run: .venv/bin/python -m bench.quantized   (about 3 minutes on 2 CPU cores)
+Run: .venv/bin/python -m bench.quantized   (about 15 minutes on 2 CPU cores)
 """
 
 import statistics
