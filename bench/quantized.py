@@ -3,13 +3,13 @@ tenant (the embedded model in float32, the base model: the formats change the ba
 a LoRA update is applied in float in every format):
 
 - held-out NLL: mean token NLL of the reviewers' replies given their prompts, over every fifth of
-  the sample tenant's 130 emails (26), as the engine drafts in each format (the prompt
+  the sample tenant's 300 emails (60), as the engine drafts in each format (the prompt
   prefilled, the reply fed one decode step a token: prefills multiply by the float weights);
-- greedy-draft agreement with the float engine: the same 26 emails drafted with the server's
+- greedy-draft agreement with the float engine: the same 60 emails drafted with the server's
   repetition guard, up to 128 new tokens; the share drafted token for token the same, and the mean
   share of each float draft's tokens before the first difference.
 
-Run: .venv/bin/python -m bench.quantized   (about 15 minutes on 2 CPU cores)
+Run: .venv/bin/python -m bench.quantized   (about 10 minutes on 2 CPU cores)
 """
 
 import statistics
