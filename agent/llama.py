@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from agent.adapters import INPUT_GROUPS, BatchLora
-from agent.weights import WEIGHT_FORMATS, Weight, compute_dtype, weight_format
+from agent.weights import WEIGHT_FORMATS, Weight, compute_dtype
 
 # (layer, q, k, v) -> the attended values [batch, heads, length, head_dim]; it also stores k and v
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -57,9 +57,8 @@ class Llama:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.eps = config.rms_norm_eps
-        self.device = model.device
-        self.weights = weights = weight_format(weights, self.device)
         self.dtype = compute_dtype(model.dtype, weights)
+        self.device = model.device
 
         base = model.model
         self.embed = base.embed_tokens.weight.detach().to(self.dtype)  # [vocab, hidden]

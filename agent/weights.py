@@ -1,8 +1,6 @@
 """How the serving engine holds the base model's weight matrices: as loaded (`float`), or at 8 or 4
 bits (`int8`, `int4`), each with its own matrix product for the forward (agent/llama.py).
-`WEIGHT_FORMATS` names them as `DRAFTLOOP_SERVING_WEIGHTS` does; `auto` (`weight_format`) is
-`int4` on the CPU, measured the fastest there at every load, and `float` on a GPU, where the
-weight-only kernels here do not run."""
+`WEIGHT_FORMATS` names them as `DRAFTLOOP_SERVING_WEIGHTS` does."""
 
 import torch
 import torch.nn.functional as F
@@ -109,16 +107,6 @@ class _Int4Weight(_QuantizedWeight):
 
 Weight = _Weight | _Int8Weight | _Int4Weight
 WEIGHT_FORMATS = {"float": _Weight, "int8": _Int8Weight, "int4": _Int4Weight}
-
-
-def weight_format(setting: str, device: torch.device) -> str:
-    """The format `DRAFTLOOP_SERVING_WEIGHTS` names on `device`. `auto` is `int4` on the CPU: over
-    HTTP with 8 tenants it drafted faster than `float` at concurrency 1, 4 and 16, for mixed
-    adapters and the base alike, both on 2 AVX2 cores (float32 model) and on 2 AVX-512 BF16 cores
-    (bfloat16 model), and trained adapters kept their house style in it (BENCHMARKS.md)."""
-    if setting == "auto":
-        return "float" if device.type == "cuda" else "int4"
-    return setting
 
 
 def compute_dtype(model_dtype: torch.dtype, weights: str) -> torch.dtype:

@@ -27,10 +27,9 @@ class Settings(BaseSettings):
     model_cache_dir: Path = Path("var/models")
     model_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 where the hardware has it
     load_in_4bit: bool = False  # NF4 base weights for drafting, on a GPU only
-    # How the serving engine holds the base weights: as loaded (model_dtype), or at 8 or 4 bits,
-    # multiplied by PyTorch's weight-only CPU kernels (the LoRA updates stay in float32); auto:
-    # int4 on the CPU, float on a GPU (agent/weights.py)
-    serving_weights: Literal["auto", "float", "int8", "int4"] = "auto"
+    # How the serving engine holds the base weights on the CPU: as loaded (model_dtype), or at
+    # 8 or 4 bits, multiplied by PyTorch's weight-only kernels (the LoRA updates stay in float32)
+    serving_weights: Literal["float", "int8", "int4"] = "float"
 
     # Generation limits
     max_new_tokens: int = Field(256, ge=1)

@@ -92,14 +92,7 @@ def pg_session(postgres_engine) -> Iterator[Session]:
 
 @pytest.fixture(scope="session")
 def model_settings(tmp_path_factory) -> Settings:
-    """float serving weights: the drafts of tests on these settings are compared token for token
-    with transformers' (the int formats are tested in tests/agent/test_quantized.py)."""
-    return Settings(
-        var_dir=tmp_path_factory.mktemp("var"),
-        model_cache_dir=MODEL_CACHE_DIR,
-        model_dtype="float32",
-        serving_weights="float",
-    )
+    return Settings(var_dir=tmp_path_factory.mktemp("var"), model_cache_dir=MODEL_CACHE_DIR, model_dtype="float32")
 
 
 @pytest.fixture(scope="session")

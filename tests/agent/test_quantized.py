@@ -1,14 +1,13 @@
 """The serving engine's base weights held at 8 or 4 bits: the products stay close to float, a
 weight already on a 4-bit grid is held as it is, prefills multiply by the float weights, and the
-engine drafts with them, adapters too; int4 is the default on the CPU."""
+engine drafts with them, adapters too."""
 
 import pytest
 import torch
 
 from agent.kv_cache import KVCache
 from agent.llama import Llama
-from agent.weights import _Int4Weight, _Int8Weight, _Weight, weight_format
-from core.settings import Settings
+from agent.weights import _Int4Weight, _Int8Weight, _Weight
 from tests.agent.engines import engine_for, prompts
 
 
@@ -79,11 +78,3 @@ def test_a_prefill_multiplies_by_the_float_weights_and_a_decode_step_by_the_quan
             for m in (float_model, held)
         ]
         assert not torch.equal(steps[0], steps[1])
-
-
-def test_the_default_serving_weights_are_int4_on_the_cpu_and_float_on_a_gpu(tiny_model):
-    assert Settings().serving_weights == "auto"
-    held = Llama(tiny_model.model, 64, "auto")
-    assert held.weights == "int4" and isinstance(held.layers[0].qkv, _Int4Weight)
-    assert weight_format("auto", torch.device("cuda")) == "float"  # the weight-only kernels are CPU ones
-    assert weight_format("int8", torch.device("cpu")) == "int8"
