@@ -20,6 +20,7 @@ from selenium.common.exceptions import NoSuchElementException, StaleElementRefer
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import delete
 from sqlalchemy.orm import Session, sessionmaker
@@ -167,13 +168,20 @@ class Browser:
         ignored = (NoSuchElementException, StaleElementReferenceException)
         return WebDriverWait(self.driver, timeout, ignored_exceptions=ignored).until(condition)
 
+    def submit(self, button_css: str) -> None:
+        """Click a form's button and wait until the page it posts to has replaced this one: read
+        while the old page is torn down, an element fails with an inspector error, not a stale one."""
+        page = self.find("html")
+        self.find(button_css).click()
+        self.wait(expected_conditions.staleness_of(page))
+
     def wait_for_path(self, path: str) -> None:
         self.wait(lambda d: d.current_url == self.base_url + path)
 
     def sign_in(self, key: str) -> None:
         self.open("/web/signin")
         self.find("#api_key").send_keys(key)
-        self.find("form button[type=submit]").click()
+        self.submit("form button[type=submit]")
         self.wait_for_path("/web/queue")
 
     def screenshot(self, name: str, width: int = 1280) -> Path:

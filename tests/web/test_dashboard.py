@@ -178,7 +178,7 @@ def test_dashboard_shows_the_shadow_s_live_comparison_and_sets_its_corrections(b
     browser.screenshot("dashboard-shadow")
 
     browser.find("#shadow-corrections").clear()
-    browser.find("form.shadow-corrections button").click()
+    browser.submit("form.shadow-corrections button")
     browser.wait(lambda d: "promoted at once now" in d.find_element("css selector", "main").text)
     assert "No version is in shadow." in browser.text("#shadow")
     assert "shadow drafting was turned off by Ops" not in browser.text("#shadow")  # not a decision on scores

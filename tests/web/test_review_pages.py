@@ -112,7 +112,7 @@ def test_a_reviewer_cannot_open_or_correct_another_tenants_draft(browser, shops,
     browser.driver.execute_script(
         "document.getElementById('correction').action = arguments[0]", f"/web/drafts/{theirs.draft_ids[0]}"
     )
-    browser.find('button[value="accept"]').click()
+    browser.submit('button[value="accept"]')
     browser.wait(lambda d: "Not found" in d.find_element("css selector", "h1").text)
     assert correction(committed, theirs.draft_ids[0]) is None
     assert correction(committed, mine.draft_ids[0]) is None
@@ -123,14 +123,14 @@ def test_a_form_without_the_csrf_token_is_refused(browser, shop, committed):
     browser.sign_in(shop.reviewer)
     browser.open(f"/web/drafts/{draft_id}")
     browser.driver.execute_script("document.querySelector('#correction input[name=csrf_token]').remove()")
-    browser.find('button[value="accept"]').click()
+    browser.submit('button[value="accept"]')
     browser.wait(lambda d: "Not allowed" in d.find_element("css selector", "h1").text)
     assert "security token is missing or out of date" in browser.text()
     assert correction(committed, draft_id) is None
 
     browser.open(f"/web/drafts/{draft_id}")  # a forged token fares no better
     browser.driver.execute_script("document.querySelector('#correction input[name=csrf_token]').value = 'forged'")
-    browser.find('button[value="accept"]').click()
+    browser.submit('button[value="accept"]')
     browser.wait(lambda d: "Not allowed" in d.find_element("css selector", "h1").text)
     assert correction(committed, draft_id) is None
 
@@ -156,9 +156,9 @@ def test_sign_out_and_a_revoked_key_end_the_session(browser, shop, committed):
 def test_sign_in_refuses_unknown_and_agent_keys(browser, shop):
     browser.open("/web/signin")
     browser.find("#api_key").send_keys("dl_not-a-key")
-    browser.find("form button[type=submit]").click()
+    browser.submit("form button[type=submit]")
     browser.wait(lambda d: "unknown or revoked" in d.find_element("css selector", "main").text)
     browser.find("#api_key").send_keys(shop.agent)
-    browser.find("form button[type=submit]").click()
+    browser.submit("form button[type=submit]")
     browser.wait(lambda d: "agent key cannot sign in" in d.find_element("css selector", "main").text)
     assert browser.driver.current_url.endswith("/web/signin")
