@@ -1,10 +1,12 @@
-"""The serving engine's base weights held at 8 or 4 bits: the products stay close to float, a
+"""The serving engine's base weights: the float products of every batch size equal F.linear's;
+held at 8 or 4 bits, the products stay close to float, a
 weight already on a 4-bit grid is held as it is, prefills multiply by the float weights, and the
 engine drafts with them, adapters too."""
 
 import pytest
 import torch
 
+from agent import weights as weight_formats
 from agent.kv_cache import KVCache
 from agent.llama import Llama
 from agent.weights import _Int4Weight, _Int8Weight, _Weight
@@ -14,6 +16,21 @@ from tests.agent.engines import engine_for, prompts
 def _relative_error(held, weight: torch.Tensor, x: torch.Tensor) -> float:
     exact = x @ weight.t()
     return ((held.matmul(x) - exact).norm() / exact.norm()).item()
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_float_products_of_every_row_count_equal_linear(monkeypatch, left):
+    """The row-split products (weight on the right, or on the left where LEFT_PRODUCT holds) for
+    decode steps, F.linear from SPLIT_BELOW rows on: the same values, the same layout."""
+    monkeypatch.setattr(weight_formats, "LEFT_PRODUCT", left)
+    torch.manual_seed(2)
+    weight = torch.randn(96, 64)
+    held = _Weight(weight)
+    assert (held.left is not None) == left
+    for rows in (1, 2, 3, weight_formats.LEFT_BELOW, 7, weight_formats.SPLIT_BELOW):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(held.matmul(x), torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert _Weight(weight.bfloat16()).left is None  # bfloat16 products were no faster on the left
 
 
 @pytest.mark.parametrize(("held", "bound"), [(_Int8Weight, 0.01), (_Int4Weight, 0.1)])
