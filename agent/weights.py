@@ -9,7 +9,7 @@ SPLIT_BELOW = 64  # inputs of fewer rows (decode steps) use the row-split matrix
 # On a CPU with AVX-512, float32 inputs of fewer rows than LEFT_BELOW multiply with the weight's
 # halves as the left operand instead (measured on 2 AVX-512 BF16 EPYC cores, the 30 layers'
 # weights: 31 against 21 GB/s for 1 row, 31 against 15 for 2, 17-20 against 15 for 4, and no
-# better from 6 rows on, nor in bfloat16). On 2 AVX2 cores that product was no faster.
+# better from 6 rows on, nor in bfloat16). Not measured on an AVX2 CPU: there the right operand stays.
 LEFT_BELOW = 5
 LEFT_PRODUCT = torch.backends.cpu.get_cpu_capability() == "AVX512"
 
