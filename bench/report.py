@@ -29,7 +29,6 @@ def machine() -> dict:
         pass
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {
         "cpu": cpu,
         "cpu_flags": [flag for flag in FLAGS if flag in flags],
@@ -40,9 +39,20 @@ def machine() -> dict:
         "gpu": gpu,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "commit": commit,
+        "commit": _commit(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def _commit() -> str:
+    """HEAD, marked "+changes" when the tracked files differ from it (results files aside): the
+    figures were then taken on code no commit holds."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
+
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if changed else "")
 
 
 def save(name: str, figures: dict) -> Path:
