@@ -7,23 +7,26 @@ several adapters in one batch (`LoraWeights`), kept in a bounded LRU cache (`Ada
 a decode step whose rows have different adapters groups its rows by adapter (`GroupedLora`,
 built by `BatchStacker`), so that each row pays for its own adapter's update only, and a
 prefill pack applies each adapter to its own prompts' rows (`SegmentLora`, built by
-`pack_lora`).
+`pack_lora`). On the CPU, decode steps' updates are a small C kernel's (agent/lora_kernel.py),
+prefills' PyTorch's matrix products.
 
 An adapter is applied at a scale (its strength): W x + scale * (alpha / r) * B A x, PEFT's
 `LoraLayer.set_scale`. The engine folds the scale into B when it loads the adapter, so an
 adapter at two scales is two cache entries, and a batch mixes scales per row as it mixes
 adapters."""
 
+import functools
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
+from agent import lora_kernel
 from core import metrics
 
 # The projections the engine can adapt, by the input they read: one fused matmul per input.
@@ -40,6 +43,11 @@ _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.w
 # against 10.3 in float32, which reads twice the bytes), and on an AVX2 CPU bfloat16 has no fast
 # path at all. Only the rows' inputs and the updates are converted.
 LORA_DTYPE = torch.float32
+# Up to this many rows an adapter's update is the CPU kernel's (agent/lora_kernel.py), past it
+# PyTorch's products (a prefill's rows). Measured on 2 AVX-512 BF16 cores, one rank-16 adapter's
+# update of 30 layers: 1.6 against 2.4 ms at one row, 3.0 against 4.6 at 16, 8.9 against 8.2 at 64,
+# 33 against 20 at 240 (bench.lora_paths).
+KERNEL_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -95,11 +103,17 @@ class LoraWeights:
     b: list[dict[str, torch.Tensor]]
     cols: dict[str, tuple[int, int]]
     nbytes: int
+    _kernel_groups: dict = field(default_factory=dict, repr=False)  # (layer, group) -> lora_kernel.Group
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, layer: int, group: str, slices) -> None:
         """out [rows, fused out] += this adapter's update of x [rows, in], every row alike;
         `slices`: (projection, offset, size) of each projection of the group in the fused output."""
         if group not in self.a[layer]:
+            return
+        rows = x.shape[0]
+        if rows <= KERNEL_ROWS and lora_kernel.usable(out, x):
+            kernel_group = lora_kernel.group(self._kernel_groups, self, layer, group, slices)
+            lora_kernel.add_to(kernel_group, out, x, *_every_row(rows))
             return
         xa = x.to(LORA_DTYPE) @ self.a[layer][group]  # [rows, columns]
         for proj, offset, size in slices:
@@ -147,6 +161,12 @@ class LoraWeights:
 
 
 _ALL_PROJECTIONS = [proj for members in INPUT_GROUPS.values() for proj in members]
+
+
+@functools.cache
+def _every_row(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's row lists for one adapter over rows 0..rows-1: (order, starts)."""
+    return torch.arange(rows), torch.tensor([0, rows])
 
 
 class AdapterCache:
@@ -198,16 +218,20 @@ class GroupedLora:
     the slots `take`. Adapters of other ranks or projections are zero-padded to one layout
     (zeros change no sum).
 
-    Gathers and one add per group, not a scatter per projection: on the CPU the batched
-    matmuls cost what they compute, and scattering into strided column slices cost as much
-    again (bench/results/lora-paths.json)."""
+    On the CPU the kernel (agent/lora_kernel.py) does all of this in one call per group, from
+    the rows listed by adapter (`order`, `starts`), without padding or gathers: PyTorch's CPU
+    `bmm` runs one tiny product per adapter after another, so the batched path costs per adapter
+    what a whole matrix product would (8 adapters' 16 rows, 30 layers: 7.7 against 12.6 ms a
+    step, bench.lora_paths). The batched path stays for other devices and dtypes."""
 
     def __init__(self, stack: "_Stack", adapters: list[LoraWeights | None], device: torch.device):
-        self.a, self.b, self.cols = stack.a, stack.b, stack.cols
+        self.stack, self.a, self.b, self.cols = stack, stack.a, stack.b, stack.cols
         members = [[] for _ in stack.keys]
         for row, adapter in enumerate(adapters):
             if adapter is not None:
                 members[stack.keys.index(adapter.key)].append(row)
+        self.order = torch.tensor([row for m in members for row in m])  # the kernel's rows, by adapter
+        self.starts = torch.tensor([0] + [len(m) for m in members]).cumsum(0)
         self.width = max(len(m) for m in members)
         padded = [m + [m[0]] * (self.width - len(m)) for m in members]
         self.gather = torch.tensor([row for m in padded for row in m], device=device)  # [adapters * width]
@@ -222,6 +246,10 @@ class GroupedLora:
     def add_to(self, out: torch.Tensor, x: torch.Tensor, layer: int, group: str, slices) -> None:
         """out [rows, fused out] += each row's own adapter's update of x [rows, in]."""
         if group not in self.a[layer]:
+            return
+        if lora_kernel.usable(out, x):
+            kernel_group = lora_kernel.group(self.stack._kernel_groups, self.stack, layer, group, slices)
+            lora_kernel.add_to(kernel_group, out, x, self.order, self.starts)
             return
         rows = x.index_select(0, self.gather).to(LORA_DTYPE)
         gathered = rows.view(-1, self.width, x.shape[-1])  # [adapters, width, in]
@@ -251,6 +279,7 @@ class _Stack:
     a: list[dict[str, torch.Tensor]]
     b: list[dict[str, torch.Tensor]]
     cols: dict[str, tuple[int, int]]
+    _kernel_groups: dict = field(default_factory=dict, repr=False)  # (layer, group) -> lora_kernel.Group
 
 
 class SegmentLora:

@@ -2,8 +2,10 @@
 ROWS rows, the base projections of every layer (the fused weights as the engine holds them), then
 the LoRA updates of the same inputs with one adapter for every row (`LoraWeights`) and with the
 rows spread over TENANTS adapters (`GroupedLora`, rows interleaved as requests arrive), rank 16
-on every projection. The figure that decides the mixed-tenant throughput is the grouped update's
-cost as a share of the base projections'; each is the best of RUNS steps.
+on every projection; each through the CPU kernel (agent/lora_kernel.py) and through PyTorch's
+products (the path it replaced, still used off the CPU). The figure that decides the mixed-tenant
+throughput is the grouped update's cost as a share of the base projections'; each is the best of
+RUNS steps.
 
 Run: .venv/bin/python -m bench.lora_paths   (about a minute on 2 CPU cores)
 """
@@ -11,9 +13,11 @@ Run: .venv/bin/python -m bench.lora_paths   (about a minute on 2 CPU cores)
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
+from agent import lora_kernel
 from agent.adapters import INPUT_GROUPS, BatchStacker, LoraWeights
 from agent.base_model import load_base_model
 from agent.llama import Llama
@@ -21,7 +25,7 @@ from bench.decode import random_adapter
 from bench.report import save
 from core.settings import Settings
 
-ROWS = (4, 16)
+ROWS = (1, 4, 16)
 TENANTS = 8
 RUNS = 20
 
@@ -71,14 +75,18 @@ def main() -> None:
             spread = [adapters[row % TENANTS] for row in range(rows)]  # one row per sequence
             grouped = BatchStacker(llama.device).stack(spread)
             base_ms = best_ms(base)
-            one_ms, grouped_ms = best_ms(lora_of(one)), best_ms(lora_of(grouped))
-            figures["rows"][rows] = {
-                "base_projections_ms": base_ms,
-                "one_adapter_ms": one_ms,
-                "grouped_ms": grouped_ms,
-                "one_adapter_share_of_base": round(one_ms / base_ms, 3),
-                "grouped_share_of_base": round(grouped_ms / base_ms, 3),
-            }
+            entry = {"base_projections_ms": base_ms}
+            for path in ("kernel", "pytorch"):
+                with mock.patch.object(lora_kernel, "usable", return_value=path == "kernel"):
+                    one_ms, grouped_ms = best_ms(lora_of(one)), best_ms(lora_of(grouped))
+                entry[path] = {
+                    "one_adapter_ms": one_ms,
+                    "grouped_ms": grouped_ms,
+                    "one_adapter_share_of_base": round(one_ms / base_ms, 3),
+                    "grouped_share_of_base": round(grouped_ms / base_ms, 3),
+                }
+            figures["rows"][rows] = entry
+            print(rows, entry, flush=True)
     save("lora-paths", figures)
 
 

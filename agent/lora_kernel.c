@@ -1,0 +1,161 @@
+/* The LoRA updates of one input group of one layer, for the few rows of a decode step, each row
+ * with its own adapter: out[row, projection's slice] += (x[row] @ A) @ B, every adapter's A and B
+ * read once for all of its rows. agent/lora_kernel.py compiles it for the CPU it runs on and
+ * calls it once per layer and input group; float32 arithmetic, bfloat16 or float32 rows.
+ *
+ * Two phases in one OpenMP region, on the team PyTorch's own threads use (the library is loaded
+ * after torch, whose libgomp it then shares):
+ *   1. xa = x @ A for each adapter's rows, the inputs split in two halves, one per task, so that
+ *      one adapter keeps both threads busy; the halves are summed after;
+ *   2. for each projection, adapter and chunk of output columns: xa's columns of that
+ *      projection @ B, added to the rows' outputs.
+ * Both are register tiles of RB rows by TW columns, accumulating one input (or rank) at a time:
+ * x @ A has 16-48 columns and @ B sums over the rank (16), shapes for which a general matrix
+ * product spends more on its calls and packing than on the arithmetic. */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef __AVX512F__
+#define VEC 16
+#else
+#define VEC 8
+#endif
+#define TW (3 * VEC)    /* columns of a register tile: 3 vectors */
+#define RB 4            /* rows of a register tile */
+#define CHUNK (4 * TW)  /* output columns of one task of phase 2 */
+
+typedef struct {
+    const float *b;  /* [adapters, width, size]: this projection's B, transposed, of every adapter */
+    int64_t col;     /* its first column in xa */
+    int64_t width;   /* its columns in xa (the rank) */
+    int64_t offset;  /* its first column in the fused output */
+    int64_t size;    /* its output columns */
+} projection_t;
+
+typedef struct {
+    const float *a;  /* [adapters, in, cols]: the group's A, transposed, of every adapter */
+    int64_t in, cols, projections;
+    projection_t projection[3];
+} group_t;
+
+static inline float from_bf16(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fff + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+/* acc[r][0:n] = sum over k in [k0, k1) of x[r][k] * m[k * stride + 0:n], for nr <= RB rows, n <= TW */
+static inline void tile(float acc[RB][TW], const float *const *x, int64_t nr, const float *m, int64_t stride,
+                        int64_t k0, int64_t k1, int64_t n) {
+    for (int r = 0; r < RB; r++)
+        for (int v = 0; v < TW; v++) acc[r][v] = 0.f;
+    if (nr == RB && n == TW) { /* the common case, with constant bounds the compiler unrolls */
+        for (int64_t k = k0; k < k1; k++) {
+            const float *restrict mk = m + k * stride;
+            for (int r = 0; r < RB; r++) {
+                float s = x[r][k];
+                for (int v = 0; v < TW; v++) acc[r][v] += s * mk[v];
+            }
+        }
+    } else {
+        for (int64_t k = k0; k < k1; k++) {
+            const float *restrict mk = m + k * stride;
+            for (int r = 0; r < nr; r++) {
+                float s = x[r][k];
+                for (int v = 0; v < n; v++) acc[r][v] += s * mk[v];
+            }
+        }
+    }
+}
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* The rows of adapter i are order[starts[i]:starts[i + 1]] (rows of x and out); x is [x_rows, in]
+ * and out [x_rows, out_stride], both bfloat16 when bf16, else float32. */
+void lora_group(const group_t *g, void *out, int64_t out_stride, const void *x, int64_t x_rows, int bf16,
+                int64_t adapters, const int64_t *order, const int64_t *starts, int threads) {
+    const int64_t in = g->in, cols = g->cols, rows = starts[adapters], half = in / 2;
+    float *part = malloc(sizeof(float) * 2 * rows * cols); /* xa of each half of the inputs */
+    float *xa = malloc(sizeof(float) * rows * cols);
+    const float **x_of = malloc(sizeof(float *) * rows);
+    float *x32 = NULL;
+    const float *xs = x;
+    if (bf16) {
+        x32 = malloc(sizeof(float) * x_rows * in);
+        for (int64_t i = 0; i < x_rows * in; i++) x32[i] = from_bf16(((const uint16_t *)x)[i]);
+        xs = x32;
+    }
+    for (int64_t i = 0; i < rows; i++) x_of[i] = xs + order[i] * in;
+    int64_t tasks = 0;
+    for (int64_t p = 0; p < g->projections; p++) tasks += adapters * ((g->projection[p].size + CHUNK - 1) / CHUNK);
+
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < adapters * 2; t++) {
+            int64_t adapter = t / 2, h = t % 2, end = starts[adapter + 1];
+            const float *a = g->a + adapter * in * cols;
+            for (int64_t i0 = starts[adapter]; i0 < end; i0 += RB) {
+                int64_t nr = min64(end - i0, RB);
+                for (int64_t c0 = 0; c0 < cols; c0 += TW) {
+                    int64_t n = min64(cols - c0, TW);
+                    float acc[RB][TW];
+                    tile(acc, x_of + i0, nr, a + c0, cols, h ? half : 0, h ? in : half, n);
+                    for (int64_t r = 0; r < nr; r++)
+                        memcpy(part + (h * rows + i0 + r) * cols + c0, acc[r], sizeof(float) * n);
+                }
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows * cols; i++) xa[i] = part[i] + part[rows * cols + i];
+
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; t++) {
+            int64_t task = t, p = 0, chunks;
+            for (;; p++) { /* task -> (projection, adapter, chunk) */
+                chunks = (g->projection[p].size + CHUNK - 1) / CHUNK;
+                if (task < adapters * chunks) break;
+                task -= adapters * chunks;
+            }
+            const projection_t *pr = &g->projection[p];
+            int64_t adapter = task / chunks, j0 = (task % chunks) * CHUNK, j1 = min64(pr->size, j0 + CHUNK);
+            int64_t end = starts[adapter + 1];
+            const float *b = pr->b + adapter * pr->width * pr->size;
+            for (int64_t i0 = starts[adapter]; i0 < end; i0 += RB) {
+                int64_t nr = min64(end - i0, RB);
+                const float *xa_of[RB];
+                for (int64_t r = 0; r < nr; r++) xa_of[r] = xa + (i0 + r) * cols + pr->col;
+                for (int64_t j = j0; j < j1; j += TW) {
+                    int64_t n = min64(j1 - j, TW);
+                    float acc[RB][TW];
+                    tile(acc, xa_of, nr, b + j, pr->size, 0, pr->width, n);
+                    for (int64_t r = 0; r < nr; r++) {
+                        int64_t at = order[i0 + r] * out_stride + pr->offset + j;
+                        if (bf16) {
+                            uint16_t *o = (uint16_t *)out + at;
+                            for (int64_t v = 0; v < n; v++) o[v] = to_bf16(from_bf16(o[v]) + acc[r][v]);
+                        } else {
+                            float *o = (float *)out + at;
+                            for (int64_t v = 0; v < n; v++) o[v] += acc[r][v];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    free(part);
+    free(xa);
+    free(x_of);
+    free(x32);
+}

@@ -1,0 +1,130 @@
+"""The LoRA updates of a decode step's rows on the CPU, by a small C kernel (lora_kernel.c).
+
+A decode step multiplies one to a few rows per adapter by rank-16 matrices: 120 calls a step
+(30 layers, 4 input groups), each far too small for a general matrix product. PyTorch spends
+more on dispatching and packing them than on the arithmetic (an adapter's update of one row took
+2.4 ms a step through `addmm`, 12 us a product), and its batched `bmm` over 8 adapters runs one
+tiny product after another. The kernel does one input group of one layer in one call, reading
+each adapter's matrices once for all of its rows (bench.lora_paths has the figures).
+
+It is compiled on first use for the CPU it runs on (gcc or cc, -march=native, about a second)
+into a per-user cache folder keyed by its source and the CPU's flags, and loaded after torch, so
+that its OpenMP threads are PyTorch's own team. Where no compiler is found, `load()` is None and
+the updates stay PyTorch products."""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("lora_kernel.c")
+
+
+class _Projection(ctypes.Structure):
+    _fields_ = [("b", ctypes.c_void_p)] + [(name, ctypes.c_int64) for name in ("col", "width", "offset", "size")]
+
+
+class Group(ctypes.Structure):
+    """One input group of one layer as the kernel reads it (lora_kernel.c's group_t). It holds
+    the tensors' addresses: whoever holds it also holds the tensors (`keep`)."""
+
+    _fields_ = [("a", ctypes.c_void_p), ("inputs", ctypes.c_int64), ("cols", ctypes.c_int64)]
+    _fields_ += [("projections", ctypes.c_int64), ("projection", _Projection * 3)]
+
+    @classmethod
+    def of(cls, a: torch.Tensor, b: dict[str, torch.Tensor], cols: dict[str, tuple[int, int]], slices) -> "Group":
+        """a: [in, columns] or [adapters, in, columns]; b[projection]: [rank, out] or [adapters,
+        rank, out] (every adapter's, laid out alike); cols: each projection's columns of a;
+        slices: (projection, offset, size) of the group's projections in the fused output."""
+        if a.dtype != torch.float32 or not a.is_contiguous():
+            raise ValueError("the LoRA kernel reads contiguous float32 matrices")
+        group = cls(a=a.data_ptr(), inputs=a.shape[-2], cols=a.shape[-1])
+        group.keep = [a]
+        for proj, offset, size in slices:
+            if proj in cols:
+                start, end = cols[proj]
+                matrix = b[proj]
+                group.projection[group.projections] = _Projection(matrix.data_ptr(), start, end - start, offset, size)
+                group.projections += 1
+                group.keep.append(matrix)
+        return group
+
+
+def group(cache: dict, weights, layer: int, name: str, slices) -> Group:
+    """One layer's input group of `weights` (a LoraWeights, or several adapters stacked alike:
+    both have `a`, `b` and `cols`) as the kernel reads it, made once into `cache`."""
+    if (layer, name) not in cache:
+        cache[layer, name] = Group.of(weights.a[layer][name], weights.b[layer], weights.cols, slices)
+    return cache[layer, name]
+
+
+def add_to(group: Group, out: torch.Tensor, x: torch.Tensor, order: torch.Tensor, starts: torch.Tensor) -> None:
+    """out [rows, fused out] += each listed row's own adapter's update of x [rows, in]: the rows of
+    adapter i (of the group's layout) are order[starts[i]:starts[i + 1]] (int64 tensors)."""
+    kernel = load()
+    kernel(
+        ctypes.byref(group),
+        out.data_ptr(),
+        out.shape[1],
+        x.data_ptr(),
+        x.shape[0],
+        int(x.dtype == torch.bfloat16),
+        starts.shape[0] - 1,
+        order.data_ptr(),
+        starts.data_ptr(),
+        torch.get_num_threads(),
+    )
+
+
+def usable(out: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the kernel can take these rows: on the CPU, contiguous, float32 or bfloat16 alike."""
+    return (
+        out.device.type == "cpu"
+        and out.dtype == x.dtype
+        and out.dtype in (torch.float32, torch.bfloat16)
+        and out.is_contiguous()
+        and x.is_contiguous()
+        and load() is not None
+    )
+
+
+@functools.cache
+def load():
+    """The compiled kernel's function, or None where it cannot be built."""
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        log.warning("no C compiler found: LoRA updates of decode steps use PyTorch's products (slower)")
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + _cpu_flags().encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / f"draftloop-kernels-{os.getuid()}"
+    library = folder / f"lora-{key}.so"
+    if not library.exists():
+        folder.mkdir(exist_ok=True)
+        built = folder / f".lora-{key}-{os.getpid()}.so"
+        command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(built), str(SOURCE)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            log.warning("the LoRA kernel did not compile (%s): PyTorch's products are used", result.stderr.strip())
+            return None
+        built.replace(library)  # atomic: processes compiling at once each install a whole file
+    function = ctypes.CDLL(str(library)).lora_group
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+    function.argtypes += [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    function.restype = None
+    return function
+
+
+def _cpu_flags() -> str:
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return ""

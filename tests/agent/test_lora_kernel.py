@@ -1,0 +1,49 @@
+"""The CPU kernel of decode steps' LoRA updates (agent/lora_kernel.py) adds what PyTorch's
+products add: one adapter for every row, and rows of several adapters of different ranks and
+projections with rows that have none, in float32 and bfloat16. The engine's token-equality tests
+(test_engine.py) run through it too."""
+
+import pytest
+import torch
+
+from agent import lora_kernel
+from agent.adapters import INPUT_GROUPS, KERNEL_ROWS, BatchStacker, GroupedLora, LoraWeights
+from agent.llama import Llama
+
+
+def test_the_kernel_is_built_here():
+    assert lora_kernel.load() is not None  # a machine with a C compiler, as CI's
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, KERNEL_ROWS])
+def test_the_kernel_adds_what_pytorchs_products_add(monkeypatch, tiny_model, adapters, dtype, rows):
+    llama = Llama(tiny_model.model, max_length=8)
+    cpu = torch.device("cpu")
+    loaded = [LoraWeights.load(ref, llama.num_layers, cpu) for ref in adapters]
+    inputs = {"attn_in": llama.embed.shape[1], "attn_out": llama.q_size}
+    inputs |= {"mlp_in": llama.embed.shape[1], "mlp_out": llama.intermediate}
+    batches = {
+        "one adapter": [loaded[1]] * rows,
+        "mixed": [[loaded[0], None, loaded[2], loaded[1]][row % 4] for row in range(rows)],
+    }
+    torch.manual_seed(rows)
+    for name, batch in batches.items():
+        lora = BatchStacker(cpu).stack(batch)
+        if name == "mixed" and rows > 1:
+            assert isinstance(lora, GroupedLora)
+        for layer in range(llama.num_layers):
+            for group in INPUT_GROUPS:
+                slices = llama.slices[group]
+                x = torch.randn(rows, inputs[group]).to(dtype)
+                out = torch.randn(rows, sum(size for _, _, size in slices)).to(dtype)
+                got = out.clone()
+                lora.add_to(got, x, layer, group, slices)
+                with monkeypatch.context() as patch:
+                    patch.setattr(lora_kernel, "usable", lambda out, x: False)
+                    expected = out.clone()
+                    lora.add_to(expected, x, layer, group, slices)
+                assert not torch.equal(expected, out) or lora is None  # the update did something
+                # the same sums in another order: float32 rounding apart, or one bfloat16 step
+                tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 8e-3}
+                torch.testing.assert_close(got, expected, **tolerance, msg=f"{name}, layer {layer}, {group}")
