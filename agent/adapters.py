@@ -10,10 +10,12 @@ prefill pack applies each adapter to its own prompts' rows (`SegmentLora`, built
 `pack_lora`). On the CPU, decode steps' updates are a small C kernel's (agent/lora_kernel.py),
 prefills' PyTorch's matrix products.
 
-An adapter is applied at a scale (its strength): W x + scale * (alpha / r) * B A x, PEFT's
-`LoraLayer.set_scale`. The engine folds the scale into B when it loads the adapter, so an
-adapter at two scales is two cache entries, and a batch mixes scales per row as it mixes
-adapters."""
+Adapters are held in the dtype the forward computes in (agent/weights.compute_dtype): float32,
+or bfloat16 for a bfloat16 model, which halves the bytes a decode step reads per adapter and lets
+prefills use bfloat16 matrix products. An adapter is applied at a scale (its strength):
+W x + scale * (alpha / r) * B A x, PEFT's `LoraLayer.set_scale`. The engine folds the scale
+into B when it loads the adapter, so an adapter at two scales is two cache entries, and a batch
+mixes scales per row as it mixes adapters."""
 
 import functools
 import re
@@ -37,16 +39,11 @@ INPUT_GROUPS = {
     "mlp_out": ("down_proj",),
 }
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
-# The engine holds adapters and computes their updates in float32, whatever the model's dtype:
-# PyTorch's CPU products of these small matrices are much slower in bfloat16 (measured on 2
-# AVX-512 BF16 cores, the grouped update of 8 adapters' 16 rows: 23.8 ms a step in bfloat16
-# against 10.3 in float32, which reads twice the bytes), and on an AVX2 CPU bfloat16 has no fast
-# path at all. Only the rows' inputs and the updates are converted.
-LORA_DTYPE = torch.float32
 # Up to this many rows an adapter's update is the CPU kernel's (agent/lora_kernel.py), past it
 # PyTorch's products (a prefill's rows). Measured on 2 AVX-512 BF16 cores, one rank-16 adapter's
-# update of 30 layers: 1.6 against 2.4 ms at one row, 3.0 against 4.6 at 16, 8.9 against 8.2 at 64,
-# 33 against 20 at 240 (bench.lora_paths).
+# update of 30 layers in float32: 1.6 against 2.4 ms at one row, 3.0 against 4.6 at 16, 8.9
+# against 8.2 at 64, 33 against 20 at 240; in bfloat16, 240 rows: 18 ms by PyTorch's products
+# (oneDNN's bfloat16 kernels), 44 by the kernel's float32 arithmetic.
 KERNEL_ROWS = 16
 
 
@@ -115,18 +112,14 @@ class LoraWeights:
             kernel_group = lora_kernel.group(self._kernel_groups, self, layer, group, slices)
             lora_kernel.add_to(kernel_group, out, x, *_every_row(rows))
             return
-        xa = x.to(LORA_DTYPE) @ self.a[layer][group]  # [rows, columns]
+        xa = x @ self.a[layer][group]  # [rows, columns]
         for proj, offset, size in slices:
             if proj in self.cols:
                 start, end = self.cols[proj]
-                target = out[:, offset : offset + size]
-                if out.dtype == LORA_DTYPE:
-                    target.addmm_(xa[:, start:end], self.b[layer][proj])
-                else:
-                    target.add_(xa[:, start:end] @ self.b[layer][proj])
+                out[:, offset : offset + size].addmm_(xa[:, start:end], self.b[layer][proj])
 
     @classmethod
-    def load(cls, ref: AdapterRef, num_layers: int, device: torch.device) -> "LoraWeights":
+    def load(cls, ref: AdapterRef, num_layers: int, device: torch.device, dtype: torch.dtype) -> "LoraWeights":
         import json
 
         config = json.loads((ref.path / "adapter_config.json").read_text())
@@ -139,7 +132,7 @@ class LoraWeights:
             match = _KEY.search(key)
             if not match or int(match[1]) >= num_layers or match[2] not in _ALL_PROJECTIONS:
                 raise ValueError(f"adapter {ref.id}: the serving engine cannot apply the weight {key}")
-            tensors[int(match[1]), match[2], match[3]] = value.to(device=device, dtype=LORA_DTYPE)
+            tensors[int(match[1]), match[2], match[3]] = value.to(device=device, dtype=torch.float32)
         projections = sorted({proj for _, proj, _ in tensors}, key=_ALL_PROJECTIONS.index)
         cols, a, b = {}, [], []
         for members in INPUT_GROUPS.values():
@@ -153,9 +146,9 @@ class LoraWeights:
             for group, members in INPUT_GROUPS.items():
                 present = [p for p in members if p in projections]
                 if present:
-                    a[layer][group] = torch.cat([tensors[layer, p, "A"] for p in present]).t().contiguous()
+                    a[layer][group] = torch.cat([tensors[layer, p, "A"] for p in present]).t().contiguous().to(dtype)
                 for proj in present:
-                    b[layer][proj] = (tensors[layer, proj, "B"] * scaling).t().contiguous()
+                    b[layer][proj] = (tensors[layer, proj, "B"] * scaling).t().contiguous().to(dtype)
         nbytes = sum(t.numel() * t.element_size() for layer in a + b for t in layer.values())
         return cls(key=ref.key, a=a, b=b, cols=cols, nbytes=nbytes)
 
@@ -176,9 +169,9 @@ class AdapterCache:
     Rows being decoded hold their own reference, so evicting an adapter never disturbs a draft
     in progress; the next request for it loads it again (the base model is never reloaded)."""
 
-    def __init__(self, max_count: int, max_bytes: int, num_layers: int, device: torch.device):
-        self.max_count, self.max_bytes = max_count, max_bytes
-        self._load_args = (num_layers, device)
+    def __init__(self, max_count: int, max_bytes: int, num_layers: int, device: torch.device, dtype: torch.dtype):
+        self.max_count, self.max_bytes, self.dtype = max_count, max_bytes, dtype
+        self._load_args = (num_layers, device, dtype)
         self._entries: OrderedDict[tuple[int, float], LoraWeights] = OrderedDict()
         self._lock = threading.Lock()
         self.loads = 0  # cold loads, for the benchmarks and tests
@@ -251,7 +244,7 @@ class GroupedLora:
             kernel_group = lora_kernel.group(self.stack._kernel_groups, self.stack, layer, group, slices)
             lora_kernel.add_to(kernel_group, out, x, self.order, self.starts)
             return
-        rows = x.index_select(0, self.gather).to(LORA_DTYPE)
+        rows = x.index_select(0, self.gather)
         gathered = rows.view(-1, self.width, x.shape[-1])  # [adapters, width, in]
         xa = torch.bmm(gathered, self.a[layer][group])  # [adapters, width, columns]
         updates = []
@@ -268,7 +261,7 @@ class GroupedLora:
             if self.place is not None:
                 target.add_(update.index_select(0, self.place))
             else:
-                target.index_add_(0, self.dest, update.index_select(0, self.take).to(out.dtype))
+                target.index_add_(0, self.dest, update.index_select(0, self.take))
 
 
 @dataclass

@@ -89,6 +89,8 @@ class Engine:
         weights: str = "float",
     ):
         self.model = Llama(model, max_length, weights)
+        if adapters.dtype != self.model.dtype:
+            raise ValueError(f"the adapter cache holds {adapters.dtype}, the forward computes in {self.model.dtype}")
         self.device = self.model.device
         self.stop_ids = set(stop_ids)
         self.adapters = adapters

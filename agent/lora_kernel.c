@@ -1,7 +1,7 @@
 /* The LoRA updates of one input group of one layer, for the few rows of a decode step, each row
  * with its own adapter: out[row, projection's slice] += (x[row] @ A) @ B, every adapter's A and B
  * read once for all of its rows. agent/lora_kernel.py compiles it for the CPU it runs on and
- * calls it once per layer and input group; float32 arithmetic, bfloat16 or float32 rows.
+ * calls it once per layer and input group; float32 arithmetic on bfloat16 or float32 values.
  *
  * Two phases in one OpenMP region, on the team PyTorch's own threads use (the library is loaded
  * after torch, whose libgomp it then shares):
@@ -27,7 +27,7 @@
 #define CHUNK (4 * TW)  /* output columns of one task of phase 2 */
 
 typedef struct {
-    const float *b;  /* [adapters, width, size]: this projection's B, transposed, of every adapter */
+    const void *b;   /* [adapters, width, size]: this projection's B, transposed, of every adapter */
     int64_t col;     /* its first column in xa */
     int64_t width;   /* its columns in xa (the rank) */
     int64_t offset;  /* its first column in the fused output */
@@ -35,7 +35,7 @@ typedef struct {
 } projection_t;
 
 typedef struct {
-    const float *a;  /* [adapters, in, cols]: the group's A, transposed, of every adapter */
+    const void *a;   /* [adapters, in, cols]: the group's A, transposed, of every adapter */
     int64_t in, cols, projections;
     projection_t projection[3];
 } group_t;
@@ -55,34 +55,63 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch doe
     return (uint16_t)(u >> 16);
 }
 
-/* acc[r][0:n] = sum over k in [k0, k1) of x[r][k] * m[k * stride + 0:n], for nr <= RB rows, n <= TW */
-static inline void tile(float acc[RB][TW], const float *const *x, int64_t nr, const float *m, int64_t stride,
-                        int64_t k0, int64_t k1, int64_t n) {
-    for (int r = 0; r < RB; r++)
-        for (int v = 0; v < TW; v++) acc[r][v] = 0.f;
-    if (nr == RB && n == TW) { /* the common case, with constant bounds the compiler unrolls */
-        for (int64_t k = k0; k < k1; k++) {
-            const float *restrict mk = m + k * stride;
-            for (int r = 0; r < RB; r++) {
-                float s = x[r][k];
-                for (int v = 0; v < TW; v++) acc[r][v] += s * mk[v];
-            }
-        }
-    } else {
-        for (int64_t k = k0; k < k1; k++) {
-            const float *restrict mk = m + k * stride;
-            for (int r = 0; r < nr; r++) {
-                float s = x[r][k];
-                for (int v = 0; v < n; v++) acc[r][v] += s * mk[v];
-            }
-        }
+/* acc[r][0:n] = sum over k in [k0, k1) of x[r][k] * m[k * stride + 0:n], for nr <= RB rows and
+ * n <= TW columns of m, float32 (tile_f32) or bfloat16 (tile_bf16). Tiles of 1 to RB rows by 1 to
+ * 3 whole vectors take a loop of constant bounds each (one row for a single stream, two for 8
+ * tenants' 16 rows; 16, 32 or 48 columns of A for rank 16), which the compiler unrolls into
+ * registers; other shapes take the general loop. */
+#define TILE(name, type, value)                                                                        \
+    static inline __attribute__((always_inline)) void name##_fixed(                                   \
+        float acc[RB][TW], const float *const *x, const int nr, const int nv, const type *m,           \
+        int64_t stride, int64_t k0, int64_t k1) {                                                      \
+        for (int64_t k = k0; k < k1; k++) {                                                            \
+            const type *restrict mk = m + k * stride;                                                  \
+            for (int r = 0; r < nr; r++) {                                                             \
+                float s = x[r][k];                                                                     \
+                for (int v = 0; v < nv * VEC; v++) acc[r][v] += s * value(mk[v]);                      \
+            }                                                                                          \
+        }                                                                                              \
+    }                                                                                                  \
+    static inline void name(float acc[RB][TW], const float *const *x, int64_t nr, const type *m,      \
+                            int64_t stride, int64_t k0, int64_t k1, int64_t n) {                       \
+        for (int r = 0; r < RB; r++)                                                                   \
+            for (int v = 0; v < TW; v++) acc[r][v] = 0.f;                                              \
+        if (n % VEC == 0) {                                                                            \
+            switch (nr * 4 + n / VEC) {                                                                \
+                FIXED(name, 1) FIXED(name, 2) FIXED(name, 3) FIXED(name, 4)                            \
+            }                                                                                          \
+        }                                                                                              \
+        for (int64_t k = k0; k < k1; k++) {                                                            \
+            const type *restrict mk = m + k * stride;                                                  \
+            for (int r = 0; r < nr; r++) {                                                             \
+                float s = x[r][k];                                                                     \
+                for (int v = 0; v < n; v++) acc[r][v] += s * value(mk[v]);                             \
+            }                                                                                          \
+        }                                                                                              \
     }
+#define CASE(name, nr, nv) \
+    case nr * 4 + nv:      \
+        name##_fixed(acc, x, nr, nv, m, stride, k0, k1); \
+        return;
+#define FIXED(name, nr) CASE(name, nr, 1) CASE(name, nr, 2) CASE(name, nr, 3)
+#define AS_FLOAT(v) (v)
+TILE(tile_f32, float, AS_FLOAT)
+TILE(tile_bf16, uint16_t, from_bf16)
+
+/* the tile of the matrix m from its element `at`, in m's element type */
+static inline void tile(float acc[RB][TW], const float *const *x, int64_t nr, const void *m, int bf16, int64_t at,
+                        int64_t stride, int64_t k0, int64_t k1, int64_t n) {
+    if (bf16)
+        tile_bf16(acc, x, nr, (const uint16_t *)m + at, stride, k0, k1, n);
+    else
+        tile_f32(acc, x, nr, (const float *)m + at, stride, k0, k1, n);
 }
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* The rows of adapter i are order[starts[i]:starts[i + 1]] (rows of x and out); x is [x_rows, in]
- * and out [x_rows, out_stride], both bfloat16 when bf16, else float32. */
+ * and out [x_rows, out_stride]; x, out and the adapters' matrices are bfloat16 when bf16, else
+ * float32. */
 void lora_group(const group_t *g, void *out, int64_t out_stride, const void *x, int64_t x_rows, int bf16,
                 int64_t adapters, const int64_t *order, const int64_t *starts, int threads) {
     const int64_t in = g->in, cols = g->cols, rows = starts[adapters], half = in / 2;
@@ -105,13 +134,13 @@ void lora_group(const group_t *g, void *out, int64_t out_stride, const void *x, 
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < adapters * 2; t++) {
             int64_t adapter = t / 2, h = t % 2, end = starts[adapter + 1];
-            const float *a = g->a + adapter * in * cols;
             for (int64_t i0 = starts[adapter]; i0 < end; i0 += RB) {
                 int64_t nr = min64(end - i0, RB);
                 for (int64_t c0 = 0; c0 < cols; c0 += TW) {
                     int64_t n = min64(cols - c0, TW);
                     float acc[RB][TW];
-                    tile(acc, x_of + i0, nr, a + c0, cols, h ? half : 0, h ? in : half, n);
+                    tile(acc, x_of + i0, nr, g->a, bf16, adapter * in * cols + c0, cols, h ? half : 0, h ? in : half,
+                         n);
                     for (int64_t r = 0; r < nr; r++)
                         memcpy(part + (h * rows + i0 + r) * cols + c0, acc[r], sizeof(float) * n);
                 }
@@ -131,7 +160,7 @@ void lora_group(const group_t *g, void *out, int64_t out_stride, const void *x, 
             const projection_t *pr = &g->projection[p];
             int64_t adapter = task / chunks, j0 = (task % chunks) * CHUNK, j1 = min64(pr->size, j0 + CHUNK);
             int64_t end = starts[adapter + 1];
-            const float *b = pr->b + adapter * pr->width * pr->size;
+            int64_t b = adapter * pr->width * pr->size; /* the adapter's B */
             for (int64_t i0 = starts[adapter]; i0 < end; i0 += RB) {
                 int64_t nr = min64(end - i0, RB);
                 const float *xa_of[RB];
@@ -139,7 +168,7 @@ void lora_group(const group_t *g, void *out, int64_t out_stride, const void *x, 
                 for (int64_t j = j0; j < j1; j += TW) {
                     int64_t n = min64(j1 - j, TW);
                     float acc[RB][TW];
-                    tile(acc, xa_of, nr, b + j, pr->size, 0, pr->width, n);
+                    tile(acc, xa_of, nr, pr->b, bf16, b + j, pr->size, 0, pr->width, n);
                     for (int64_t r = 0; r < nr; r++) {
                         int64_t at = order[i0 + r] * out_stride + pr->offset + j;
                         if (bf16) {

@@ -26,6 +26,7 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("lora_kernel.c")
+DTYPES = (torch.float32, torch.bfloat16)
 
 
 class _Projection(ctypes.Structure):
@@ -44,9 +45,10 @@ class Group(ctypes.Structure):
         """a: [in, columns] or [adapters, in, columns]; b[projection]: [rank, out] or [adapters,
         rank, out] (every adapter's, laid out alike); cols: each projection's columns of a;
         slices: (projection, offset, size) of the group's projections in the fused output."""
-        if a.dtype != torch.float32 or not a.is_contiguous():
-            raise ValueError("the LoRA kernel reads contiguous float32 matrices")
+        if a.dtype not in DTYPES or not a.is_contiguous():
+            raise ValueError(f"the LoRA kernel reads contiguous float32 or bfloat16 matrices, not {a.dtype}")
         group = cls(a=a.data_ptr(), inputs=a.shape[-2], cols=a.shape[-1])
+        group.dtype = a.dtype
         group.keep = [a]
         for proj, offset, size in slices:
             if proj in cols:
@@ -67,8 +69,11 @@ def group(cache: dict, weights, layer: int, name: str, slices) -> Group:
 
 
 def add_to(group: Group, out: torch.Tensor, x: torch.Tensor, order: torch.Tensor, starts: torch.Tensor) -> None:
-    """out [rows, fused out] += each listed row's own adapter's update of x [rows, in]: the rows of
-    adapter i (of the group's layout) are order[starts[i]:starts[i + 1]] (int64 tensors)."""
+    """out [rows, fused out] += each listed row's own adapter's update of x [rows, in], all three in
+    the dtype of the group's matrices: the rows of adapter i (of the group's layout) are
+    order[starts[i]:starts[i + 1]] (int64 tensors)."""
+    if x.dtype != group.dtype:
+        raise ValueError(f"rows in {x.dtype} for an adapter held in {group.dtype}")
     kernel = load()
     kernel(
         ctypes.byref(group),
@@ -85,11 +90,12 @@ def add_to(group: Group, out: torch.Tensor, x: torch.Tensor, order: torch.Tensor
 
 
 def usable(out: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether the kernel can take these rows: on the CPU, contiguous, float32 or bfloat16 alike."""
+    """Whether the kernel can take these rows: on the CPU, contiguous, float32 or bfloat16 alike
+    (the adapters' dtype: the engine holds them in the dtype its forward computes in)."""
     return (
         out.device.type == "cpu"
         and out.dtype == x.dtype
-        and out.dtype in (torch.float32, torch.bfloat16)
+        and out.dtype in DTYPES
         and out.is_contiguous()
         and x.is_contiguous()
         and load() is not None

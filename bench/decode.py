@@ -130,7 +130,7 @@ def adapter_timings(drafter: Drafter, folder: Path, count: int = 8) -> dict:
         shutil.copytree(folder, folder.parent / f"copy-{i}")
         refs.append(AdapterRef(100 + i, folder.parent / f"copy-{i}"))
     engine = drafter.backend
-    model_shape = {"num_layers": engine.model.num_layers, "device": engine.device}
+    model_shape = {"num_layers": engine.model.num_layers, "device": engine.device, "dtype": engine.model.dtype}
     cold = []
     for ref in refs:
         cache = AdapterCache(max_count=count, max_bytes=2**40, **model_shape)

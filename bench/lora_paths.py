@@ -48,7 +48,7 @@ def main() -> None:
     for seed in range(TENANTS):
         ref = random_adapter(model, folder / str(seed), seed=seed)
         ref = type(ref)(seed + 1, ref.path)  # each its own id
-        adapters.append(LoraWeights.load(ref, llama.num_layers, llama.device))
+        adapters.append(LoraWeights.load(ref, llama.num_layers, llama.device, llama.dtype))
     fused = {"attn_in": "qkv", "attn_out": "o", "mlp_in": "gate_up", "mlp_out": "down"}
     inputs = {"attn_in": model.config.hidden_size, "attn_out": llama.q_size}
     inputs |= {"mlp_in": model.config.hidden_size, "mlp_out": llama.intermediate}

@@ -115,7 +115,7 @@ def main() -> None:
     for seed in range(2):
         ref = random_adapter(loaded.model, folder / str(seed), seed=seed)
         ref = type(ref)(seed + 1, ref.path)  # each its own id
-        two.append(LoraWeights.load(ref, llama.num_layers, llama.device))
+        two.append(LoraWeights.load(ref, llama.num_layers, llama.device, llama.dtype))
     figures: dict = {"dtype": "float32", "rank": 16, "runs": RUNS, "prefill": {}, "attention": {}}
     print("prompts N adapters tokens | one-by-one ms (per token) | packed ms (per token) | speedup")
     for kind, texts in prompts.items():

@@ -4,6 +4,7 @@ from agent.adapters import AdapterCache
 from agent.drafting import generate_greedy
 from agent.engine import Engine
 from agent.prompt import IncomingEmail, build_messages, pad_token_id, prompt_token_ids, stop_token_ids
+from agent.weights import compute_dtype
 
 
 def prompts(tokenizer, count: int) -> list[list[int]]:
@@ -27,5 +28,6 @@ def plain(model, tokenizer, prompt: list[int], max_new_tokens: int) -> list[int]
 def engine_for(loaded, **overrides) -> Engine:
     options = {"max_batch": 8, "max_queue": 16, "max_length": 512} | overrides
     model = loaded.model
-    cache = AdapterCache(4, 2**30, num_layers=model.config.num_hidden_layers, device=model.device)
+    layout = {"num_layers": model.config.num_hidden_layers, "device": model.device}
+    cache = AdapterCache(4, 2**30, **layout, dtype=compute_dtype(model.dtype, options.get("weights", "float")))
     return Engine(model, stop_ids=stop_token_ids(model.generation_config, loaded.tokenizer), adapters=cache, **options)

@@ -102,7 +102,8 @@ def test_tokens_stream_to_an_event_loop(tiny_model):
 
 def test_adapter_cache_evicts_the_least_recently_used(tiny_model, adapters):
     layers = tiny_model.model.config.num_hidden_layers
-    cache = AdapterCache(max_count=2, max_bytes=2**30, num_layers=layers, device=torch.device("cpu"))
+    layout = {"num_layers": layers, "device": torch.device("cpu"), "dtype": tiny_model.model.dtype}
+    cache = AdapterCache(max_count=2, max_bytes=2**30, **layout)
     first = cache.get(adapters[0])
     cache.get(adapters[1])
     assert cache.get(adapters[0]) is first and cache.loads == 2  # cached: not loaded again
@@ -111,7 +112,7 @@ def test_adapter_cache_evicts_the_least_recently_used(tiny_model, adapters):
     cache.get(adapters[1])
     assert cache.loads == 4 and (1, 1.0) not in cache  # loaded again on demand
 
-    small = AdapterCache(max_count=10, max_bytes=first.nbytes, num_layers=layers, device=torch.device("cpu"))
+    small = AdapterCache(max_count=10, max_bytes=first.nbytes, **layout)
     small.get(adapters[0])
     small.get(adapters[1])
     assert (1, 1.0) not in small and (2, 1.0) in small

@@ -20,7 +20,7 @@ def test_the_kernel_is_built_here():
 def test_the_kernel_adds_what_pytorchs_products_add(monkeypatch, tiny_model, adapters, dtype, rows):
     llama = Llama(tiny_model.model, max_length=8)
     cpu = torch.device("cpu")
-    loaded = [LoraWeights.load(ref, llama.num_layers, cpu) for ref in adapters]
+    loaded = [LoraWeights.load(ref, llama.num_layers, cpu, dtype) for ref in adapters]
     inputs = {"attn_in": llama.embed.shape[1], "attn_out": llama.q_size}
     inputs |= {"mlp_in": llama.embed.shape[1], "mlp_out": llama.intermediate}
     batches = {

@@ -31,9 +31,8 @@ def _prefilled(tiny_model, adapters, packed: bool) -> tuple[torch.Tensor, KVCach
     i in slot i), packed into one forward or one forward each."""
     llama = Llama(tiny_model.model, max_length=512)
     cache = KVCache(llama, max_batch=len(CHOICES), max_length=512)
-    weights = [
-        LoraWeights.load(adapters[c], llama.num_layers, llama.device) if c is not None else None for c in CHOICES
-    ]
+    layout = (llama.num_layers, llama.device, llama.dtype)
+    weights = [LoraWeights.load(adapters[c], *layout) if c is not None else None for c in CHOICES]
     tokens = [torch.tensor(prompt) for prompt in _prompts(tiny_model.tokenizer)]
     lengths = [len(t) for t in tokens]
     if packed:
@@ -78,7 +77,7 @@ def test_packed_prefill_fills_the_cache_as_one_by_one(tiny_model, adapters):
 
 def test_a_pack_with_one_adapter_uses_its_weights(tiny_model, adapters):
     model = tiny_model.model
-    weights = LoraWeights.load(adapters[0], model.config.num_hidden_layers, model.device)
+    weights = LoraWeights.load(adapters[0], model.config.num_hidden_layers, model.device, model.dtype)
     assert pack_lora([weights, weights], [5, 9]) is weights
     assert pack_lora([None, None], [5, 9]) is None
     assert pack_lora([None, weights], [5, 9]).runs == [(5, 14, weights)]
