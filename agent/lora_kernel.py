@@ -7,10 +7,11 @@ more on dispatching and packing them than on the arithmetic (an adapter's update
 tiny product after another. The kernel does one input group of one layer in one call, reading
 each adapter's matrices once for all of its rows (bench.lora_paths has the figures).
 
-It is compiled on first use for the CPU it runs on (gcc or cc, -march=native, about a second)
-into a per-user cache folder keyed by its source and the CPU's flags, and loaded after torch, so
-that its OpenMP threads are PyTorch's own team. Where no compiler is found, `load()` is None and
-the updates stay PyTorch products."""
+It is compiled on first use for the CPU it runs on (cc or gcc, -march=native, about a second)
+into the user's cache folder (~/.cache/draftloop/kernels), keyed by its source and the CPU's
+flags, and loaded after torch, so that its OpenMP threads are PyTorch's own team. Where it cannot
+be built (no compiler, or one without OpenMP), `load()` is None and the updates stay PyTorch
+products, with a warning in the log."""
 
 import ctypes
 import functools
@@ -19,7 +20,6 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
@@ -109,12 +109,15 @@ def load():
     if compiler is None:
         log.warning("no C compiler found: LoRA updates of decode steps use PyTorch's products (slower)")
         return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + _cpu_flags().encode()).hexdigest()[:16]
-    folder = Path(tempfile.gettempdir()) / f"draftloop-kernels-{os.getuid()}"
+    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode()).hexdigest()[:16]
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "draftloop" / "kernels"
     library = folder / f"lora-{key}.so"
     if not library.exists():
-        folder.mkdir(exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            log.warning("no folder for the LoRA kernel (%s): PyTorch's products are used", error)
+            return None
         built = folder / f".lora-{key}-{os.getpid()}.so"
         command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(built), str(SOURCE)]
         result = subprocess.run(command, capture_output=True, text=True)
