@@ -3,7 +3,9 @@
 against `draftloop serve`; then the same load from 8 tenants without adapters (the base model).
 
 For concurrency 1, 4 and 16: aggregate new tokens/s, and p50/p95 request latency; the ratio of
-mixed-adapter to base-only throughput. Each request drafts a reply to a different sample email
+mixed-adapter to base-only throughput. Each group runs twice, alternated (mixed, base, base,
+mixed), and its figures are those of both runs together: this machine's speed drifts by 15-25%
+within minutes, and one run each, mixed first, measured the drift as much as the adapters. Each request drafts a reply to a different sample email
 with up to 64 new tokens (prefill included in every figure). Then the cost of a version the
 server has never seen: a tenant's first one-token draft against the same draft again.
 
@@ -11,7 +13,7 @@ With --vllm, the same load also goes through the remote backend: `draftloop serv
 a real vLLM (the CPU build, `make vllm`) on the same machine, both in float32 on all cores, one
 after the other; the unseen version's cost then includes publishing it for vLLM's resolver.
 
-Run: .venv/bin/python -m bench.serving [--vllm]   (about 5 minutes on 2 CPU cores; 12 with --vllm)
+Run: .venv/bin/python -m bench.serving [--vllm]   (about 5 minutes on 2 CPU cores; 15 with --vllm)
 """
 
 import argparse
@@ -103,7 +105,8 @@ def serve(env: dict) -> tuple[subprocess.Popen, str]:
 
 
 async def load(url: str, keys: list[str], emails: list[dict], concurrency: int, requests: int) -> dict:
-    """`requests` drafts, `concurrency` at a time, tenants taken in turn."""
+    """`requests` drafts, `concurrency` at a time, tenants taken in turn: each one's new tokens and
+    latency, and the wall time of the run."""
     latencies, tokens = [], []
     jobs = iter(range(requests))
 
@@ -124,10 +127,16 @@ async def load(url: str, keys: list[str], emails: list[dict], concurrency: int, 
         started = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    latencies.sort()
+    return {"tokens": tokens, "latencies": latencies, "wall_s": wall}
+
+
+def summary(runs: list[dict]) -> dict:
+    """Runs of one group together: aggregate tokens/s over their summed wall time, latencies pooled."""
+    tokens = [n for run in runs for n in run["tokens"]]
+    latencies = sorted(t for run in runs for t in run["latencies"])
     return {
-        "requests": requests,
-        "tokens_per_s": round(sum(tokens) / wall, 1),
+        "requests": len(tokens),
+        "tokens_per_s": round(sum(tokens) / sum(run["wall_s"] for run in runs), 1),
         "mean_new_tokens": round(statistics.mean(tokens), 1),
         "latency_p50_s": round(statistics.median(latencies), 2),
         "latency_p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 2),
@@ -160,9 +169,10 @@ def measure(env: dict, keys: dict[str, list[str]], unseen_key: str, emails: list
         asyncio.run(load(url, keys["mixed"], emails, 8, 8))  # warm-up: every adapter loaded once
         for concurrency in CONCURRENCY:
             requests = max(8, 2 * concurrency)
-            row = {
-                group: asyncio.run(load(url, keys[group], emails, concurrency, requests)) for group in ("mixed", "base")
-            }
+            runs: dict[str, list[dict]] = {"mixed": [], "base": []}
+            for group in ("mixed", "base", "base", "mixed"):  # alternated: a drifting machine favours neither
+                runs[group].append(asyncio.run(load(url, keys[group], emails, concurrency, requests)))
+            row: dict = {group: summary(group_runs) for group, group_runs in runs.items()}
             row["mixed_over_base"] = round(row["mixed"]["tokens_per_s"] / row["base"]["tokens_per_s"], 2)
             figures[f"concurrency_{concurrency}"] = row
             print(label, concurrency, row, flush=True)
