@@ -5,8 +5,9 @@ against `draftloop serve`; then the same load from 8 tenants without adapters (t
 For concurrency 1, 4 and 16: aggregate new tokens/s, and p50/p95 request latency; the ratio of
 mixed-adapter to base-only throughput. Each group runs twice, alternated (mixed, base, base,
 mixed), and its figures are those of both runs together: this machine's speed drifts by 15-25%
-within minutes, and one run each, mixed first, measured the drift as much as the adapters. Each request drafts a reply to a different sample email
-with up to 64 new tokens (prefill included in every figure). Then the cost of a version the
+within minutes, and one run each, mixed first, measured the drift as much as the adapters. Each
+request drafts a reply to a different sample email with up to 64 new tokens (prefill included in
+every figure). Then the cost of a version the
 server has never seen: a tenant's first one-token draft against the same draft again.
 
 With --vllm, the same load also goes through the remote backend: `draftloop serve` drafting on
