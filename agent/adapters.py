@@ -39,12 +39,14 @@ INPUT_GROUPS = {
     "mlp_out": ("down_proj",),
 }
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
-# Up to this many rows an adapter's update is the CPU kernel's (agent/lora_kernel.py), past it
-# PyTorch's products (a prefill's rows). Measured on 2 AVX-512 BF16 cores, one rank-16 adapter's
-# update of 30 layers in float32: 1.6 against 2.4 ms at one row, 3.0 against 4.6 at 16, 8.9
-# against 8.2 at 64, 33 against 20 at 240; in bfloat16, 240 rows: 18 ms by PyTorch's products
-# (oneDNN's bfloat16 kernels), 44 by the kernel's float32 arithmetic.
-KERNEL_ROWS = 16
+# Up to this many rows (by dtype) one adapter's update is the CPU kernel's (agent/lora_kernel.py),
+# past it PyTorch's products, which the kernel does not beat at larger row counts. Measured on 2
+# AVX-512 BF16 cores, one rank-16 adapter's update of 30 layers, kernel against PyTorch, ms: in
+# float32 2.7 / 3.9 at 4 rows, 3.3 / 3.6 at 6, 4.1 / 3.9 at 8, 6.1 / 3.8 at 16 (MKL's products);
+# in bfloat16 1.6 / 8.4 at 1 row, 4.7 / 10.3 at 16, while at a prefill's 240 rows oneDNN's
+# bfloat16 products took 18 ms against the kernel's 44. Rows of several adapters (GroupedLora)
+# are always the kernel's: 9.7-13.4 against 14.9-15.8 ms for 8 adapters' 16 rows in float32.
+KERNEL_ROWS = {torch.float32: 6, torch.bfloat16: 16}
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ class LoraWeights:
         if group not in self.a[layer]:
             return
         rows = x.shape[0]
-        if rows <= KERNEL_ROWS and lora_kernel.usable(out, x):
+        if rows <= KERNEL_ROWS.get(x.dtype, 0) and lora_kernel.usable(out, x):
             kernel_group = lora_kernel.group(self._kernel_groups, self, layer, group, slices)
             lora_kernel.add_to(kernel_group, out, x, *_every_row(rows))
             return
