@@ -11,8 +11,12 @@ from agent.adapters import INPUT_GROUPS, KERNEL_ROWS, BatchStacker, GroupedLora,
 from agent.llama import Llama
 
 
-def test_the_kernel_is_built_here():
+def test_the_kernel_is_built_here_and_shares_torchs_openmp():
     assert lora_kernel.load() is not None  # a machine with a C compiler, as CI's
+    # one OpenMP runtime in the process: a second one's idle team would slow every decode step
+    # (agent/threads.py), and its threads would not be PyTorch's
+    mapped = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
+    assert len(mapped) == 1, mapped
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
