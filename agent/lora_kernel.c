@@ -63,24 +63,27 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch doe
 #define TILE(name, type, value)                                                                        \
     static inline __attribute__((always_inline)) void name##_fixed(                                   \
         float acc[RB][TW], const float *const *x, const int nr, const int nv, const type *m,           \
-        int64_t stride, int64_t k0, int64_t k1) {                                                      \
-        for (int64_t k = k0; k < k1; k++) {                                                            \
-            const type *restrict mk = m + k * stride;                                                  \
-            for (int r = 0; r < nr; r++) {                                                             \
-                float s = x[r][k];                                                                     \
-                for (int v = 0; v < nv * VEC; v++) acc[r][v] += s * value(mk[v]);                      \
-            }                                                                                          \
-        }                                                                                              \
-    }                                                                                                  \
+        int64_t stride, int64_t k0, int64_t k1) {                                                   \
+        float sum[RB][TW] = {{0}}; /* in registers, stored once */                                  \
+        for (int64_t k = k0; k < k1; k++) {                                                         \
+            const type *restrict mk = m + k * stride;                                               \
+            for (int r = 0; r < nr; r++) {                                                          \
+                float s = x[r][k];                                                                  \
+                for (int v = 0; v < nv * VEC; v++) sum[r][v] += s * value(mk[v]);                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (int r = 0; r < nr; r++)                                                                \
+            for (int v = 0; v < nv * VEC; v++) acc[r][v] = sum[r][v];                               \
+    }                                                                                               \
     static inline void name(float acc[RB][TW], const float *const *x, int64_t nr, const type *m,      \
                             int64_t stride, int64_t k0, int64_t k1, int64_t n) {                       \
-        for (int r = 0; r < RB; r++)                                                                   \
-            for (int v = 0; v < TW; v++) acc[r][v] = 0.f;                                              \
         if (n % VEC == 0) {                                                                            \
             switch (nr * 4 + n / VEC) {                                                                \
                 FIXED(name, 1) FIXED(name, 2) FIXED(name, 3) FIXED(name, 4)                            \
             }                                                                                          \
         }                                                                                              \
+        for (int r = 0; r < nr; r++)                                                                   \
+            for (int v = 0; v < n; v++) acc[r][v] = 0.f;                                               \
         for (int64_t k = k0; k < k1; k++) {                                                            \
             const type *restrict mk = m + k * stride;                                                  \
             for (int r = 0; r < nr; r++) {                                                             \
