@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
@@ -109,16 +110,13 @@ def load():
     if compiler is None:
         log.warning("no C compiler found: LoRA updates of decode steps use PyTorch's products (slower)")
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode()).hexdigest()[:16]
-    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "draftloop" / "kernels"
-    library = folder / f"lora-{key}.so"
+    name = f"lora-{hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode()).hexdigest()[:16]}.so"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "draftloop" / "kernels"
+    library = cache / name
     if not library.exists():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            log.warning("no folder for the LoRA kernel (%s): PyTorch's products are used", error)
-            return None
-        built = folder / f".lora-{key}-{os.getpid()}.so"
+        folder = _writable(cache)
+        library = folder / name
+        built = folder / f".{name}-{os.getpid()}"
         command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(built), str(SOURCE)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
@@ -130,6 +128,20 @@ def load():
     function.argtypes += [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     function.restype = None
     return function
+
+
+def _writable(cache: Path) -> Path:
+    """The cache folder, made if need be; where it cannot be written (a read-only home), a
+    temporary folder of this process's own (mode 0700, so no other user can place a library in it)."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        if os.access(cache, os.W_OK):
+            return cache
+    except OSError:
+        pass
+    folder = Path(tempfile.mkdtemp(prefix="draftloop-kernels-"))
+    log.warning("%s cannot be written: the LoRA kernel is built in %s for this process", cache, folder)
+    return folder
 
 
 def _cpu_flags() -> str:

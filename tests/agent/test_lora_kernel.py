@@ -19,6 +19,27 @@ def test_the_kernel_is_built_here_and_shares_torchs_openmp():
     assert len(mapped) == 1, mapped
 
 
+@pytest.fixture
+def fresh_load():
+    """lora_kernel.load as on a first call in a new process, restored after the test."""
+    lora_kernel.load.cache_clear()
+    yield lora_kernel.load
+    lora_kernel.load.cache_clear()
+
+
+def test_the_kernel_is_built_in_a_private_folder_when_the_cache_cannot_be_written(monkeypatch, tmp_path, fresh_load):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # no folder can be made under a file
+    assert fresh_load() is not None
+
+
+def test_without_a_compiler_the_updates_stay_pytorchs(monkeypatch, fresh_load):
+    monkeypatch.setattr(lora_kernel.shutil, "which", lambda name: None)
+    assert fresh_load() is None
+    assert not lora_kernel.usable(torch.zeros(1, 4), torch.zeros(1, 4))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, *KERNEL_ROWS.values()])
 def test_the_kernel_adds_what_pytorchs_products_add(monkeypatch, tiny_model, adapters, dtype, rows):
