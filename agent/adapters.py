@@ -102,7 +102,7 @@ class LoraWeights:
     b: list[dict[str, torch.Tensor]]
     cols: dict[str, tuple[int, int]]
     nbytes: int
-    _kernel_groups: dict = field(default_factory=dict, repr=False)  # (layer, group) -> lora_kernel.Group
+    kernel_groups: dict = field(default_factory=dict, repr=False)  # (layer, group) -> lora_kernel.Group
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, layer: int, group: str, slices) -> None:
         """out [rows, fused out] += this adapter's update of x [rows, in], every row alike;
@@ -111,7 +111,7 @@ class LoraWeights:
             return
         rows = x.shape[0]
         if rows <= KERNEL_ROWS.get(x.dtype, 0) and lora_kernel.usable(out, x):
-            kernel_group = lora_kernel.group(self._kernel_groups, self, layer, group, slices)
+            kernel_group = lora_kernel.group(self, layer, group, slices)
             lora_kernel.add_to(kernel_group, out, x, *_every_row(rows))
             return
         xa = x @ self.a[layer][group]  # [rows, columns]
@@ -243,7 +243,7 @@ class GroupedLora:
         if group not in self.a[layer]:
             return
         if lora_kernel.usable(out, x):
-            kernel_group = lora_kernel.group(self.stack._kernel_groups, self.stack, layer, group, slices)
+            kernel_group = lora_kernel.group(self.stack, layer, group, slices)
             lora_kernel.add_to(kernel_group, out, x, self.order, self.starts)
             return
         rows = x.index_select(0, self.gather)
@@ -274,7 +274,7 @@ class _Stack:
     a: list[dict[str, torch.Tensor]]
     b: list[dict[str, torch.Tensor]]
     cols: dict[str, tuple[int, int]]
-    _kernel_groups: dict = field(default_factory=dict, repr=False)  # (layer, group) -> lora_kernel.Group
+    kernel_groups: dict = field(default_factory=dict, repr=False)  # (layer, group) -> lora_kernel.Group
 
 
 class SegmentLora:

@@ -61,9 +61,10 @@ class Group(ctypes.Structure):
         return group
 
 
-def group(cache: dict, weights, layer: int, name: str, slices) -> Group:
+def group(weights, layer: int, name: str, slices) -> Group:
     """One layer's input group of `weights` (a LoraWeights, or several adapters stacked alike:
-    both have `a`, `b` and `cols`) as the kernel reads it, made once into `cache`."""
+    both have `a`, `b`, `cols` and a `kernel_groups` dict) as the kernel reads it, made once."""
+    cache = weights.kernel_groups
     if (layer, name) not in cache:
         cache[layer, name] = Group.of(weights.a[layer][name], weights.b[layer], weights.cols, slices)
     return cache[layer, name]
