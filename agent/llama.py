@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from agent.adapters import INPUT_GROUPS, BatchLora
-from agent.weights import WEIGHT_FORMATS, Weight, compute_dtype
+from agent.weights import WEIGHT_FORMATS, Weight, choose_products, compute_dtype
 
 # (layer, q, k, v) -> the attended values [batch, heads, length, head_dim]; it also stores k and v
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -79,6 +79,11 @@ class Llama:
                     post_attention_norm=layer.post_attention_layernorm.weight.detach().to(self.dtype),
                 )
             )
+        # Decode steps' products, measured on these weights on a CPU (agent/weights.py)
+        self.products = {}
+        if weights == "float" and self.device.type == "cpu":
+            fused = [w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+            self.products = choose_products([*fused, self.lm_head])
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.intermediate = config.intermediate_size

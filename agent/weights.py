@@ -2,47 +2,110 @@
 bits (`int8`, `int4`), each with its own matrix product for the forward (agent/llama.py).
 `WEIGHT_FORMATS` names them as `DRAFTLOOP_SERVING_WEIGHTS` does."""
 
+import time
+
 import torch
 import torch.nn.functional as F
 
-SPLIT_BELOW = 64  # inputs of fewer rows (decode steps) use the row-split matrix product
-# On a CPU with AVX-512, float32 inputs of fewer rows than LEFT_BELOW multiply with the weight's
-# halves as the left operand instead (measured on 2 AVX-512 BF16 EPYC cores, the 30 layers'
-# weights: 31 against 21 GB/s for 1 row, 31 against 15 for 2, 17-20 against 15 for 4, and no
-# better from 6 rows on, nor in bfloat16). Not measured on an AVX2 CPU: there the right operand stays.
-LEFT_BELOW = 5
-LEFT_PRODUCT = torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+def _linear(weight: "_Weight", x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight.full)
+
+
+def _halves_right(weight: "_Weight", x: torch.Tensor) -> torch.Tensor:
+    """The two halves of the weight's rows as a batch of two, x on the left: one half per thread."""
+    rows = x.shape[0]
+    halves = torch.bmm(x.expand(2, rows, x.shape[1]), weight.right)  # [2, rows, out / 2]
+    return halves.view(1, -1) if rows == 1 else halves.transpose(0, 1).reshape(rows, -1)
+
+
+def _halves_left(weight: "_Weight", x: torch.Tensor) -> torch.Tensor:
+    """The same halves as the left operand, x^T on the right."""
+    rows = x.shape[0]
+    halves = torch.bmm(weight.left, x.t().expand(2, -1, -1))  # [2, out / 2, rows]
+    return halves.view(1, -1) if rows == 1 else halves.permute(2, 0, 1).reshape(rows, -1)
+
+
+# The matrix products a decode step can use, all giving x @ weight^T in the same layout.
+PRODUCTS = {"linear": _linear, "halves_right": _halves_right, "halves_left": _halves_left}
+TUNED_ROWS = (1, 2, 4, 8, 16, 32)  # row counts measured; more rows than the last use F.linear
 
 
 class _Weight:
-    """A weight matrix [out, in] as it was loaded, and the same memory as two halves of its rows,
-    transposed."""
+    """A weight matrix [out, in] as it was loaded, and the same memory as two halves of its rows
+    (`left` [2, out / 2, in], and transposed, `right` [2, in, out / 2]).
+
+    Which product a decode step's few rows are fastest with depends on the CPU and the dtype, by
+    up to 2.7x, and the fastest on one machine was the slowest on another: MKL's float32
+    matrix-vector product runs on one thread, and the halves run one per thread. Measured, the
+    embedded model's 30 layers, ms per step for 1 / 16 rows (`halves_right`, `halves_left`,
+    `linear`): on 2 AVX-512 BF16 EPYC cores in float32 the halves on the left were 1.5x the
+    others at 1 row; on 2 Intel Xeon cores with AMX, in float32, 36.1 / 36.8 / 15.7 ms at 1 row
+    and in bfloat16 21.5 / 13.3 / 16.8 at 16 rows. So `choose_products` measures them on the
+    model's own weights when the engine loads on a CPU, and `by_rows` holds the choice for each
+    row count (`TUNED_ROWS` and those between); without it (on a GPU), and from more rows on,
+    F.linear."""
 
     def __init__(self, weight: torch.Tensor):
         self.full = weight
-        rows_split = weight.view(2, weight.shape[0] // 2, weight.shape[1])  # [2, out / 2, in]
-        self.halves = rows_split.transpose(1, 2)
-        self.left = rows_split if LEFT_PRODUCT and weight.dtype == torch.float32 else None
+        self.left = weight.view(2, weight.shape[0] // 2, weight.shape[1])
+        self.right = self.left.transpose(1, 2)
         self.nbytes = weight.numel() * weight.element_size()
+        self.by_rows: tuple = ()  # product for each row count (index), set by choose_products
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ weight^T. For a few rows, MKL's matrix-vector product runs on one thread and
-        reaches about half the memory bandwidth (measured: 11 of 23-30 GB/s on 2 cores);
-        multiplying the two halves of the weight's rows as a batch of two runs one half per
-        thread (1.5x faster), with the weight as the right operand or, for the fewest rows on
-        an AVX-512 CPU, the left (LEFT_BELOW)."""
+        """x @ weight^T for a decode step's rows, by the product measured fastest for as many."""
         rows = x.shape[0]
-        if rows >= SPLIT_BELOW:
-            return F.linear(x, self.full)
-        if self.left is not None and rows < LEFT_BELOW:
-            halves = torch.bmm(self.left, x.t().expand(2, -1, -1))  # [2, out / 2, rows]
-            return halves.view(1, -1) if rows == 1 else halves.permute(2, 0, 1).reshape(rows, -1)
-        halves = torch.bmm(x.expand(2, rows, x.shape[1]), self.halves)  # [2, rows, out / 2]
-        return halves.view(1, -1) if rows == 1 else halves.transpose(0, 1).reshape(rows, -1)
+        return (self.by_rows[rows] if rows < len(self.by_rows) else _linear)(self, x)
 
     def prefill(self, x: torch.Tensor) -> torch.Tensor:
         """x @ weight^T for a prefill's rows (a prompt's tokens)."""
         return F.linear(x, self.full)
+
+
+_chosen: dict[tuple, dict[str, dict[int, str]]] = {}  # the measured choices, per model shape and dtype
+
+
+def choose_products(weights: list["_Weight"], repeats: int = 3) -> dict[str, dict[int, str]]:
+    """Time every product of PRODUCTS on `weights` (a decode step's, each read once per pass, so
+    that they come from memory as in a step) for each of TUNED_ROWS rows, alternated, the best of
+    `repeats` passes each; give every weight the fastest for each row count (a count between two
+    measured ones takes the larger's). Weights of one shape are timed together, as a group, and
+    each shape gets its own choice. Measured once per process for a model's shapes and dtype.
+    Returns {shape: {rows: product name}}."""
+    shapes: dict[tuple, list[_Weight]] = {}
+    for weight in weights:
+        shapes.setdefault(tuple(weight.full.shape), []).append(weight)
+    first = weights[0].full
+    layout = tuple(sorted((shape, len(group)) for shape, group in shapes.items()))
+    key = (first.dtype, first.device.type, torch.get_num_threads(), layout)
+    if key not in _chosen:
+        _chosen[key] = {f"{s[0]}x{s[1]}": _measure(group, repeats) for s, group in shapes.items()}
+    chosen = _chosen[key]
+    for shape, group in shapes.items():
+        choice = chosen[f"{shape[0]}x{shape[1]}"]
+        by_rows = [_linear]
+        for rows in range(1, TUNED_ROWS[-1] + 1):
+            by_rows.append(PRODUCTS[choice[next(r for r in TUNED_ROWS if r >= rows)]])
+        for weight in group:
+            weight.by_rows = tuple(by_rows)
+    return chosen
+
+
+@torch.inference_mode()
+def _measure(group: list["_Weight"], repeats: int) -> dict[int, str]:
+    choice = {}
+    for rows in TUNED_ROWS:
+        x = group[0].full.new_full((rows, group[0].full.shape[1]), 0.01)
+        best = dict.fromkeys(PRODUCTS, float("inf"))
+        for _ in range(repeats + 1):  # the first pass is a warm-up
+            for name, product in PRODUCTS.items():
+                started = time.perf_counter()
+                for weight in group:
+                    product(weight, x)
+                best[name] = min(best[name], time.perf_counter() - started)
+        choice[rows] = min(best, key=best.get)
+    return choice
 
 
 # PyTorch's weight-only CPU kernels are vectorized for bfloat16 activations (measured on 2 AVX-512

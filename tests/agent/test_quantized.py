@@ -18,19 +18,58 @@ def _relative_error(held, weight: torch.Tensor, x: torch.Tensor) -> float:
     return ((held.matmul(x) - exact).norm() / exact.norm()).item()
 
 
-@pytest.mark.parametrize("left", [False, True])
-def test_float_products_of_every_row_count_equal_linear(monkeypatch, left):
-    """The row-split products (weight on the right, or on the left where LEFT_PRODUCT holds) for
-    decode steps, F.linear from SPLIT_BELOW rows on: the same values, the same layout."""
-    monkeypatch.setattr(weight_formats, "LEFT_PRODUCT", left)
+@pytest.mark.parametrize("product", sorted(weight_formats.PRODUCTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_decode_product_equals_linear(product, dtype):
+    """Each product a decode step may be given (the weight's halves on the right or the left, or
+    F.linear) for every row count: the same values, the same layout."""
     torch.manual_seed(2)
-    weight = torch.randn(96, 64)
+    weight = torch.randn(96, 64, dtype=dtype)
     held = _Weight(weight)
-    assert (held.left is not None) == left
-    for rows in (1, 2, 3, weight_formats.LEFT_BELOW, 7, weight_formats.SPLIT_BELOW):
-        x = torch.randn(rows, 64)
-        torch.testing.assert_close(held.matmul(x), torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
-    assert _Weight(weight.bfloat16()).left is None  # bfloat16 products were no faster on the left
+    held.by_rows = (None,) + (weight_formats.PRODUCTS[product],) * 8
+    for rows in (1, 2, 3, 5, 8, 9, 64):
+        x = torch.randn(rows, 64, dtype=dtype)
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(
+            held.matmul(x), torch.nn.functional.linear(x, weight), rtol=tolerance, atol=tolerance
+        )
+
+
+def test_the_products_are_chosen_per_shape_and_row_count_by_measurement(monkeypatch):
+    """choose_products gives each weight, per shape, the product measured fastest for each row
+    count (a count between two measured ones takes the larger's, more than the last F.linear's);
+    it measures once per process for the same shapes."""
+    timed = []
+
+    def fake_measure(group, repeats):  # stands in for the clock: a choice that differs by rows and shape
+        timed.append(tuple(group[0].full.shape))
+        wide = group[0].full.shape[0] > 64
+        return {
+            rows: ("halves_left" if rows <= 2 else "linear") if wide else "halves_right"
+            for rows in weight_formats.TUNED_ROWS
+        }
+
+    monkeypatch.setattr(weight_formats, "_measure", fake_measure)
+    monkeypatch.setattr(weight_formats, "_chosen", {})
+    wide, narrow = [_Weight(torch.randn(96, 64)) for _ in range(3)], _Weight(torch.randn(32, 64))
+    chosen = weight_formats.choose_products([*wide, narrow])
+    assert chosen["96x64"][1] == "halves_left" and chosen["32x64"][16] == "halves_right"
+    assert sorted(timed) == [(32, 64), (96, 64)]  # each shape timed once, as a group
+    for weight in wide:
+        assert weight.by_rows[1] is weight.by_rows[2] is weight_formats._halves_left
+        assert weight.by_rows[3] is weight.by_rows[32] is weight_formats._linear
+    assert narrow.by_rows[3] is narrow.by_rows[32] is weight_formats._halves_right
+    assert len(narrow.by_rows) == weight_formats.TUNED_ROWS[-1] + 1  # then F.linear
+    weight_formats.choose_products([*wide, narrow])
+    assert len(timed) == 2  # measured once per process
+
+
+def test_a_real_measurement_gives_every_row_count_a_product():
+    weights = [_Weight(torch.randn(96, 64)) for _ in range(2)]
+    chosen = weight_formats.choose_products(weights, repeats=1)
+    assert set(chosen["96x64"]) == set(weight_formats.TUNED_ROWS)
+    assert set(chosen["96x64"].values()) <= set(weight_formats.PRODUCTS)
+    assert all(product in weight_formats.PRODUCTS.values() for product in weights[0].by_rows[1:])
 
 
 @pytest.mark.parametrize(("held", "bound"), [(_Int8Weight, 0.01), (_Int4Weight, 0.1)])
