@@ -23,7 +23,8 @@ def _halves_left(weight: "_Weight", x: torch.Tensor) -> torch.Tensor:
     """The same halves as the left operand, x^T on the right."""
     rows = x.shape[0]
     halves = torch.bmm(weight.left, x.t().expand(2, -1, -1))  # [2, out / 2, rows]
-    return halves.view(1, -1) if rows == 1 else halves.permute(2, 0, 1).reshape(rows, -1)
+    # contiguous, as the others give it: the LoRA kernel and the ops after it read rows in place
+    return halves.view(1, -1) if rows == 1 else halves.permute(2, 0, 1).contiguous().view(rows, -1)
 
 
 # The matrix products a decode step can use, all giving x @ weight^T in the same layout.
