@@ -241,6 +241,8 @@ def main() -> None:
             read = format_bytes_per_token(drafter.backend)
             ceiling = figures["bandwidth_gb_s"] * 1e9 / read
             entry = {"weight_mb_read_per_token": round(read / 1e6, 1), "ceiling_tokens_per_s": round(ceiling, 1)}
+            if weights == "float":  # the decode products measured fastest on this CPU (agent/weights.py)
+                entry["products"] = drafter.backend.model.products
             for name, adapter in (("base", None), ("adapter", ref)):
                 engine = time_engine(drafter, prompt, adapter)
                 entry[name] = {

@@ -16,11 +16,10 @@ import torch
 import uvicorn
 from safetensors.torch import save_file
 from selenium import webdriver
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import delete
 from sqlalchemy.orm import Session, sessionmaker
@@ -145,6 +144,26 @@ def chromium(tmp_path_factory) -> Iterator[webdriver.Chrome]:
     driver.quit()
 
 
+def _replaced(element):
+    """A wait condition: the element's page is gone. Selenium's staleness_of asks the element
+    whether it is enabled and expects a stale-element error once the page is replaced; while the
+    old page is torn down chromedriver may answer instead with an inspector error ("Node with
+    given id does not belong to the document"), which also means it is gone."""
+
+    def gone(driver) -> bool:
+        try:
+            element.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as error:
+            if "does not belong to the document" in str(error.msg):
+                return True
+            raise
+        return False
+
+    return gone
+
+
 class Browser:
     """The browser on the test server, with the few steps the tests repeat."""
 
@@ -173,7 +192,7 @@ class Browser:
         while the old page is torn down, an element fails with an inspector error, not a stale one."""
         page = self.find("html")
         self.find(button_css).click()
-        self.wait(expected_conditions.staleness_of(page))
+        self.wait(_replaced(page))
 
     def wait_for_path(self, path: str) -> None:
         self.wait(lambda d: d.current_url == self.base_url + path)
