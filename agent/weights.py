@@ -41,11 +41,11 @@ class _Weight:
     matrix-vector product runs on one thread, and the halves run one per thread. Measured, the
     embedded model's 30 layers, ms per step for 1 / 16 rows (`halves_right`, `halves_left`,
     `linear`): on 2 AVX-512 BF16 EPYC cores in float32 the halves on the left were 1.5x the
-    others at 1 row; on 2 Intel Xeon cores with AMX, in float32, 36.1 / 36.8 / 15.7 ms at 1 row
-    and in bfloat16 21.5 / 13.3 / 16.8 at 16 rows. So `choose_products` measures them on the
-    model's own weights when the engine loads on a CPU, and `by_rows` holds the choice for each
-    row count (`TUNED_ROWS` and those between); without it (on a GPU), and from more rows on,
-    F.linear."""
+    others at 1 row; on 2 Intel Xeon cores with AMX, in float32 at 1 row, the halves on the left
+    took 36.1-36.8 ms and F.linear 15.7, and in bfloat16 at 16 rows 21.5 / 13.3 / 16.8. So
+    `choose_products` measures them on the model's own weights when the engine loads on a CPU,
+    and `by_rows` holds the choice for each row count (`TUNED_ROWS` and those between); without
+    it (on a GPU), and from more rows on, F.linear."""
 
     def __init__(self, weight: torch.Tensor):
         self.full = weight
@@ -64,7 +64,7 @@ class _Weight:
         return F.linear(x, self.full)
 
 
-_chosen: dict[tuple, dict[str, dict[int, str]]] = {}  # the measured choices, per model shape and dtype
+_chosen: dict[tuple, dict[tuple, dict[int, str]]] = {}  # the measured choices, per model shape and dtype
 
 
 def choose_products(weights: list["_Weight"], repeats: int = 3) -> dict[str, dict[int, str]]:
@@ -81,16 +81,15 @@ def choose_products(weights: list["_Weight"], repeats: int = 3) -> dict[str, dic
     layout = tuple(sorted((shape, len(group)) for shape, group in shapes.items()))
     key = (first.dtype, first.device.type, torch.get_num_threads(), layout)
     if key not in _chosen:
-        _chosen[key] = {f"{s[0]}x{s[1]}": _measure(group, repeats) for s, group in shapes.items()}
-    chosen = _chosen[key]
+        _chosen[key] = {shape: _measure(group, repeats) for shape, group in shapes.items()}
     for shape, group in shapes.items():
-        choice = chosen[f"{shape[0]}x{shape[1]}"]
+        choice = _chosen[key][shape]
         by_rows = [_linear]
         for rows in range(1, TUNED_ROWS[-1] + 1):
             by_rows.append(PRODUCTS[choice[next(r for r in TUNED_ROWS if r >= rows)]])
         for weight in group:
             weight.by_rows = tuple(by_rows)
-    return chosen
+    return {f"{out}x{inputs}": choice for (out, inputs), choice in _chosen[key].items()}
 
 
 @torch.inference_mode()
