@@ -292,7 +292,7 @@ class Engine:
         positions = torch.tensor([row.length for row in rows], device=self.device)
         attend = self.cache.decode_attention(positions, span=max(row.length for row in rows) + 1)
         lora = self.stacker.stack([row.adapter for row in rows])
-        next_tokens = self._choose(self.model.decode(tokens, positions, lora, attend), rows)
+        next_tokens = self._choose(self.model.decode(tokens, lora, attend), rows)
         self.steps += 1
         metrics.STEP_DURATION.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(rows))

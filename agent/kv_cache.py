@@ -9,6 +9,7 @@ writes the layer's new keys and values into their positions and attends over the
 import torch
 import torch.nn.functional as F
 
+from agent import decode_kernel
 from agent.llama import Attend, Llama
 
 # Keys, values and the attention over them are float32 whatever the model's dtype: PyTorch's CPU
@@ -22,10 +23,11 @@ class KVCache:
     """Per layer of the model, keys and values [max_batch, kv_heads, max_length, head_dim]."""
 
     def __init__(self, model: Llama, max_batch: int, max_length: int):
-        self.device = model.device
+        self.model, self.device = model, model.device
         shape = (max_batch, model.num_kv_heads, max_length, model.head_dim)
         self.k = [torch.zeros(shape, dtype=CACHE_DTYPE, device=self.device) for _ in range(model.num_layers)]
         self.v = [torch.zeros(shape, dtype=CACHE_DTYPE, device=self.device) for _ in range(model.num_layers)]
+        self.cos, self.sin = (table.to(CACHE_DTYPE).contiguous() for table in (model.cos, model.sin))  # RoPE
 
     def prefill_attention(self, slots: list[int], lengths: list[int]) -> Attend:
         """Attention for prompts packed into one forward (a batch of one, sum(lengths) long):
@@ -36,9 +38,12 @@ class KVCache:
         pack with a block-diagonal mask: a masked attention computes every pair of the pack's
         rows. For 8 sample emails' prompts (1586 rows) one layer took 7.5 ms against 50.8 masked,
         for 8 short ones (371 rows) 1.6 against 3.9 (2 AVX2 cores; bench/results/prefill.json)."""
-        k_cache, v_cache = self.k, self.v
+        k_cache, v_cache, model = self.k, self.v, self.model
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
+        rows = positions.shape[0]
 
-        def attend(layer: int, q, k, v):  # q [1, heads, rows, head_dim]; k, v [1, kv_heads, rows, head_dim]
+        def attend(layer: int, qkv):
+            q, k, v = model.heads(qkv, positions, 1, rows)  # q [1, heads, rows, head_dim]; k, v [1, kv_heads, ...]
             attended = []
             for slot, length, q_i, k_i, v_i in zip(
                 slots, lengths, *(t.to(CACHE_DTYPE).split(lengths, dim=2) for t in (q, k, v)), strict=True
@@ -46,27 +51,44 @@ class KVCache:
                 k_cache[layer][slot, :, :length] = k_i[0]
                 v_cache[layer][slot, :, :length] = v_i[0]
                 attended.append(F.scaled_dot_product_attention(q_i, k_i, v_i, is_causal=True, enable_gqa=True))
-            return torch.cat(attended, dim=2).to(q.dtype)  # [1, heads, rows, head_dim]
+            return torch.cat(attended, dim=2).to(q.dtype).transpose(1, 2).reshape(rows, model.q_size)
 
         return attend
 
     def decode_attention(self, positions: torch.Tensor, span: int) -> Attend:
         """Attention for one decode step of the sequences in slots [0, batch): each one's new key
         and value go to its own position (`positions` [batch]), and it attends to the cache up to
-        there; `span` is the longest sequence's length after the step."""
-        batch = positions.shape[0]
+        there; `span` is the longest sequence's length after the step.
+
+        On a CPU where the C kernel builds, one call per layer does it all (RoPE, the cache
+        writes, the attention; agent/decode_kernel.py): PyTorch's ops for it took about 90 us a
+        layer for one row, and its attention 460 us for 16 rows (2 AVX2 cores)."""
+        model, batch = self.model, positions.shape[0]
+        k_cache, v_cache = self.k, self.v
+        if decode_kernel.takes_attention(self.k[0], model.head_dim):
+            positions = positions.contiguous()
+
+            def attend_by_kernel(layer: int, qkv):
+                attended = decode_kernel.attention(
+                    qkv.to(CACHE_DTYPE), positions, model.num_heads, self.cos, self.sin, k_cache[layer], v_cache[layer]
+                )
+                return attended.to(qkv.dtype)
+
+            return attend_by_kernel
+
         visible = torch.arange(span, device=self.device)[None] <= positions[:, None]  # [batch, span]
         mask = visible[:, None, None, :]
         slots = torch.arange(batch, device=self.device)
-        k_cache, v_cache = self.k, self.v
 
-        def attend(layer: int, q, k, v):  # q [batch, heads, 1, head_dim]; k, v [batch, kv_heads, 1, head_dim]
+        def attend(layer: int, qkv):
+            # q [batch, heads, 1, head_dim]; k, v [batch, kv_heads, 1, head_dim]
+            q, k, v = model.heads(qkv, positions, batch, 1)
             layer_k, layer_v = k_cache[layer], v_cache[layer]
             layer_k[slots, :, positions] = k[:, :, 0].to(CACHE_DTYPE)
             layer_v[slots, :, positions] = v[:, :, 0].to(CACHE_DTYPE)
             keys, values = layer_k[:batch, :, :span], layer_v[:batch, :, :span]
             attended = F.scaled_dot_product_attention(q.to(CACHE_DTYPE), keys, values, attn_mask=mask, enable_gqa=True)
-            return attended.to(q.dtype)
+            return attended.to(q.dtype).reshape(batch, model.q_size)
 
         return attend
 

@@ -21,8 +21,9 @@ from transformers import PreTrainedModel
 from agent.adapters import INPUT_GROUPS, BatchLora
 from agent.weights import WEIGHT_FORMATS, Weight, choose_products, compute_dtype
 
-# (layer, q, k, v) -> the attended values [batch, heads, length, head_dim]; it also stores k and v
-Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (layer, qkv [rows, q + k + v out], as projected) -> the attended values [rows, q out]; it rotates q
+# and k (RoPE at each row's position) and stores k and v
+Attend = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def _rope(x, cos, sin):
@@ -114,50 +115,45 @@ class Llama:
         each prompt to its own rows. Returns the logits after each prompt's last token [prompts,
         vocab] (after every token [rows, vocab] with every_position, for scoring a text)."""
         lengths = [tokens.shape[0] for tokens in prompts]
-        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])  # [rows]
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [rows, 1, head_dim]
-        rows = positions.shape[0]
-        hidden = self._forward(torch.cat(prompts), lora, cos, sin, attend, batch=1, length=rows, prefill=True)
+        hidden = self._forward(torch.cat(prompts), lora, attend, prefill=True)
         if not every_position:
             hidden = hidden[torch.tensor(lengths, device=self.device).cumsum(0) - 1]  # [prompts, hidden]
         return self.logits(hidden, prefill=True)
 
-    def decode(
-        self, tokens: torch.Tensor, positions: torch.Tensor, lora: BatchLora | None, attend: Attend
-    ) -> torch.Tensor:
-        """One new token per sequence, `tokens` [batch] at `positions` [batch]; returns the
-        logits after each [batch, vocab]."""
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [batch, 1, head_dim]
-        hidden = self._forward(tokens, lora, cos, sin, attend, batch=tokens.shape[0], length=1, prefill=False)
-        return self.logits(hidden, prefill=False)
+    def decode(self, tokens: torch.Tensor, lora: BatchLora | None, attend: Attend) -> torch.Tensor:
+        """One new token per sequence, `tokens` [batch]; returns the logits after each [batch, vocab].
+        `attend` puts them at their positions."""
+        return self.logits(self._forward(tokens, lora, attend, prefill=False), prefill=False)
 
     def logits(self, hidden, prefill: bool):
         """hidden [rows, hidden] -> logits [rows, vocab]."""
         return self._product(self._norm(hidden, self.final_norm), self.lm_head, prefill)
 
-    def _forward(
-        self, tokens, lora: BatchLora | None, cos, sin, attend: Attend, *, batch: int, length: int, prefill: bool
-    ):
-        """The decoder layers on `tokens` ([batch * length]); returns the final hidden states
-        [batch * length, hidden]. `cos` and `sin` are per token ([batch * length, 1, head_dim]);
+    def _forward(self, tokens, lora: BatchLora | None, attend: Attend, *, prefill: bool):
+        """The decoder layers on `tokens` [rows]; returns the final hidden states [rows, hidden].
         `prefill`: a prefill's forward, not a decode step's (the weights' product for each)."""
         x = F.embedding(tokens, self.embed)  # [rows, hidden]
-        rows, heads = batch * length, self.num_heads + self.num_kv_heads
         for index, weights in enumerate(self.layers):
             h = self._norm(x, weights.input_norm)
             qkv = self._project(h, weights.qkv, lora, index, "attn_in", prefill)  # [rows, q_size + 2 * kv_size]
-            # q and k rotated together: [rows, heads + kv_heads, head_dim]
-            qk = _rope(qkv[:, : self.q_size + self.kv_size].view(rows, heads, self.head_dim), cos, sin)
-            v = qkv[:, self.q_size + self.kv_size :].view(batch, length, self.num_kv_heads, self.head_dim)
-            q, k = qk.view(batch, length, heads, self.head_dim).split([self.num_heads, self.num_kv_heads], dim=2)
-            # q [batch, heads, length, head_dim]; k, v [batch, kv_heads, length, head_dim]
-            attended = attend(index, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            attended = attended.transpose(1, 2).reshape(rows, self.q_size)  # [rows, q_size]
+            attended = attend(index, qkv)  # [rows, q_size]
             x = x + self._project(attended, weights.o, lora, index, "attn_out", prefill)  # [rows, hidden]
             h = self._norm(x, weights.post_attention_norm)
             gate, up = self._project(h, weights.gate_up, lora, index, "mlp_in", prefill).split(self.intermediate, -1)
             x = x + self._project(F.silu(gate) * up, weights.down, lora, index, "mlp_out", prefill)  # [rows, hidden]
         return x
+
+    def heads(self, qkv, positions, batch: int, length: int):
+        """A forward's qkv [batch * length, q_size + 2 * kv_size] at `positions` [batch * length]
+        as q [batch, heads, length, head_dim] and k, v [batch, kv_heads, length, head_dim], q and k
+        rotated (for attention computed by PyTorch: agent/kv_cache.py)."""
+        rows, heads = batch * length, self.num_heads + self.num_kv_heads
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [rows, 1, head_dim]
+        # q and k rotated together: [rows, heads + kv_heads, head_dim]
+        qk = _rope(qkv[:, : self.q_size + self.kv_size].view(rows, heads, self.head_dim), cos, sin)
+        v = qkv[:, self.q_size + self.kv_size :].view(batch, length, self.num_kv_heads, self.head_dim)
+        q, k = qk.view(batch, length, heads, self.head_dim).split([self.num_heads, self.num_kv_heads], dim=2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _norm(self, x, weight):
         """RMSNorm as Llama computes it: in float32, scaled in the model's dtype."""

@@ -7,25 +7,17 @@ more on dispatching and packing them than on the arithmetic (an adapter's update
 tiny product after another. The kernel does one input group of one layer in one call, reading
 each adapter's matrices once for all of its rows (bench.lora_paths has the figures).
 
-It is compiled on first use for the CPU it runs on (cc or gcc, -march=native, about a second)
-into the user's cache folder (~/.cache/draftloop/kernels), keyed by its source and the CPU's
-flags, and loaded after torch, so that its OpenMP threads are PyTorch's own team. Where it cannot
-be built (no compiler, or one without OpenMP), `load()` is None and the updates stay PyTorch
-products, with a warning in the log."""
+It is compiled on first use for the CPU it runs on (agent/native.py). Where it cannot be built,
+`load()` is None and the updates stay PyTorch products, with a warning in the log."""
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from agent import native
+
 SOURCE = Path(__file__).with_name("lora_kernel.c")
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -107,46 +99,11 @@ def usable(out: torch.Tensor, x: torch.Tensor) -> bool:
 @functools.cache
 def load():
     """The compiled kernel's function, or None where it cannot be built."""
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        log.warning("no C compiler found: LoRA updates of decode steps use PyTorch's products (slower)")
+    built = native.library(SOURCE)
+    if built is None:
         return None
-    name = f"lora-{hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode()).hexdigest()[:16]}.so"
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "draftloop" / "kernels"
-    library = cache / name
-    if not library.exists():
-        folder = _writable(cache)
-        library = folder / name
-        built = folder / f".{name}-{os.getpid()}"
-        command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(built), str(SOURCE)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            log.warning("the LoRA kernel did not compile (%s): PyTorch's products are used", result.stderr.strip())
-            return None
-        built.replace(library)  # atomic: processes compiling at once each install a whole file
-    function = ctypes.CDLL(str(library)).lora_group
+    function = built.lora_group
     function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     function.argtypes += [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     function.restype = None
     return function
-
-
-def _writable(cache: Path) -> Path:
-    """The cache folder, made if need be; where it cannot be written (a read-only home), a
-    temporary folder of this process's own (mode 0700, so no other user can place a library in it)."""
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        if os.access(cache, os.W_OK):
-            return cache
-    except OSError:
-        pass
-    folder = Path(tempfile.mkdtemp(prefix="draftloop-kernels-"))
-    log.warning("%s cannot be written: the LoRA kernel is built in %s for this process", cache, folder)
-    return folder
-
-
-def _cpu_flags() -> str:
-    try:
-        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return ""

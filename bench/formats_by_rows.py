@@ -39,7 +39,7 @@ def main() -> None:
 
             def step(weights, tokens=tokens, positions=positions):
                 attend = caches[weights].decode_attention(positions, span=POSITION + 1)
-                return lambda: engines[weights].decode(tokens, positions, None, attend)
+                return lambda: engines[weights].decode(tokens, None, attend)
 
             figures["decode_step_ms"][rows] = median_ms({w: step(w) for w in FORMATS}, RUNS)
             print("decode step, rows", rows, figures["decode_step_ms"][rows], flush=True)

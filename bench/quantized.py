@@ -42,7 +42,7 @@ def mean_nll(model: Llama, rows: list[tuple[list[int], list[int]]]) -> float:
         for offset, token in enumerate(completion[:-1]):
             position = torch.tensor([len(prompt) + offset])
             attend = cache.decode_attention(position, span=len(prompt) + offset + 1)
-            logits.append(model.decode(torch.tensor([token]), position, None, attend))
+            logits.append(model.decode(torch.tensor([token]), None, attend))
         predicted = torch.cat(logits).float().log_softmax(-1)
         scores.append(-predicted.gather(1, torch.tensor(completion)[:, None]).mean().item())
     return statistics.mean(scores)

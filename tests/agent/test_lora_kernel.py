@@ -6,7 +6,7 @@ projections with rows that have none, in float32 and bfloat16. The engine's toke
 import pytest
 import torch
 
-from agent import lora_kernel
+from agent import lora_kernel, native
 from agent.adapters import INPUT_GROUPS, KERNEL_ROWS, BatchStacker, GroupedLora, LoraWeights
 from agent.llama import Llama
 
@@ -35,7 +35,7 @@ def test_the_kernel_is_built_in_a_private_folder_when_the_cache_cannot_be_writte
 
 
 def test_without_a_compiler_the_updates_stay_pytorchs(monkeypatch, fresh_load):
-    monkeypatch.setattr(lora_kernel.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
     assert fresh_load() is None
     assert not lora_kernel.usable(torch.zeros(1, 4), torch.zeros(1, 4))
 

@@ -25,6 +25,9 @@ def test_every_decode_product_equals_linear(product, dtype):
     F.linear) for every row count: the same values, the same layout."""
     torch.manual_seed(2)
     weight = torch.randn(96, 64, dtype=dtype)
+    if product not in weight_formats.products_for(weight):
+        assert product == "kernel" and dtype != torch.float32  # the C kernel takes float32 weights
+        return
     held = _Weight(weight)
     held.by_rows = (None,) + (weight_formats.PRODUCTS[product],) * 8
     for rows in (1, 2, 3, 5, 8, 9, 64):
@@ -130,7 +133,6 @@ def test_a_prefill_multiplies_by_the_float_weights_and_a_decode_step_by_the_quan
             assert torch.equal(logits[0], logits[1]), rows
         tokens, positions = torch.randint(0, model.config.vocab_size, (3,)), torch.tensor([5, 9, 2])
         steps = [
-            m.decode(tokens, positions, None, KVCache(m, 3, 512).decode_attention(positions, 10))
-            for m in (float_model, held)
+            m.decode(tokens, None, KVCache(m, 3, 512).decode_attention(positions, 10)) for m in (float_model, held)
         ]
         assert not torch.equal(steps[0], steps[1])

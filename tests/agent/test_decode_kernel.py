@@ -1,0 +1,74 @@
+"""The C kernel of decode steps (agent/decode_kernel.py): its float32 and int8 products equal
+PyTorch's, and its attention (RoPE, cache writes, attention) equals the PyTorch path's, for every
+row count a step has, sequences at different positions. The engine's token-equality tests
+(test_engine.py) run through it too."""
+
+import pytest
+import torch
+
+from agent import decode_kernel
+from agent.kv_cache import KVCache
+from agent.llama import Llama
+from agent.weights import _Int8Weight
+
+ROWS = [1, 2, 3, 4, 5, 7, 16]
+
+
+def test_the_kernel_is_built_here():
+    assert decode_kernel.load() is not None  # a machine with a C compiler and AVX2, as CI's
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_the_float32_product_equals_linear(rows):
+    torch.manual_seed(rows)
+    weight, x = torch.randn(96, 40), torch.randn(rows, 40)
+    assert decode_kernel.takes(weight)
+    product = decode_kernel.f32_product(x, weight)
+    torch.testing.assert_close(product, torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_the_int8_product_equals_the_dequantized_weights_product(rows):
+    """Against the float product of the weights the codes stand for (q * scale), and against
+    PyTorch's int8 kernel on the same codes (bfloat16 rows, so within its rounding)."""
+    torch.manual_seed(rows)
+    held, x = _Int8Weight(torch.randn(112, 48)), torch.randn(rows, 48)
+    assert held.packed is not None  # the kernel's
+    codes = held.packed.transpose(1, 2).reshape(112, 48)  # unpacked
+    exact = x @ (codes.float() * held.scale[:, None]).t()
+    torch.testing.assert_close(held.matmul(x), exact, rtol=1e-5, atol=1e-4)
+    theirs = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), codes, held.scale.bfloat16()).float()
+    torch.testing.assert_close(held.matmul(x), theirs, rtol=2e-2, atol=5e-2)
+
+
+def test_int8_weights_keep_pytorchs_kernel_where_the_kernel_does_not_take_them():
+    held = _Int8Weight(torch.randn(100, 48))  # 100 outputs: not whole blocks
+    assert held.packed is None and held.q is not None
+    x = torch.randn(3, 48)
+    expected = x @ (held.q.float() * held.scale.float()[:, None]).t()
+    torch.testing.assert_close(held.matmul(x), expected, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_the_attention_equals_pytorchs(monkeypatch, tiny_model, rows):
+    """Rows at different positions of caches already holding keys and values: the same attended
+    values, and the same keys (rotated) and values written at each row's position."""
+    llama = Llama(tiny_model.model, max_length=64)
+    torch.manual_seed(rows)
+    positions = torch.randint(0, 40, (rows,))
+    qkv = torch.randn(rows, llama.q_size + 2 * llama.kv_size)
+    caches = []
+    for by_kernel in (True, False):
+        cache = KVCache(llama, 16, 64)
+        for tensor in (*cache.k, *cache.v):
+            tensor.copy_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(7)))
+        with monkeypatch.context() as patch:
+            if not by_kernel:
+                patch.setattr(decode_kernel, "takes_attention", lambda cache, head_dim: False)
+            attend = cache.decode_attention(positions, span=int(positions.max()) + 1)
+            caches.append((cache, [attend(layer, qkv) for layer in range(llama.num_layers)]))
+    (ours, our_out), (theirs, their_out) = caches
+    for layer in range(llama.num_layers):
+        torch.testing.assert_close(our_out[layer], their_out[layer], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.k[layer], theirs.k[layer], rtol=1e-6, atol=1e-6)
+        assert torch.equal(ours.v[layer], theirs.v[layer])
