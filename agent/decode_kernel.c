@@ -132,10 +132,49 @@ static inline void rope(const float *x, const float *cos, const float *sin, floa
     for (int64_t i = half; i < d; i++) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
 }
 
-static inline float dot(const float *a, const float *b, int64_t d) { /* d a multiple of 8 */
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    return hsum(acc);
+/* scores[j] = (q . keys[j]) * scale for j in [0, length), keys [length, d], d a multiple of 8:
+ * four keys at a time, so that four chains of multiply-adds run side by side (one key's chain
+ * alone waits on each add's latency). */
+static void scores_of(const float *q, const float *keys, int64_t length, int64_t d, float scale, float *scores) {
+    int64_t j = 0;
+    for (; j + 4 <= length; j += 4) {
+        const float *k = keys + j * d;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t i = 0; i < d; i += 8) {
+            __m256 qv = _mm256_loadu_ps(q + i);
+            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + i), a0);
+            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + d + i), a1);
+            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 2 * d + i), a2);
+            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 3 * d + i), a3);
+        }
+        scores[j] = hsum(a0) * scale, scores[j + 1] = hsum(a1) * scale;
+        scores[j + 2] = hsum(a2) * scale, scores[j + 3] = hsum(a3) * scale;
+    }
+    for (; j < length; j++) {
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t i = 0; i < d; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(keys + j * d + i), a);
+        scores[j] = hsum(a) * scale;
+    }
+}
+
+/* out[0:d] = sum over j of weights[j] * values[j] * norm, values [length, d]: 8 values of a row at
+ * a time in registers, each a chain of its own */
+static void weighted_sum(const float *weights, const float *values, int64_t length, int64_t d, float norm,
+                         float *out) {
+    for (int64_t i0 = 0; i0 < d; i0 += 64) {
+        int64_t n = d - i0 < 64 ? (d - i0) / 8 : 8;
+        __m256 acc[8];
+        for (int v = 0; v < 8; v++) acc[v] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < length; j++) {
+            __m256 w = _mm256_set1_ps(weights[j]);
+            const float *row = values + j * d + i0;
+            if (n == 8)
+                for (int v = 0; v < 8; v++) acc[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8 * v), acc[v]);
+            else
+                for (int v = 0; v < n; v++) acc[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8 * v), acc[v]);
+        }
+        for (int v = 0; v < n; v++) _mm256_storeu_ps(out + i0 + 8 * v, _mm256_mul_ps(acc[v], _mm256_set1_ps(norm)));
+    }
 }
 
 /* One decode step's attention in one layer, for the sequences in slots [0, rows) of the cache:
@@ -166,11 +205,9 @@ void attention(const float *qkv, const int64_t *positions, int64_t rows, int64_t
             const float *keys = k_cache + head, *values = v_cache + head;
             float q[d], weights[(length + 7) / 8 * 8];
             rope(qkv + b * width + h * d, cos + p * d, sin + p * d, q, d);
+            scores_of(q, keys, length, d, scale, weights);
             float top = -INFINITY;
-            for (int64_t j = 0; j < length; j++) {
-                weights[j] = dot(q, keys + j * d, d) * scale;
-                top = weights[j] > top ? weights[j] : top;
-            }
+            for (int64_t j = 0; j < length; j++) top = weights[j] > top ? weights[j] : top;
             for (int64_t j = length; j % 8; j++) weights[j] = -INFINITY;
             __m256 total = _mm256_setzero_ps(), shift = _mm256_set1_ps(top);
             for (int64_t j = 0; j < length; j += 8) {
@@ -178,13 +215,28 @@ void attention(const float *qkv, const int64_t *positions, int64_t rows, int64_t
                 _mm256_storeu_ps(weights + j, e);
                 total = _mm256_add_ps(total, e);
             }
-            float norm = 1.f / hsum(total), *o = out + b * heads * d + h * d;
-            for (int64_t i = 0; i < d; i++) o[i] = 0.f;
-            for (int64_t j = 0; j < length; j++) {
-                const float *v = values + j * d;
-                for (int64_t i = 0; i < d; i++) o[i] += weights[j] * v[i];
-            }
-            for (int64_t i = 0; i < d; i++) o[i] *= norm;
+            weighted_sum(weights, values, length, d, 1.f / hsum(total), out + b * heads * d + h * d);
         }
+    }
+}
+
+/* The residual stream's step between two products, for a decode step's rows: x [rows, n] += delta
+ * [rows, n] (unless delta is NULL), then h = RMSNorm(x) as Llama computes it in float32,
+ * w * (x / sqrt(mean(x^2) + eps)). On the calling thread: a few thousand values. */
+void add_rms_norm(float *x, const float *delta, const float *w, float eps, float *h, int64_t rows, int64_t n) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *xr = x + r * n, *hr = h + r * n;
+        if (delta)
+            for (int64_t i = 0; i < n; i++) xr[i] += delta[r * n + i];
+        __m256 squares = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256 v = _mm256_loadu_ps(xr + i);
+            squares = _mm256_fmadd_ps(v, v, squares);
+        }
+        float sum = hsum(squares);
+        for (; i < n; i++) sum += xr[i] * xr[i];
+        float scale = 1.f / sqrtf(sum / (float)n + eps);
+        for (i = 0; i < n; i++) hr[i] = w[i] * (xr[i] * scale);
     }
 }

@@ -71,6 +71,12 @@ def int8_product(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> 
     return y
 
 
+def takes_rows(x: torch.Tensor) -> bool:
+    """Whether the kernel can take rows like `x` for the residual stream's adds and norms: float32 on
+    the CPU, the kernel built."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and load() is not None
+
+
 def takes_attention(cache: torch.Tensor, head_dim: int) -> bool:
     """Whether the kernel can run decode steps' attention over `cache` (a layer's keys or values
     [slots, kv_heads, max_length, head_dim]) here: float32 on the CPU, whole vectors of a head."""
@@ -103,6 +109,15 @@ def attention(qkv, positions, heads: int, cos, sin, k_cache, v_cache) -> torch.T
     return out
 
 
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x += delta in place (float32 [rows, n], contiguous; none when delta is None), and returns
+    RMSNorm(x) with `weight` [n] float32 (decode_kernel.c's `add_rms_norm`)."""
+    h = torch.empty_like(x)
+    delta_at = None if delta is None else delta.contiguous().data_ptr()
+    load().add_rms_norm(x.data_ptr(), delta_at, weight.data_ptr(), eps, h.data_ptr(), x.shape[0], x.shape[1])
+    return h
+
+
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled kernel, or None where it cannot be built."""
@@ -114,5 +129,7 @@ def load() -> ctypes.CDLL | None:
     built.int8_product.argtypes = [pointer, size, size, pointer, pointer, pointer, size, ctypes.c_int]
     built.attention.argtypes = [pointer, pointer, size, size, size, size, pointer, pointer, pointer, pointer, size]
     built.attention.argtypes += [pointer, ctypes.c_int]
-    built.f32_product.restype = built.int8_product.restype = built.attention.restype = None
+    built.add_rms_norm.argtypes = [pointer, pointer, pointer, ctypes.c_float, pointer, size, size]
+    for function in (built.f32_product, built.int8_product, built.attention, built.add_rms_norm):
+        function.restype = None
     return built

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from agent import decode_kernel
 from agent.adapters import INPUT_GROUPS, BatchLora
 from agent.weights import WEIGHT_FORMATS, Weight, choose_products, compute_dtype
 
@@ -81,6 +82,8 @@ class Llama:
                 )
             )
         # Decode steps' products, measured on these weights on a CPU (agent/weights.py)
+        # the residual stream's adds and norms of decode steps by the C kernel (agent/decode_kernel.py)
+        self.kernel_norms = self.dtype == torch.float32 and decode_kernel.takes_rows(self.embed)
         self.products = {}
         if weights == "float" and self.device.type == "cpu":
             fused = [w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
@@ -126,22 +129,36 @@ class Llama:
         return self.logits(self._forward(tokens, lora, attend, prefill=False), prefill=False)
 
     def logits(self, hidden, prefill: bool):
-        """hidden [rows, hidden] -> logits [rows, vocab]."""
-        return self._product(self._norm(hidden, self.final_norm), self.lm_head, prefill)
+        """hidden [rows, hidden], after the final norm -> logits [rows, vocab]."""
+        return self._product(hidden, self.lm_head, prefill)
 
     def _forward(self, tokens, lora: BatchLora | None, attend: Attend, *, prefill: bool):
-        """The decoder layers on `tokens` [rows]; returns the final hidden states [rows, hidden].
-        `prefill`: a prefill's forward, not a decode step's (the weights' product for each)."""
-        x = F.embedding(tokens, self.embed)  # [rows, hidden]
-        for index, weights in enumerate(self.layers):
-            h = self._norm(x, weights.input_norm)
+        """The decoder layers on `tokens` [rows]; returns the final hidden states after the final
+        norm [rows, hidden]. `prefill`: a prefill's forward, not a decode step's (the weights'
+        product for each, and the residual stream's adds and norms: by the C kernel in a decode
+        step where it runs)."""
+        by_kernel = self.kernel_norms and not prefill
+        x, h = self._add_norm(F.embedding(tokens, self.embed), None, self.layers[0].input_norm, by_kernel)
+        after = [weights.input_norm for weights in self.layers[1:]] + [self.final_norm]  # each layer's last norm
+        for index, (weights, last_norm) in enumerate(zip(self.layers, after, strict=True)):
             qkv = self._project(h, weights.qkv, lora, index, "attn_in", prefill)  # [rows, q_size + 2 * kv_size]
             attended = attend(index, qkv)  # [rows, q_size]
-            x = x + self._project(attended, weights.o, lora, index, "attn_out", prefill)  # [rows, hidden]
-            h = self._norm(x, weights.post_attention_norm)
+            out = self._project(attended, weights.o, lora, index, "attn_out", prefill)  # [rows, hidden]
+            x, h = self._add_norm(x, out, weights.post_attention_norm, by_kernel)
             gate, up = self._project(h, weights.gate_up, lora, index, "mlp_in", prefill).split(self.intermediate, -1)
-            x = x + self._project(F.silu(gate) * up, weights.down, lora, index, "mlp_out", prefill)  # [rows, hidden]
-        return x
+            out = self._project(F.silu(gate) * up, weights.down, lora, index, "mlp_out", prefill)  # [rows, hidden]
+            x, h = self._add_norm(x, out, last_norm, by_kernel)
+        return h
+
+    def _add_norm(self, x, out, weight, by_kernel: bool):
+        """The residual stream x [rows, hidden] plus a layer's output (none when `out` is None), and
+        its RMSNorm with `weight`: (x, normed). The C kernel adds in place, in one call with the
+        norm: PyTorch's add and norm took about 45 us for one row (2 AVX2 cores)."""
+        if by_kernel:
+            return x, decode_kernel.add_rms_norm(x, out, weight, self.eps)
+        if out is not None:
+            x = x + out
+        return x, self._norm(x, weight)
 
     def heads(self, qkv, positions, batch: int, length: int):
         """A forward's qkv [batch * length, q_size + 2 * kv_size] at `positions` [batch * length]
