@@ -196,7 +196,10 @@ def main() -> None:
         ENV["DRAFTLOOP_MODEL_DTYPE"] = "float32"
     keys = set_up()
     emails = [{"sender": e.sender, "subject": e.subject, "body": e.body} for e in load_sample_tenant().emails]
+    from core.settings import get_settings
+
     figures: dict = {"tenants": TENANTS, "max_new_tokens": NEW_TOKENS}
+    figures["serving_weights"] = get_settings().serving_weights  # DRAFTLOOP_SERVING_WEIGHTS
     figures["local"] = measure({}, keys, keys["unseen"][0], emails, "local")
     if with_vllm:
         figures["vllm"] = measure_vllm(keys, emails)
