@@ -93,7 +93,7 @@ def choose_products(weights: list["_Weight"], repeats: int = 3) -> dict[str, dic
         shapes.setdefault(tuple(weight.full.shape), []).append(weight)
     first = weights[0].full
     layout = tuple(sorted((shape, len(group)) for shape, group in shapes.items()))
-    key = (first.dtype, first.device.type, torch.get_num_threads(), layout)
+    key = (first.dtype, first.device.type, torch.get_num_threads(), layout, tuple(products_for(first)))
     if key not in _chosen:
         _chosen[key] = {shape: _measure(group, repeats) for shape, group in shapes.items()}
     for shape, group in shapes.items():

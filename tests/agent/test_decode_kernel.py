@@ -6,7 +6,7 @@ row count a step has, sequences at different positions. The engine's token-equal
 import pytest
 import torch
 
-from agent import decode_kernel
+from agent import decode_kernel, native
 from agent.kv_cache import KVCache
 from agent.llama import Llama
 from agent.weights import _Int8Weight
@@ -72,3 +72,27 @@ def test_the_attention_equals_pytorchs(monkeypatch, tiny_model, rows):
         torch.testing.assert_close(our_out[layer], their_out[layer], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours.k[layer], theirs.k[layer], rtol=1e-6, atol=1e-6)
         assert torch.equal(ours.v[layer], theirs.v[layer])
+
+
+def test_without_the_kernel_a_decode_step_gives_the_same_logits(monkeypatch, tiny_model):
+    """Where the kernel cannot be built (no compiler, a CPU without AVX2), every part of a decode
+    step falls back to PyTorch: the same logits, int8 weights on PyTorch's int8 kernel."""
+    positions = torch.tensor([3, 5])
+    tokens = torch.tensor([11, 12])
+
+    def logits(weights: str) -> torch.Tensor:
+        llama = Llama(tiny_model.model, max_length=16, weights=weights)
+        cache = KVCache(llama, 2, 16)
+        with torch.inference_mode():
+            return llama.decode(tokens, None, cache.decode_attention(positions, span=6))
+
+    built = {weights: logits(weights) for weights in ("float", "int8")}
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    decode_kernel.load.cache_clear()
+    try:
+        assert decode_kernel.load() is None
+        for weights, expected in built.items():
+            tolerance = 1e-4 if weights == "float" else 5e-2  # int8: bfloat16 rows into PyTorch's kernel
+            torch.testing.assert_close(logits(weights), expected, rtol=tolerance, atol=tolerance)
+    finally:
+        decode_kernel.load.cache_clear()
