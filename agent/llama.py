@@ -3,7 +3,9 @@
 Decoding one token reads every weight of the model once, so on a CPU it is bound by memory
 bandwidth. This forward stays close to that bound: q/k/v and gate/up are fused into one matmul
 each, matrix-vector products are split across both threads (the weight formats:
-agent/weights.py), and there is none of the per-token framework overhead of `generate`. Each
+agent/weights.py), and there is none of the per-token framework overhead of `generate`: on the
+CPU a decode step's attention and its residual adds and norms are a C kernel's, one call each
+(agent/decode_kernel.py). Each
 row of a batch adds its own LoRA adapter's low-rank update (a `BatchLora`: agent/adapters.py);
 attention, and with it the KV cache, is a function the caller passes in (agent/kv_cache.py).
 

@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     model_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 where the hardware has it
     load_in_4bit: bool = False  # NF4 base weights for drafting, on a GPU only
     # How the serving engine holds the base weights on the CPU: as loaded (model_dtype), or at
-    # 8 or 4 bits, multiplied by PyTorch's weight-only kernels (the LoRA updates stay in float32)
+    # 8 or 4 bits for decode steps (agent/weights.py; the LoRA updates stay in float32)
     serving_weights: Literal["float", "int8", "int4"] = "float"
 
     # Generation limits
