@@ -6,7 +6,7 @@ embedded model's shapes in float32:
   float32 by the kernel and by each of PyTorch's products (F.linear, the weight's halves on the
   right or the left: agent/weights.py), int8 by the kernel (packed) and by PyTorch's weight-only
   int8 kernel (bfloat16 rows, as agent/weights.py calls it); GB/s of weights read;
-- attention of one layer (RoPE, the cache writes, attention over 241 positions) by the kernel
+- attention of one layer (RoPE, the cache writes, attention over 241 positions), us per call, by the kernel
   and by the PyTorch path of agent/kv_cache.py, for 1 and 16 rows;
 - the residual add and RMSNorm by the kernel and by PyTorch's ops.
 Median of RUNS passes, the alternatives alternated (bench.prefill.median_ms); the memory
@@ -46,6 +46,7 @@ def products(figures: dict) -> None:
     nbytes = {"float32": sum(w.nbytes for w in floats), "int8": sum(w.nbytes for w in int8s)}
     figures["weight_mb_per_step"] = {name: round(n / 1e6, 1) for name, n in nbytes.items()}
     figures["products_ms"], figures["products_gb_s"] = {}, {}
+    unpacked = {id(w): _unpacked(w) for w in int8s}
     for rows in ROWS:
         xs = {n: torch.randn(rows, n) for n in {w.full.shape[1] for w in floats}}
 
@@ -56,9 +57,7 @@ def products(figures: dict) -> None:
         works = {f"float32 {name}": every(p, floats) for name, p in weight_formats.PRODUCTS.items()}
         works["int8 kernel"] = every(lambda w, x: w.matmul(x), int8s)
         works["int8 pytorch"] = every(  # PyTorch's weight-only kernel on the same codes, as it takes them
-            lambda w, x, q={}: torch.ops.aten._weight_int8pack_mm(x, *q.setdefault(id(w), _unpacked(w))),
-            int8s,
-            torch.bfloat16,
+            lambda w, x: torch.ops.aten._weight_int8pack_mm(x, *unpacked[id(w)]), int8s, torch.bfloat16
         )
         ms = median_ms(works, RUNS)
         figures["products_ms"][rows] = ms
@@ -79,7 +78,7 @@ def products(figures: dict) -> None:
         by_pytorch = cache.decode_attention(positions, POSITION + 1)
         decode_kernel.takes_attention = takes
         works = {"kernel": lambda a=by_kernel, q=qkv: a(0, q), "pytorch": lambda a=by_pytorch, q=qkv: a(0, q)}
-        figures["attention_us"][rows] = {k: round(v * 1000, 1) for k, v in median_ms(works, 200 * RUNS).items()}
+        figures["attention_us"][rows] = _median_us(works)
         print("attention of one layer, rows", rows, figures["attention_us"][rows], flush=True)
 
     x, out, weight = torch.randn(1, 576), torch.randn(1, 576), torch.randn(576)
@@ -87,8 +86,14 @@ def products(figures: dict) -> None:
         "kernel": lambda: decode_kernel.add_rms_norm(x.clone(), out, weight, 1e-5),
         "pytorch": lambda: F.rms_norm(x.clone() + out, weight.shape, weight, 1e-5),
     }
-    figures["add_rms_norm_us"] = {k: round(v * 1000, 1) for k, v in median_ms(works, 500 * RUNS).items()}
+    figures["add_rms_norm_us"] = _median_us(works)
     print("residual add and norm, one row", figures["add_rms_norm_us"], flush=True)
+
+
+def _median_us(works: dict, calls: int = 200) -> dict[str, float]:
+    """Each work's median time per call in us, over RUNS runs of `calls` calls, alternated."""
+    ms = median_ms({name: lambda w=work: [w() for _ in range(calls)] for name, work in works.items()}, RUNS)
+    return {name: round(t * 1000 / calls, 1) for name, t in ms.items()}
 
 
 def _unpacked(weight) -> tuple:
