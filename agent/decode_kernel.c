@@ -1,5 +1,8 @@
-/* A decode step's matrix products on the CPU: y[rows, out] = x[rows, in] @ w^T for the few rows of
- * a step, x and y float32, w [out, in] either
+/* A decode step on the CPU, for its few rows (float32), in three parts that agent/decode_kernel.py
+ * calls: the matrix products, the attention of a layer (`attention`, below), and the residual
+ * stream's add and RMSNorm (`add_rms_norm`, last).
+ *
+ * The products: y[rows, out] = x[rows, in] @ w^T, w [out, in] either
  *   - float32, row-major as PyTorch holds it (`f32_product`), or
  *   - int8 with a float32 scale per output row, w = q * scale (`int8_product`), q packed: outputs
  *     in groups of PACK rows, and within a group the inputs in chunks of 8, each chunk holding

@@ -1,7 +1,8 @@
-"""Decode steps' matrix products on the CPU by a small C kernel (decode_kernel.c, compiled on first
-use by agent/native.py for the CPU it runs on; it needs AVX2 and FMA): float32 weights as they
-are, and weights held at 8 bits, packed for it. Where it cannot be built, or for weights it does
-not take, agent/weights.py keeps PyTorch's products.
+"""Decode steps on the CPU by a small C kernel (decode_kernel.c, compiled on first use by
+agent/native.py for the CPU it runs on; it needs AVX2 and FMA): the matrix products (float32
+weights as they are, and weights held at 8 bits, packed for it), a layer's attention with its
+RoPE and cache writes (agent/kv_cache.py), and the residual add with RMSNorm (agent/llama.py).
+Where it cannot be built, or for what it does not take, the callers keep PyTorch's ops.
 
 A step's few rows read every weight once, so a product is bound by reading the weights. On 2
 AVX2 cores (bandwidth 32.9 GB/s) the embedded model's products of one row read float32 weights
