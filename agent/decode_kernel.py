@@ -5,11 +5,11 @@ RoPE and cache writes (agent/kv_cache.py), and the residual add with RMSNorm (ag
 Where it cannot be built, or for what it does not take, the callers keep PyTorch's ops.
 
 A step's few rows read every weight once, so a product is bound by reading the weights. On 2
-AVX2 cores (bandwidth 32.9 GB/s) the embedded model's products of one row read float32 weights
-at 26.6 GB/s (PyTorch's best, 20.8) and int8 ones at 21.2 (PyTorch's int8 kernel, 10.2).
-Row-major int8 rows of 576 inputs are 9 cache lines, too short for the hardware prefetcher: the
-same kernel read them at 9.7 GB/s, so int8 weights are packed: outputs in groups of PACK rows,
-inputs in chunks of 8, the group's chunks one after another (bench/decode_kernel.py)."""
+AVX2 cores the embedded model's products of one row took 29.2 ms in float32 (PyTorch's best,
+30.0) and 10.9 in int8 (PyTorch's int8 kernel, 19.4; bench/results/decode-kernel.json). Row-major
+int8 rows of 576 inputs are 9 cache lines, too short for the hardware prefetcher: the same
+kernel read them at 9.7 GB/s against 21.2 packed (a scratch run), so int8 weights are packed:
+outputs in groups of PACK rows, inputs in chunks of 8, the group's chunks one after another."""
 
 import ctypes
 import functools

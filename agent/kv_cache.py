@@ -40,10 +40,10 @@ class KVCache:
         for 8 short ones (371 rows) 1.6 against 3.9 (2 AVX2 cores; bench/results/prefill.json)."""
         k_cache, v_cache, model = self.k, self.v, self.model
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
-        rows = positions.shape[0]
+        rows, (cos, sin) = positions.shape[0], model.rope_at(positions)
 
         def attend(layer: int, qkv):
-            q, k, v = model.heads(qkv, positions, 1, rows)  # q [1, heads, rows, head_dim]; k, v [1, kv_heads, ...]
+            q, k, v = model.heads(qkv, cos, sin, 1, rows)  # q [1, heads, rows, head_dim]; k, v [1, kv_heads, ...]
             attended = []
             for slot, length, q_i, k_i, v_i in zip(
                 slots, lengths, *(t.to(CACHE_DTYPE).split(lengths, dim=2) for t in (q, k, v)), strict=True
@@ -79,10 +79,11 @@ class KVCache:
         visible = torch.arange(span, device=self.device)[None] <= positions[:, None]  # [batch, span]
         mask = visible[:, None, None, :]
         slots = torch.arange(batch, device=self.device)
+        cos, sin = model.rope_at(positions)
 
         def attend(layer: int, qkv):
             # q [batch, heads, 1, head_dim]; k, v [batch, kv_heads, 1, head_dim]
-            q, k, v = model.heads(qkv, positions, batch, 1)
+            q, k, v = model.heads(qkv, cos, sin, batch, 1)
             layer_k, layer_v = k_cache[layer], v_cache[layer]
             layer_k[slots, :, positions] = k[:, :, 0].to(CACHE_DTYPE)
             layer_v[slots, :, positions] = v[:, :, 0].to(CACHE_DTYPE)

@@ -83,9 +83,9 @@ class Llama:
                     post_attention_norm=layer.post_attention_layernorm.weight.detach().to(self.dtype),
                 )
             )
-        # Decode steps' products, measured on these weights on a CPU (agent/weights.py)
         # the residual stream's adds and norms of decode steps by the C kernel (agent/decode_kernel.py)
-        self.kernel_norms = self.dtype == torch.float32 and decode_kernel.takes_rows(self.embed)
+        self.kernel_norms = decode_kernel.takes_rows(self.embed)
+        # Decode steps' products, measured on these weights on a CPU (agent/weights.py)
         self.products = {}
         if weights == "float" and self.device.type == "cpu":
             fused = [w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
@@ -162,12 +162,16 @@ class Llama:
             x = x + out
         return x, self._norm(x, weight)
 
-    def heads(self, qkv, positions, batch: int, length: int):
-        """A forward's qkv [batch * length, q_size + 2 * kv_size] at `positions` [batch * length]
-        as q [batch, heads, length, head_dim] and k, v [batch, kv_heads, length, head_dim], q and k
-        rotated (for attention computed by PyTorch: agent/kv_cache.py)."""
+    def rope_at(self, positions):
+        """cos and sin of RoPE at `positions` [rows], each [rows, 1, head_dim] (for `heads`)."""
+        return self.cos[positions][:, None], self.sin[positions][:, None]
+
+    def heads(self, qkv, cos, sin, batch: int, length: int):
+        """A forward's qkv [batch * length, q_size + 2 * kv_size], with RoPE's cos and sin at its
+        rows' positions (`rope_at`), as q [batch, heads, length, head_dim] and k, v [batch,
+        kv_heads, length, head_dim], q and k rotated (for attention computed by PyTorch:
+        agent/kv_cache.py)."""
         rows, heads = batch * length, self.num_heads + self.num_kv_heads
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [rows, 1, head_dim]
         # q and k rotated together: [rows, heads + kv_heads, head_dim]
         qk = _rope(qkv[:, : self.q_size + self.kv_size].view(rows, heads, self.head_dim), cos, sin)
         v = qkv[:, self.q_size + self.kv_size :].view(batch, length, self.num_kv_heads, self.head_dim)

@@ -108,10 +108,9 @@ def choose_products(weights: list["_Weight"], repeats: int = 3) -> dict[str, dic
 
 @torch.inference_mode()
 def _measure(group: list["_Weight"], repeats: int) -> dict[int, str]:
-    choice = {}
+    choice, candidates = {}, products_for(group[0].full)
     for rows in TUNED_ROWS:
         x = group[0].full.new_full((rows, group[0].full.shape[1]), 0.01)
-        candidates = products_for(group[0].full)
         best = dict.fromkeys(candidates, float("inf"))
         for _ in range(repeats + 1):  # the first pass is a warm-up
             for name, product in candidates.items():
@@ -158,9 +157,9 @@ class _Int8Weight(_QuantizedWeight):
     builds (agent/decode_kernel.py), decode steps are its products, on q packed for it; elsewhere
     PyTorch's weight-only int8 kernel's, on q as it is.
 
-    On 2 AVX2 cores (bandwidth 32.9 GB/s) a step's products of the embedded model took 6.3 ms
-    for one row and 32.5 for 16 with the C kernel, against 13.3 and 78.7 with PyTorch's, whose
-    rows are converted to bfloat16 and back (bench/decode_kernel.py)."""
+    On 2 AVX2 cores a step's products of the embedded model took 10.9 ms for one row and 47.3
+    for 16 with the C kernel, against 19.4 and 76.8 with PyTorch's, whose rows are converted to
+    bfloat16 and back (bench/results/decode-kernel.json)."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__(weight)
