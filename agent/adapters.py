@@ -120,6 +120,11 @@ class LoraWeights:
                 start, end = self.cols[proj]
                 out[:, offset : offset + size].addmm_(xa[:, start:end], self.b[layer][proj])
 
+    def kernel_rows(self, rows: int):
+        """For a whole decode step by the kernel: the weights and the rows by adapter, every row
+        with this one (order, starts as lora_kernel.add_to takes them)."""
+        return self, *_every_row(rows)
+
     @classmethod
     def load(cls, ref: AdapterRef, num_layers: int, device: torch.device, dtype: torch.dtype) -> "LoraWeights":
         import json
@@ -237,6 +242,10 @@ class GroupedLora:
         else:
             self.take = torch.tensor(list(slots.values()), device=device)
             self.dest = torch.tensor(list(slots), device=device)
+
+    def kernel_rows(self, rows: int):
+        """For a whole decode step by the kernel: the stacked weights and the rows by adapter."""
+        return self.stack, self.order, self.starts
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, layer: int, group: str, slices) -> None:
         """out [rows, fused out] += each row's own adapter's update of x [rows, in]."""

@@ -23,12 +23,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "lora_kernel.c" /* the LoRA updates of a whole step's layers (decode_step) */
+
 #define PACK 4   /* int8: output rows per group */
 #define BLOCK 16 /* output rows of one task: a multiple of PACK and of every tile's outputs */
-
-static inline __m256 widen(const int8_t *p) { /* 8 int8 -> 8 float32 */
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -37,29 +35,56 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* The products' vectors: WIDTH float32, 16 where the CPU has AVX-512 (half the instructions of
+ * AVX2's 8 for the same weights: on 2 AVX-512 Xeon cores, int8 products of one row are bound by
+ * widening the codes to float32, not by reading them), else 8. */
+#ifdef __AVX512F__
+#define WIDTH 16
+typedef __m512 vec_t;
+#define VZERO _mm512_setzero_ps
+#define VLOAD _mm512_loadu_ps
+#define VFMA _mm512_fmadd_ps
+#define VSUM _mm512_reduce_add_ps
+static inline vec_t widen(const int8_t *p) { /* WIDTH int8 -> WIDTH float32 */
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+#else
+#define WIDTH 8
+typedef __m256 vec_t;
+#define VZERO _mm256_setzero_ps
+#define VLOAD _mm256_loadu_ps
+#define VFMA _mm256_fmadd_ps
+#define VSUM hsum
+static inline vec_t widen(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+#endif
+
+int64_t vector_width(void) { return WIDTH; } /* the inputs of a chunk of packed int8 codes */
+
 /* y[r0 + r][o0 + o] (times scale[o0 + o] when scale is not NULL) for R rows of x from row r0 and
  * O outputs from o0, whose 8 weights of inputs [k, k + 8) start at w + o * step_o + k / 8 * step_k
  * (elements of `type`, loaded by LOAD); accumulated in R * O vector registers (R * O + O + 1 of
  * the 16 AVX2 ones). */
-#define TILE(name, type, LOAD, R, O)                                                                   \
+#define PRODUCT_TILE(name, type, LOAD, R, O)                                                                   \
     static inline void name##_##R##_##O(const float *x, int64_t r0, int64_t in, const type *w,        \
                                         int64_t step_o, int64_t step_k, const float *scale, float *y, \
                                         int64_t out, int64_t o0) {                                    \
-        __m256 acc[R][O];                                                                              \
+        vec_t acc[R][O];                                                                               \
         for (int r = 0; r < R; r++)                                                                   \
-            for (int o = 0; o < O; o++) acc[r][o] = _mm256_setzero_ps();                             \
+            for (int o = 0; o < O; o++) acc[r][o] = VZERO();                                         \
         const float *x0 = x + r0 * in;                                                                 \
-        for (int64_t k = 0; k < in; k += 8, w += step_k) {                                            \
-            __m256 wv[O];                                                                              \
+        for (int64_t k = 0; k < in; k += WIDTH, w += step_k) {                                        \
+            vec_t wv[O];                                                                               \
             for (int o = 0; o < O; o++) wv[o] = LOAD(w + o * step_o);                                 \
             for (int r = 0; r < R; r++) {                                                             \
-                __m256 xv = _mm256_loadu_ps(x0 + r * in + k);                                        \
-                for (int o = 0; o < O; o++) acc[r][o] = _mm256_fmadd_ps(xv, wv[o], acc[r][o]);       \
+                vec_t xv = VLOAD(x0 + r * in + k);                                                   \
+                for (int o = 0; o < O; o++) acc[r][o] = VFMA(xv, wv[o], acc[r][o]);                   \
             }                                                                                          \
         }                                                                                              \
         for (int r = 0; r < R; r++)                                                                   \
             for (int o = 0; o < O; o++) {                                                             \
-                float sum = hsum(acc[r][o]);                                                           \
+                float sum = VSUM(acc[r][o]);                                                           \
                 y[(r0 + r) * out + o0 + o] = scale ? sum * scale[o0 + o] : sum;                       \
             }                                                                                          \
     }
@@ -68,10 +93,10 @@ static inline float hsum(__m256 v) {
  * up to 4 rows by 4 or 2 outputs. The weights of a group of 4 outputs from o start at q + o * in
  * in both layouts (row-major, and packed in groups of PACK = 4). */
 #define PRODUCT(name, type, LOAD)                                                                      \
-    TILE(name, type, LOAD, 1, 4)                                                                       \
-    TILE(name, type, LOAD, 2, 4)                                                                       \
-    TILE(name, type, LOAD, 3, 2)                                                                       \
-    TILE(name, type, LOAD, 4, 2)                                                                       \
+    PRODUCT_TILE(name, type, LOAD, 1, 4)                                                                       \
+    PRODUCT_TILE(name, type, LOAD, 2, 4)                                                                       \
+    PRODUCT_TILE(name, type, LOAD, 3, 2)                                                                       \
+    PRODUCT_TILE(name, type, LOAD, 4, 2)                                                                       \
     static void name##_block(const float *x, int64_t rows, int64_t in, const type *q, int64_t step_o,  \
                              int64_t step_k, const float *scale, float *y, int64_t out, int64_t o0) { \
         for (int64_t r = 0; r < rows;) {                                                               \
@@ -95,18 +120,40 @@ static inline float hsum(__m256 v) {
     }
 
 PRODUCT(int8, int8_t, widen)
-PRODUCT(f32, float, _mm256_loadu_ps)
+PRODUCT(f32, float, VLOAD)
 
-/* out must be a multiple of BLOCK and in of 8 (agent/decode_kernel.py checks). */
+/* A weight matrix [out, in] as a whole decode step reads it: float32 row-major when scale is NULL,
+ * else int8 packed (above) with a float32 scale per output row. */
+typedef struct {
+    const void *w;
+    const float *scale;
+    int64_t out, in;
+} weight_t;
+
+/* y [rows, out] = x [rows, in] @ w^T, by the threads of the team it is called in (an orphaned
+ * `omp for`, which runs on the calling thread alone outside a parallel region); out is a
+ * multiple of BLOCK and in of WIDTH (agent/decode_kernel.py checks). */
+static void product(const weight_t *w, const float *x, int64_t rows, float *y) {
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < w->out; o += BLOCK) {
+        if (w->scale)
+            int8_block(x, rows, w->in, (const int8_t *)w->w, WIDTH, WIDTH * PACK, w->scale, y, w->out, o);
+        else
+            f32_block(x, rows, w->in, (const float *)w->w, w->in, WIDTH, NULL, y, w->out, o);
+    }
+}
+
 void int8_product(const float *x, int64_t rows, int64_t in, const int8_t *q, const float *scale, float *y,
                   int64_t out, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < out; o += BLOCK) int8_block(x, rows, in, q, 8, 8 * PACK, scale, y, out, o);
+    weight_t w = {q, scale, out, in};
+#pragma omp parallel num_threads(threads)
+    product(&w, x, rows, y);
 }
 
 void f32_product(const float *x, int64_t rows, int64_t in, const float *w, float *y, int64_t out, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < out; o += BLOCK) f32_block(x, rows, in, w, in, 8, NULL, y, out, o);
+    weight_t weight = {w, NULL, out, in};
+#pragma omp parallel num_threads(threads)
+    product(&weight, x, rows, y);
 }
 
 /* e^x for x <= 0 (a softmax's shifted scores), 8 at a time: x = n ln 2 + r, e^r by Cephes's
@@ -186,60 +233,165 @@ static void weighted_sum(const float *weights, const float *values, int64_t leng
  * (rotated) and v go to position positions[b] of slot b of k_cache, v_cache [slots, kv_heads,
  * max_length, d]; each of its query heads (rotated) attends to its keys [0, positions[b]], query
  * head h to key head h / (heads / kv_heads); out [rows, heads * d]. */
-void attention(const float *qkv, const int64_t *positions, int64_t rows, int64_t heads, int64_t kv_heads, int64_t d,
-               const float *cos, const float *sin, float *k_cache, float *v_cache, int64_t max_length, float *out,
-               int threads) {
+static void attention_team(const float *qkv, const int64_t *positions, int64_t rows, int64_t heads, int64_t kv_heads,
+                       int64_t d, const float *cos, const float *sin, float *k_cache, float *v_cache,
+                       int64_t max_length, float *out) {
     const int64_t width = (heads + 2 * kv_heads) * d, group = heads / kv_heads;
     const float scale = 1.f / sqrtf((float)d);
-#pragma omp parallel num_threads(threads)
-    {
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < rows * kv_heads; t++) { /* the new keys and values into the cache */
-            int64_t b = t / kv_heads, h = t % kv_heads, p = positions[b];
-            const float *k = qkv + b * width + (heads + h) * d, *v = k + kv_heads * d;
-            int64_t at = ((b * kv_heads + h) * max_length + p) * d;
-            rope(k, cos + p * d, sin + p * d, k_cache + at, d);
-            memcpy(v_cache + at, v, sizeof(float) * d);
-        }
+    for (int64_t t = 0; t < rows * kv_heads; t++) { /* the new keys and values into the cache */
+        int64_t b = t / kv_heads, h = t % kv_heads, p = positions[b];
+        const float *k = qkv + b * width + (heads + h) * d, *v = k + kv_heads * d;
+        int64_t at = ((b * kv_heads + h) * max_length + p) * d;
+        rope(k, cos + p * d, sin + p * d, k_cache + at, d);
+        memcpy(v_cache + at, v, sizeof(float) * d);
+    }
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < rows * heads; t++) {
-            int64_t b = t / heads, h = t % heads, p = positions[b], length = p + 1;
-            int64_t head = (b * kv_heads + h / group) * max_length * d;
-            const float *keys = k_cache + head, *values = v_cache + head;
-            float q[d], weights[(length + 7) / 8 * 8];
-            rope(qkv + b * width + h * d, cos + p * d, sin + p * d, q, d);
-            scores_of(q, keys, length, d, scale, weights);
-            float top = -INFINITY;
-            for (int64_t j = 0; j < length; j++) top = weights[j] > top ? weights[j] : top;
-            for (int64_t j = length; j % 8; j++) weights[j] = -INFINITY;
-            __m256 total = _mm256_setzero_ps(), shift = _mm256_set1_ps(top);
-            for (int64_t j = 0; j < length; j += 8) {
-                __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(weights + j), shift));
-                _mm256_storeu_ps(weights + j, e);
-                total = _mm256_add_ps(total, e);
-            }
-            weighted_sum(weights, values, length, d, 1.f / hsum(total), out + b * heads * d + h * d);
+    for (int64_t t = 0; t < rows * heads; t++) {
+        int64_t b = t / heads, h = t % heads, p = positions[b], length = p + 1;
+        int64_t head = (b * kv_heads + h / group) * max_length * d;
+        const float *keys = k_cache + head, *values = v_cache + head;
+        float q[d], weights[(length + 7) / 8 * 8];
+        rope(qkv + b * width + h * d, cos + p * d, sin + p * d, q, d);
+        scores_of(q, keys, length, d, scale, weights);
+        float top = -INFINITY;
+        for (int64_t j = 0; j < length; j++) top = weights[j] > top ? weights[j] : top;
+        for (int64_t j = length; j % 8; j++) weights[j] = -INFINITY;
+        __m256 total = _mm256_setzero_ps(), shift = _mm256_set1_ps(top);
+        for (int64_t j = 0; j < length; j += 8) {
+            __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(weights + j), shift));
+            _mm256_storeu_ps(weights + j, e);
+            total = _mm256_add_ps(total, e);
         }
+        weighted_sum(weights, values, length, d, 1.f / hsum(total), out + b * heads * d + h * d);
     }
 }
 
-/* The residual stream's step between two products, for a decode step's rows: x [rows, n] += delta
- * [rows, n] (unless delta is NULL), then h = RMSNorm(x) as Llama computes it in float32,
- * w * (x / sqrt(mean(x^2) + eps)). On the calling thread: a few thousand values. */
-void add_rms_norm(float *x, const float *delta, const float *w, float eps, float *h, int64_t rows, int64_t n) {
-    for (int64_t r = 0; r < rows; r++) {
-        float *xr = x + r * n, *hr = h + r * n;
-        if (delta)
-            for (int64_t i = 0; i < n; i++) xr[i] += delta[r * n + i];
-        __m256 squares = _mm256_setzero_ps();
-        int64_t i = 0;
-        for (; i + 8 <= n; i += 8) {
-            __m256 v = _mm256_loadu_ps(xr + i);
-            squares = _mm256_fmadd_ps(v, v, squares);
-        }
-        float sum = hsum(squares);
-        for (; i < n; i++) sum += xr[i] * xr[i];
-        float scale = 1.f / sqrtf(sum / (float)n + eps);
-        for (i = 0; i < n; i++) hr[i] = w[i] * (xr[i] * scale);
+void attention(const float *qkv, const int64_t *positions, int64_t rows, int64_t heads, int64_t kv_heads, int64_t d,
+               const float *cos, const float *sin, float *k_cache, float *v_cache, int64_t max_length, float *out,
+               int threads) {
+#pragma omp parallel num_threads(threads)
+    attention_team(qkv, positions, rows, heads, kv_heads, d, cos, sin, k_cache, v_cache, max_length, out);
+}
+
+/* The residual stream's step between two products, for row r of a decode step: x [n] += delta [n]
+ * (unless delta is NULL), then h = RMSNorm(x) as Llama computes it in float32,
+ * w * (x / sqrt(mean(x^2) + eps)). */
+static void add_rms_norm_row(float *xr, const float *delta, const float *w, float eps, float *hr, int64_t n) {
+    if (delta)
+        for (int64_t i = 0; i < n; i++) xr[i] += delta[i];
+    __m256 squares = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(xr + i);
+        squares = _mm256_fmadd_ps(v, v, squares);
     }
+    float sum = hsum(squares);
+    for (; i < n; i++) sum += xr[i] * xr[i];
+    float scale = 1.f / sqrtf(sum / (float)n + eps);
+    for (i = 0; i < n; i++) hr[i] = w[i] * (xr[i] * scale);
+}
+
+/* add_rms_norm_row for rows [rows, n] (delta NULL or [rows, n]), on the calling thread: a few
+ * thousand values. */
+void add_rms_norm(float *x, const float *delta, const float *w, float eps, float *h, int64_t rows, int64_t n) {
+    for (int64_t r = 0; r < rows; r++) add_rms_norm_row(x + r * n, delta ? delta + r * n : NULL, w, eps, h + r * n, n);
+}
+
+/* silu(g) * u for 8 values: g * sigmoid(g), sigmoid from e = e^-|g| (never overflows) */
+static inline __m256 silu_times(__m256 g, __m256 u) {
+    __m256 magnitude = _mm256_andnot_ps(_mm256_set1_ps(-0.f), g);
+    __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_setzero_ps(), magnitude));
+    __m256 one = _mm256_set1_ps(1.f), denominator = _mm256_add_ps(one, e);
+    __m256 positive = _mm256_div_ps(one, denominator), negative = _mm256_div_ps(e, denominator);
+    __m256 sigmoid = _mm256_blendv_ps(positive, negative, g); /* by g's sign bit */
+    return _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), u);
+}
+
+/* A whole decode step: every layer and the LM head in one parallel region, one call from Python
+ * for a step instead of about 400 (each product, attention, norm and LoRA update a call of its
+ * own, and a parallel region each). The parts are those above, as orphaned worksharing loops,
+ * so that a barrier separates each from the next; the arithmetic is theirs, in the same order
+ * as agent/llama.py's step by parts, whose tokens it gives. */
+
+typedef struct {
+    weight_t qkv, o, gate_up, down;                           /* fused as agent/llama.py fuses them */
+    const float *input_norm, *post_attention_norm, *next_norm; /* next: the next layer's input norm, or the final */
+} layer_t;
+
+typedef struct {
+    int64_t layers, hidden, intermediate, heads, kv_heads, head_dim;
+    float eps;
+    const layer_t *layer;
+    weight_t lm_head;
+} model_t;
+
+/* out [rows, out_stride] += each listed row's own adapter's update of x [rows, in] (group g of a
+ * step's adapters; none when g is NULL); x_of [listed rows] is scratch */
+static void lora_rows(const group_t *g, float *out, int64_t out_stride, const float *x, int64_t adapters,
+                      const int64_t *order, const int64_t *starts, const float **x_of, float *part, float *xa) {
+    if (!g) return;
+#pragma omp single
+    for (int64_t i = 0; i < starts[adapters]; i++) x_of[i] = x + order[i] * g->in;
+    lora_team(g, out, out_stride, x_of, 0, adapters, order, starts, part, xa);
+}
+
+/* The step of `rows` sequences, float32: x [rows, hidden] their new tokens' embeddings (the
+ * residual stream, updated in place); row b at positions[b] of slot b of each layer's cache
+ * (k_cache[l], v_cache[l] [slots, kv_heads, max_length, head_dim]; RoPE's cos, sin [max_length,
+ * head_dim]); lora NULL, or [layers * 4] groups (attn_in, attn_out, mlp_in, mlp_out of each
+ * layer; NULL where the step's adapters have none) whose rows by adapter are order and starts
+ * (as lora_team's). Writes logits [rows, vocab]. */
+void decode_step(const model_t *m, float *x, int64_t rows, const int64_t *positions, float *const *k_cache,
+                 float *const *v_cache, const float *cos, const float *sin, int64_t max_length,
+                 const group_t *const *lora, int64_t adapters, const int64_t *order, const int64_t *starts,
+                 float *logits, int threads) {
+    const int64_t hidden = m->hidden, inter = m->intermediate, d = m->head_dim;
+    const int64_t width = m->layer[0].qkv.out, q_size = m->heads * d;
+    int64_t cols = 0; /* the widest group of the step's adapters */
+    for (int64_t i = 0; lora && i < m->layers * 4; i++) cols = lora[i] && lora[i]->cols > cols ? lora[i]->cols : cols;
+    const int64_t listed = lora ? starts[adapters] : 0;
+    float *h = malloc(sizeof(float) * rows * (2 * hidden + width + q_size + 3 * inter));
+    float *out = h + rows * hidden, *qkv = out + rows * hidden, *attended = qkv + rows * width;
+    float *gate_up = attended + rows * q_size, *act = gate_up + rows * 2 * inter;
+    float *part = malloc(sizeof(float) * (3 * listed * cols + 1)), *xa = part + 2 * listed * cols;
+    const float **x_of = malloc(sizeof(float *) * (listed + 1));
+    const group_t *none[4] = {NULL, NULL, NULL, NULL};
+
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++)
+            add_rms_norm_row(x + r * hidden, NULL, m->layer[0].input_norm, m->eps, h + r * hidden, hidden);
+        for (int64_t l = 0; l < m->layers; l++) {
+            const layer_t *layer = &m->layer[l];
+            const group_t *const *g = lora ? lora + 4 * l : none;
+            product(&layer->qkv, h, rows, qkv);
+            lora_rows(g[0], qkv, width, h, adapters, order, starts, x_of, part, xa);
+            attention_team(qkv, positions, rows, m->heads, m->kv_heads, d, cos, sin, k_cache[l], v_cache[l], max_length,
+                           attended);
+            product(&layer->o, attended, rows, out);
+            lora_rows(g[1], out, hidden, attended, adapters, order, starts, x_of, part, xa);
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; r++)
+                add_rms_norm_row(x + r * hidden, out + r * hidden, layer->post_attention_norm, m->eps, h + r * hidden,
+                                 hidden);
+            product(&layer->gate_up, h, rows, gate_up);
+            lora_rows(g[2], gate_up, 2 * inter, h, adapters, order, starts, x_of, part, xa);
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < rows * inter; i += 8) { /* inter is a multiple of 8 */
+                const float *gate = gate_up + i / inter * 2 * inter + i % inter;
+                _mm256_storeu_ps(act + i, silu_times(_mm256_loadu_ps(gate), _mm256_loadu_ps(gate + inter)));
+            }
+            product(&layer->down, act, rows, out);
+            lora_rows(g[3], out, hidden, act, adapters, order, starts, x_of, part, xa);
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; r++)
+                add_rms_norm_row(x + r * hidden, out + r * hidden, layer->next_norm, m->eps, h + r * hidden, hidden);
+        }
+        product(&m->lm_head, h, rows, logits);
+    }
+    free(h);
+    free(part);
+    free(x_of);
 }

@@ -33,15 +33,17 @@ def takes(weight: torch.Tensor) -> bool:
         and weight.dtype in (torch.float32, torch.int8)
         and weight.is_contiguous()
         and out % BLOCK == 0
-        and inputs % 8 == 0
         and load() is not None
+        and inputs % load().vector_width() == 0
     )
 
 
 def pack(q: torch.Tensor) -> torch.Tensor:
-    """int8 q [out, in] as the kernel reads it: [out / PACK, in / 8, PACK, 8]."""
+    """int8 q [out, in] as the kernel reads it: [out / PACK, in / width, PACK, width], width the
+    kernel's vectors' (8 float32, 16 with AVX-512)."""
     out, inputs = q.shape
-    return q.view(out // PACK, PACK, inputs // 8, 8).transpose(1, 2).contiguous()
+    width = load().vector_width()
+    return q.view(out // PACK, PACK, inputs // width, width).transpose(1, 2).contiguous()
 
 
 def f32_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -110,6 +112,107 @@ def attention(qkv, positions, heads: int, cos, sin, k_cache, v_cache) -> torch.T
     return out
 
 
+class CacheAttention:
+    """A decode step's attention by the kernel over a KV cache's layers (agent/kv_cache.py): called
+    once per layer (an `Attend`) by a step computed by parts, and read whole by `Step`. k, v: each
+    layer's [slots, kv_heads, max_length, head_dim] float32, and their addresses as the whole step
+    reads them (`pointers`); positions [rows] int64, row b's of slot b."""
+
+    def __init__(self, k, v, pointers, cos, sin, positions: torch.Tensor, heads: int):
+        self.k, self.v, self.pointers, self.cos, self.sin, self.heads = k, v, pointers, cos, sin, heads
+        self.positions = positions.contiguous()
+
+    def __call__(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        return attention(qkv, self.positions, self.heads, self.cos, self.sin, self.k[layer], self.v[layer])
+
+
+def cache_pointers(layers: list[torch.Tensor]):
+    """The addresses of a KV cache's layers (keys or values) as `decode_step` reads them."""
+    return (ctypes.c_void_p * len(layers))(*(t.data_ptr() for t in layers))
+
+
+class _Weight(ctypes.Structure):  # decode_kernel.c's weight_t
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("out", ctypes.c_int64), ("in_", ctypes.c_int64)]
+
+
+class _Layer(ctypes.Structure):  # layer_t
+    _fields_ = [(name, _Weight) for name in ("qkv", "o", "gate_up", "down")]
+    _fields_ += [(name, ctypes.c_void_p) for name in ("input_norm", "post_attention_norm", "next_norm")]
+
+
+class _Model(ctypes.Structure):  # model_t
+    _fields_ = [(name, ctypes.c_int64) for name in ("layers", "hidden", "intermediate", "heads", "kv_heads")]
+    _fields_ += [("head_dim", ctypes.c_int64)]
+    _fields_ += [("eps", ctypes.c_float), ("layer", ctypes.POINTER(_Layer)), ("lm_head", _Weight)]
+
+
+class Step:
+    """A whole decode step of a Llama (agent/llama.py) by the kernel, in one call: every layer
+    (products, LoRA updates, attention, adds and norms) and the LM head. `of` describes the
+    model's weights once; `run` takes a step's rows. A step by parts makes about 400 calls from
+    Python, each product and the LoRA updates a parallel region of its own."""
+
+    def __init__(self, model: _Model, keep: list):
+        self.model, self.keep = model, keep  # keep: the tensors whose addresses the model holds
+
+    @classmethod
+    def of(cls, llama) -> "Step | None":
+        """The kernel's description of `llama`'s weights, or None where it does not take them all
+        (float32 or int8 packed for it, float32 norms, the kernel built)."""
+        if llama.dtype != torch.float32 or not takes_rows(llama.embed):
+            return None
+        operands = {id(w): w.kernel_operands() for w in llama.step_weights}
+        if any(o is None for o in operands.values()) or llama.intermediate % 8:
+            return None
+        keep = [t for pair in operands.values() for t in pair if t is not None]
+
+        def weight(w) -> _Weight:
+            matrix, scale = operands[id(w)]
+            out = matrix.shape[0] * PACK if scale is not None else matrix.shape[0]
+            inputs = matrix.numel() // out
+            return _Weight(matrix.data_ptr(), None if scale is None else scale.data_ptr(), out, inputs)
+
+        layers = (_Layer * llama.num_layers)()
+        after = [layer.input_norm for layer in llama.layers[1:]] + [llama.final_norm]
+        for i, (layer, next_norm) in enumerate(zip(llama.layers, after, strict=True)):
+            norms = (layer.input_norm, layer.post_attention_norm, next_norm)
+            keep += norms
+            layers[i] = _Layer(*(weight(w) for w in (layer.qkv, layer.o, layer.gate_up, layer.down)))
+            layers[i].input_norm, layers[i].post_attention_norm, layers[i].next_norm = (n.data_ptr() for n in norms)
+        dims = (llama.num_layers, llama.embed.shape[1], llama.intermediate, llama.num_heads, llama.num_kv_heads)
+        model = _Model(*dims, llama.head_dim, llama.eps, layers, weight(llama.lm_head))
+        keep.append(layers)
+        return cls(model, keep)
+
+    def run(self, x: torch.Tensor, attend: CacheAttention, lora) -> torch.Tensor:
+        """The step of x [rows, hidden] (its tokens' embeddings, float32: overwritten), rows at
+        attend's positions, each row with its own adapter's update by `lora` (None, or
+        (groups, order, starts): agent/lora_kernel.step_groups and the rows by adapter). Returns
+        the logits [rows, vocab]."""
+        rows = x.shape[0]
+        logits = x.new_empty(rows, self.model.lm_head.out)
+        groups, order, starts = lora if lora is not None else (None, None, None)
+        k, v = attend.pointers
+        load().decode_step(
+            ctypes.byref(self.model),
+            x.data_ptr(),
+            rows,
+            attend.positions.data_ptr(),
+            k,
+            v,
+            attend.cos.data_ptr(),
+            attend.sin.data_ptr(),
+            attend.k[0].shape[2],
+            groups,
+            0 if starts is None else starts.shape[0] - 1,
+            None if order is None else order.data_ptr(),
+            None if starts is None else starts.data_ptr(),
+            logits.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return logits
+
+
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x += delta in place (float32 [rows, n], contiguous; none when delta is None), and returns
     RMSNorm(x) with `weight` [n] float32 (decode_kernel.c's `add_rms_norm`)."""
@@ -131,6 +234,9 @@ def load() -> ctypes.CDLL | None:
     built.attention.argtypes = [pointer, pointer, size, size, size, size, pointer, pointer, pointer, pointer, size]
     built.attention.argtypes += [pointer, ctypes.c_int]
     built.add_rms_norm.argtypes = [pointer, pointer, pointer, ctypes.c_float, pointer, size, size]
-    for function in (built.f32_product, built.int8_product, built.attention, built.add_rms_norm):
+    built.vector_width.restype = ctypes.c_int64
+    built.decode_step.argtypes = [pointer, pointer, size, pointer, pointer, pointer, pointer, pointer, size, pointer]
+    built.decode_step.argtypes += [size, pointer, pointer, pointer, ctypes.c_int]
+    for function in (built.f32_product, built.int8_product, built.attention, built.add_rms_norm, built.decode_step):
         function.restype = None
     return built

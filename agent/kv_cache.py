@@ -28,6 +28,7 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=CACHE_DTYPE, device=self.device) for _ in range(model.num_layers)]
         self.v = [torch.zeros(shape, dtype=CACHE_DTYPE, device=self.device) for _ in range(model.num_layers)]
         self.cos, self.sin = (table.to(CACHE_DTYPE).contiguous() for table in (model.cos, model.sin))  # RoPE
+        self._pointers = tuple(decode_kernel.cache_pointers(layers) for layers in (self.k, self.v))
 
     def prefill_attention(self, slots: list[int], lengths: list[int]) -> Attend:
         """Attention for prompts packed into one forward (a batch of one, sum(lengths) long):
@@ -61,20 +62,15 @@ class KVCache:
         there; `span` is the longest sequence's length after the step.
 
         On a CPU where the C kernel builds, one call per layer does it all (RoPE, the cache
-        writes, the attention; agent/decode_kernel.py): PyTorch's ops for it took about 90 us a
-        layer for one row, and its attention 460 us for 16 rows (2 AVX2 cores)."""
+        writes, the attention; agent/decode_kernel.py), and a whole decode step by the kernel reads
+        the cache from what it returns: PyTorch's ops for it took about 90 us a layer for one row,
+        and its attention 460 us for 16 rows (2 AVX2 cores)."""
         model, batch = self.model, positions.shape[0]
         k_cache, v_cache = self.k, self.v
         if decode_kernel.takes_attention(self.k[0], model.head_dim):
-            positions = positions.contiguous()
-
-            def attend_by_kernel(layer: int, qkv):
-                attended = decode_kernel.attention(
-                    qkv.to(CACHE_DTYPE), positions, model.num_heads, self.cos, self.sin, k_cache[layer], v_cache[layer]
-                )
-                return attended.to(qkv.dtype)
-
-            return attend_by_kernel
+            return decode_kernel.CacheAttention(
+                self.k, self.v, self._pointers, self.cos, self.sin, positions, model.num_heads
+            )
 
         visible = torch.arange(span, device=self.device)[None] <= positions[:, None]  # [batch, span]
         mask = visible[:, None, None, :]

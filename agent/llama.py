@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from agent import decode_kernel
+from agent import decode_kernel, lora_kernel
 from agent.adapters import INPUT_GROUPS, BatchLora
-from agent.weights import WEIGHT_FORMATS, Weight, choose_products, compute_dtype
+from agent.weights import WEIGHT_FORMATS, Weight, choose_products, compute_dtype, hold_together
 
 # (layer, qkv [rows, q + k + v out], as projected) -> the attended values [rows, q out]; it rotates q
 # and k (RoPE at each row's position) and stores k and v
@@ -83,13 +83,16 @@ class Llama:
                     post_attention_norm=layer.post_attention_layernorm.weight.detach().to(self.dtype),
                 )
             )
+        # every weight of a decode step, in the order it reads them
+        self.step_weights = [w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        self.step_weights.append(self.lm_head)
+        hold_together(self.step_weights)
         # the residual stream's adds and norms of decode steps by the C kernel (agent/decode_kernel.py)
         self.kernel_norms = decode_kernel.takes_rows(self.embed)
         # Decode steps' products, measured on these weights on a CPU (agent/weights.py)
         self.products = {}
         if weights == "float" and self.device.type == "cpu":
-            fused = [w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-            self.products = choose_products([*fused, self.lm_head])
+            self.products = choose_products(self.step_weights)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.intermediate = config.intermediate_size
@@ -111,6 +114,9 @@ class Llama:
         probe = torch.zeros(1, device=self.device, dtype=self.dtype)
         cos, sin = base.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_length, head_dim]
+        # Whole decode steps by the C kernel, for as many rows as its products are chosen for
+        self.step = decode_kernel.Step.of(self) if self.device.type == "cpu" else None
+        self.step_rows = min(w.kernel_rows for w in self.step_weights) if self.step else 0
 
     def prefill(
         self, prompts: list[torch.Tensor], lora: BatchLora | None, attend: Attend, every_position: bool = False
@@ -127,7 +133,17 @@ class Llama:
 
     def decode(self, tokens: torch.Tensor, lora: BatchLora | None, attend: Attend) -> torch.Tensor:
         """One new token per sequence, `tokens` [batch]; returns the logits after each [batch, vocab].
-        `attend` puts them at their positions."""
+        `attend` puts them at their positions.
+
+        On a CPU where the C kernel takes the weights and the cache, the whole step is one call
+        of it (decode_kernel.Step), for as many rows as its products were measured fastest for."""
+        rows = tokens.shape[0]
+        if isinstance(attend, decode_kernel.CacheAttention) and rows <= self.step_rows:
+            step_lora = None
+            if lora is not None:
+                weights, order, starts = lora.kernel_rows(rows)
+                step_lora = (lora_kernel.step_groups(weights, self.slices, self.num_layers), order, starts)
+            return self.step.run(F.embedding(tokens, self.embed), attend, step_lora)
         return self.logits(self._forward(tokens, lora, attend, prefill=False), prefill=False)
 
     def logits(self, hidden, prefill: bool):

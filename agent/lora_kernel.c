@@ -112,14 +112,74 @@ static inline void tile(float acc[RB][TW], const float *const *x, int64_t nr, co
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* The rows of adapter i are order[starts[i]:starts[i + 1]] (rows of x and out); x is [x_rows, in]
- * and out [x_rows, out_stride]; x, out and the adapters' matrices are bfloat16 when bf16, else
+/* The updates of one group by the threads of the team it is called in (orphaned `omp for`s): the
+ * rows of adapter i are order[starts[i]:starts[i + 1]] (rows of out [.., out_stride]), the input
+ * of the i-th listed row is x_of[i] (float32, [in]); part [2, rows, cols] and xa [rows, cols] are
+ * scratch for the listed rows. out and the adapters' matrices are bfloat16 when bf16, else
  * float32. */
+static void lora_team(const group_t *g, void *out, int64_t out_stride, const float *const *x_of, int bf16,
+                      int64_t adapters, const int64_t *order, const int64_t *starts, float *part, float *xa) {
+    const int64_t in = g->in, cols = g->cols, rows = starts[adapters], half = in / 2;
+    int64_t tasks = 0;
+    for (int64_t p = 0; p < g->projections; p++) tasks += adapters * ((g->projection[p].size + CHUNK - 1) / CHUNK);
+
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < adapters * 2; t++) {
+        int64_t adapter = t / 2, h = t % 2, end = starts[adapter + 1];
+        for (int64_t i0 = starts[adapter]; i0 < end; i0 += RB) {
+            int64_t nr = min64(end - i0, RB);
+            for (int64_t c0 = 0; c0 < cols; c0 += TW) {
+                int64_t n = min64(cols - c0, TW);
+                float acc[RB][TW];
+                tile(acc, x_of + i0, nr, g->a, bf16, adapter * in * cols + c0, cols, h ? half : 0, h ? in : half, n);
+                for (int64_t r = 0; r < nr; r++) memcpy(part + (h * rows + i0 + r) * cols + c0, acc[r], sizeof(float) * n);
+            }
+        }
+    }
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < rows * cols; i++) xa[i] = part[i] + part[rows * cols + i];
+
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; t++) {
+        int64_t task = t, p = 0, chunks;
+        for (;; p++) { /* task -> (projection, adapter, chunk) */
+            chunks = (g->projection[p].size + CHUNK - 1) / CHUNK;
+            if (task < adapters * chunks) break;
+            task -= adapters * chunks;
+        }
+        const projection_t *pr = &g->projection[p];
+        int64_t adapter = task / chunks, j0 = (task % chunks) * CHUNK, j1 = min64(pr->size, j0 + CHUNK);
+        int64_t end = starts[adapter + 1];
+        int64_t b = adapter * pr->width * pr->size; /* the adapter's B */
+        for (int64_t i0 = starts[adapter]; i0 < end; i0 += RB) {
+            int64_t nr = min64(end - i0, RB);
+            const float *xa_of[RB];
+            for (int64_t r = 0; r < nr; r++) xa_of[r] = xa + (i0 + r) * cols + pr->col;
+            for (int64_t j = j0; j < j1; j += TW) {
+                int64_t n = min64(j1 - j, TW);
+                float acc[RB][TW];
+                tile(acc, xa_of, nr, pr->b, bf16, b + j, pr->size, 0, pr->width, n);
+                for (int64_t r = 0; r < nr; r++) {
+                    int64_t at = order[i0 + r] * out_stride + pr->offset + j;
+                    if (bf16) {
+                        uint16_t *o = (uint16_t *)out + at;
+                        for (int64_t v = 0; v < n; v++) o[v] = to_bf16(from_bf16(o[v]) + acc[r][v]);
+                    } else {
+                        float *o = (float *)out + at;
+                        for (int64_t v = 0; v < n; v++) o[v] += acc[r][v];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* One group's updates in a parallel region of its own: x is [x_rows, in] and out [x_rows,
+ * out_stride], bfloat16 when bf16, else float32 (the rest as lora_team's). */
 void lora_group(const group_t *g, void *out, int64_t out_stride, const void *x, int64_t x_rows, int bf16,
                 int64_t adapters, const int64_t *order, const int64_t *starts, int threads) {
-    const int64_t in = g->in, cols = g->cols, rows = starts[adapters], half = in / 2;
-    float *part = malloc(sizeof(float) * 2 * rows * cols); /* xa of each half of the inputs */
-    float *xa = malloc(sizeof(float) * rows * cols);
+    const int64_t in = g->in, cols = g->cols, rows = starts[adapters];
+    float *part = malloc(sizeof(float) * 2 * rows * cols), *xa = malloc(sizeof(float) * rows * cols);
     const float **x_of = malloc(sizeof(float *) * rows);
     float *x32 = NULL;
     const float *xs = x;
@@ -129,63 +189,8 @@ void lora_group(const group_t *g, void *out, int64_t out_stride, const void *x, 
         xs = x32;
     }
     for (int64_t i = 0; i < rows; i++) x_of[i] = xs + order[i] * in;
-    int64_t tasks = 0;
-    for (int64_t p = 0; p < g->projections; p++) tasks += adapters * ((g->projection[p].size + CHUNK - 1) / CHUNK);
-
 #pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < adapters * 2; t++) {
-            int64_t adapter = t / 2, h = t % 2, end = starts[adapter + 1];
-            for (int64_t i0 = starts[adapter]; i0 < end; i0 += RB) {
-                int64_t nr = min64(end - i0, RB);
-                for (int64_t c0 = 0; c0 < cols; c0 += TW) {
-                    int64_t n = min64(cols - c0, TW);
-                    float acc[RB][TW];
-                    tile(acc, x_of + i0, nr, g->a, bf16, adapter * in * cols + c0, cols, h ? half : 0, h ? in : half,
-                         n);
-                    for (int64_t r = 0; r < nr; r++)
-                        memcpy(part + (h * rows + i0 + r) * cols + c0, acc[r], sizeof(float) * n);
-                }
-            }
-        }
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < rows * cols; i++) xa[i] = part[i] + part[rows * cols + i];
-
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < tasks; t++) {
-            int64_t task = t, p = 0, chunks;
-            for (;; p++) { /* task -> (projection, adapter, chunk) */
-                chunks = (g->projection[p].size + CHUNK - 1) / CHUNK;
-                if (task < adapters * chunks) break;
-                task -= adapters * chunks;
-            }
-            const projection_t *pr = &g->projection[p];
-            int64_t adapter = task / chunks, j0 = (task % chunks) * CHUNK, j1 = min64(pr->size, j0 + CHUNK);
-            int64_t end = starts[adapter + 1];
-            int64_t b = adapter * pr->width * pr->size; /* the adapter's B */
-            for (int64_t i0 = starts[adapter]; i0 < end; i0 += RB) {
-                int64_t nr = min64(end - i0, RB);
-                const float *xa_of[RB];
-                for (int64_t r = 0; r < nr; r++) xa_of[r] = xa + (i0 + r) * cols + pr->col;
-                for (int64_t j = j0; j < j1; j += TW) {
-                    int64_t n = min64(j1 - j, TW);
-                    float acc[RB][TW];
-                    tile(acc, xa_of, nr, pr->b, bf16, b + j, pr->size, 0, pr->width, n);
-                    for (int64_t r = 0; r < nr; r++) {
-                        int64_t at = order[i0 + r] * out_stride + pr->offset + j;
-                        if (bf16) {
-                            uint16_t *o = (uint16_t *)out + at;
-                            for (int64_t v = 0; v < n; v++) o[v] = to_bf16(from_bf16(o[v]) + acc[r][v]);
-                        } else {
-                            float *o = (float *)out + at;
-                            for (int64_t v = 0; v < n; v++) o[v] += acc[r][v];
-                        }
-                    }
-                }
-            }
-        }
-    }
+    lora_team(g, out, out_stride, x_of, bf16, adapters, order, starts, part, xa);
     free(part);
     free(xa);
     free(x_of);

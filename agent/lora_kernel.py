@@ -62,6 +62,22 @@ def group(weights, layer: int, name: str, slices) -> Group:
     return cache[layer, name]
 
 
+def step_groups(weights, slices: dict[str, list], layers: int):
+    """Every layer's input groups of `weights` (as `group` takes them) as a whole decode step by
+    the decode kernel reads them (agent/decode_kernel.Step): [layers * groups] addresses, the
+    groups of `slices` (each group's slices in the fused output) in its order in every layer, 0
+    where the adapters have none. Made once."""
+    cache = weights.kernel_groups
+    if "step" not in cache:
+        addresses = (ctypes.c_void_p * (layers * len(slices)))()
+        for layer in range(layers):
+            for i, (name, group_slices) in enumerate(slices.items()):
+                if name in weights.a[layer]:
+                    addresses[layer * len(slices) + i] = ctypes.addressof(group(weights, layer, name, group_slices))
+        cache["step"] = addresses
+    return cache["step"]
+
+
 def add_to(group: Group, out: torch.Tensor, x: torch.Tensor, order: torch.Tensor, starts: torch.Tensor) -> None:
     """out [rows, fused out] += each listed row's own adapter's update of x [rows, in], all three in
     the dtype of the group's matrices: the rows of adapter i (of the group's layout) are

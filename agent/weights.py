@@ -2,12 +2,13 @@
 bits (`int8`, `int4`), each with its own matrix product for the forward (agent/llama.py).
 `WEIGHT_FORMATS` names them as `DRAFTLOOP_SERVING_WEIGHTS` does."""
 
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from agent import decode_kernel
+from agent import decode_kernel, native
 
 
 def _linear(weight: "_Weight", x: torch.Tensor) -> torch.Tensor:
@@ -76,6 +77,17 @@ class _Weight:
     def prefill(self, x: torch.Tensor) -> torch.Tensor:
         """x @ weight^T for a prefill's rows (a prompt's tokens)."""
         return F.linear(x, self.full)
+
+    @property
+    def kernel_rows(self) -> int:
+        """Up to how many rows a decode step's products are the C kernel's (by_rows)."""
+        by_kernel = [product is _kernel for product in self.by_rows[1:]] + [False]
+        return by_kernel.index(False)
+
+    def kernel_operands(self) -> tuple[torch.Tensor, None] | None:
+        """The weights as a whole decode step by the C kernel reads them (decode_kernel.Step): the
+        float32 matrix and no scale, or None where the kernel does not take them."""
+        return (self.full, None) if decode_kernel.takes(self.full) else None
 
 
 _chosen: dict[tuple, dict[tuple, dict[int, str]]] = {}  # the measured choices, per model shape and dtype
@@ -151,6 +163,12 @@ class _QuantizedWeight:
     def prefill(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.full.dtype), self.full).to(x.dtype)
 
+    def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """None: the C kernel takes only int8 weights packed for it (_Int8Weight's)."""
+        return None
+
+    kernel_rows = 0  # rows whose products are the C kernel's
+
 
 class _Int8Weight(_QuantizedWeight):
     """Held at 8 bits: symmetric per output row, w = q * scale[row]. On a CPU where the C kernel
@@ -180,6 +198,28 @@ class _Int8Weight(_QuantizedWeight):
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+
+    def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The packed codes and their scales, where they are packed for the C kernel."""
+        return None if self.packed is None else (self.packed, self.scale)
+
+    @property
+    def kernel_rows(self) -> int:
+        """Every decode step's products are the C kernel's where it packed the codes."""
+        return sys.maxsize if self.packed is not None else 0
+
+
+def hold_together(weights: list) -> None:
+    """Move the int8 codes packed for the C kernel of `weights` (in the order a decode step reads
+    them) into one buffer on huge pages (agent/native.py), each weight's a view of it: the step
+    then reads one stream, not a few hundred allocations."""
+    packed = [w for w in weights if isinstance(w, _Int8Weight) and w.packed is not None]
+    buffer = native.huge_page_buffer(sum(w.packed.numel() for w in packed))
+    start = 0
+    for weight in packed:
+        end = start + weight.packed.numel()
+        weight.packed = buffer[start:end].view(weight.packed.shape).copy_(weight.packed)
+        start = end
 
 
 INT4_GROUP = 32  # input columns per 4-bit scale and zero

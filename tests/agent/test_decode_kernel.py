@@ -3,10 +3,13 @@ PyTorch's, and its attention (RoPE, cache writes, attention) equals the PyTorch 
 row count a step has, sequences at different positions. The engine's token-equality tests
 (test_engine.py) run through it too."""
 
+import sys
+
 import pytest
 import torch
 
 from agent import decode_kernel, native
+from agent.adapters import AdapterCache, BatchStacker
 from agent.kv_cache import KVCache
 from agent.llama import Llama
 from agent.weights import _Int8Weight
@@ -21,7 +24,7 @@ def test_the_kernel_is_built_here():
 @pytest.mark.parametrize("rows", ROWS)
 def test_the_float32_product_equals_linear(rows):
     torch.manual_seed(rows)
-    weight, x = torch.randn(96, 40), torch.randn(rows, 40)
+    weight, x = torch.randn(96, 48), torch.randn(rows, 48)
     assert decode_kernel.takes(weight)
     product = decode_kernel.f32_product(x, weight)
     torch.testing.assert_close(product, torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
@@ -96,3 +99,55 @@ def test_without_the_kernel_a_decode_step_gives_the_same_logits(monkeypatch, tin
             torch.testing.assert_close(logits(weights), expected, rtol=tolerance, atol=tolerance)
     finally:
         decode_kernel.load.cache_clear()
+
+
+def _batch_lora(adapters, tiny_model, choice: str, rows: int):
+    """None, one adapter on every row, or three adapters and bare rows interleaved (GroupedLora)."""
+    if choice == "none":
+        return None
+    config = tiny_model.model.config
+    cache = AdapterCache(4, 2**30, config.num_hidden_layers, tiny_model.model.device, torch.float32)
+    loaded = [cache.get(ref) for ref in adapters]
+    per_row = [loaded[0]] * rows if choice == "one" else [([*loaded, None])[i % 4] for i in range(rows)]
+    return BatchStacker(tiny_model.model.device).stack(per_row)
+
+
+@pytest.mark.parametrize("weights", ["float", "int8"])
+@pytest.mark.parametrize("choice", ["none", "one", "mixed"])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_a_whole_step_equals_the_step_by_parts(tiny_model, adapters, weights, choice, rows):
+    """One call of the kernel for the whole step (decode_kernel.Step) against the step by parts
+    (a kernel or PyTorch call per product, attention, norm and LoRA update): the same logits (its
+    SiLU's exp is the kernel's own, hence the tolerance) and the same keys and values cached, with
+    no adapter, one adapter on every row, and several adapters beside bare rows."""
+    llama = Llama(tiny_model.model, max_length=64, weights=weights)
+    assert llama.step is not None
+    llama.step_rows = sys.maxsize  # whatever products were measured fastest for float32 here
+    torch.manual_seed(rows)
+    positions, tokens = torch.randint(0, 40, (rows,)), torch.randint(0, llama.vocab_size, (rows,))
+    lora = _batch_lora(adapters, tiny_model, choice, rows)
+    results = []
+    for whole in (True, False):
+        cache = KVCache(llama, 16, 64)
+        for tensor in (*cache.k, *cache.v):
+            tensor.copy_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(7)))
+        attend = cache.decode_attention(positions, span=int(positions.max()) + 1)
+        with torch.inference_mode():
+            if whole:
+                logits = llama.decode(tokens, lora, attend)
+            else:
+                logits = llama.logits(llama._forward(tokens, lora, attend, prefill=False), prefill=False)
+        results.append((logits, cache))
+    (ours, our_cache), (theirs, their_cache) = results
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    for layer in range(llama.num_layers):
+        torch.testing.assert_close(our_cache.k[layer], their_cache.k[layer], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(our_cache.v[layer], their_cache.v[layer], rtol=1e-4, atol=1e-4)
+
+
+def test_int8_weights_are_held_in_one_buffer_in_step_order(tiny_model):
+    """The packed codes a step reads one after another lie one after another in memory."""
+    llama = Llama(tiny_model.model, max_length=64, weights="int8")
+    packed = [w.packed for w in llama.step_weights]
+    for before, after in zip(packed, packed[1:], strict=False):
+        assert after.data_ptr() == before.data_ptr() + before.numel()

@@ -3,6 +3,7 @@ model and for every adapter, however requests of different tenants share a batch
 
 import asyncio
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -24,8 +25,12 @@ def test_concurrent_requests_decode_as_generate_does(tiny_model):
     assert engine.steps < sum(n for _, n in requests)  # rows really shared decode steps
 
 
-def test_mixed_adapters_in_one_batch_match_peft(tiny_model, tiny_base_dir, adapters):
+@pytest.mark.parametrize("whole_step", [True, False], ids=["whole-step", "by-parts"])
+def test_mixed_adapters_in_one_batch_match_peft(tiny_model, tiny_base_dir, adapters, whole_step):
+    """Decode steps as one call of the C kernel, or by parts (whichever the products measured
+    fastest here would pick): PEFT's tokens either way."""
     engine = engine_for(tiny_model)
+    engine.model.step_rows = sys.maxsize if whole_step else 0
     choices = [0, 1, 2, None, 1, 0, None, 2]  # three adapters and the bare base, interleaved
     requests = list(zip(prompts(tiny_model.tokenizer, 8), choices, [8, 14, 6, 11, 9, 14, 3, 10], strict=True))
     streams = [engine.submit(p, n, adapters[c] if c is not None else None) for p, c, n in requests]
