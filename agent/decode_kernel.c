@@ -1,22 +1,24 @@
-/* A decode step on the CPU, for its few rows (float32), in three parts that agent/decode_kernel.py
- * calls: the matrix products, the attention of a layer (`attention`, below), and the residual
- * stream's add and RMSNorm (`add_rms_norm`, last).
+/* A decode step on the CPU, for its few rows (float32): the matrix products, the attention of a
+ * layer (`attention`, below), the residual stream's add and RMSNorm (`add_rms_norm`), each a call
+ * of its own from agent/decode_kernel.py, and the whole step in one call (`decode_step`, last),
+ * which runs the same parts one after another in one parallel region.
  *
  * The products: y[rows, out] = x[rows, in] @ w^T, w [out, in] either
  *   - float32, row-major as PyTorch holds it (`f32_product`), or
  *   - int8 with a float32 scale per output row, w = q * scale (`int8_product`), q packed: outputs
- *     in groups of PACK rows, and within a group the inputs in chunks of 8, each chunk holding
- *     those 8 inputs of the group's PACK rows one after another, q[g][k / 8][o][k % 8] for output
- *     g * PACK + o, so that a tile reads its weights as one sequential stream (row-major int8
- *     rows of 576 inputs are 9 cache lines: too short for the hardware prefetcher, which read
- *     them at less than half the speed).
+ *     in groups of PACK rows, and within a group the inputs in chunks of WIDTH (a vector's: 8, or
+ *     16 with AVX-512), each chunk holding those inputs of the group's PACK rows one after
+ *     another, q[g][k / WIDTH][o][k % WIDTH] for output g * PACK + o, so that a tile reads its
+ *     weights as one sequential stream (row-major int8 rows of 576 inputs are 9 cache lines: too
+ *     short for the hardware prefetcher, which read them at less than half the speed).
  *
  * A decode step reads every weight once, so its products are bound by reading w: each weight is
  * loaded (and widened to float32) once per tile of up to 4 rows and multiplied into each of the
- * tile's rows (AVX2 and FMA, 8 weights a vector). The outputs are split into blocks, one OpenMP
+ * tile's rows, and prefetched ahead of the tile. The outputs are split into blocks, one OpenMP
  * task each, on the team PyTorch's own threads use (agent/native.py loads the library after
  * torch); a block's weights stay in the core's cache while the tiles of rows go over them, so
- * they come from memory once whatever the number of rows. agent/decode_kernel.py calls it. */
+ * they come from memory once whatever the number of rows. Each part is written for the team it
+ * is called in (orphaned `omp for` loops), and the exported functions open a region for it. */
 
 #include <immintrin.h>
 #include <math.h>
@@ -75,7 +77,7 @@ int64_t vector_width(void) { return WIDTH; } /* the inputs of a chunk of packed 
 #define PREFETCH_f32(w, step_o, O) \
     for (int o = 0; o < O; o++) _mm_prefetch((const char *)((w) + o * (step_o)) + PREFETCH, _MM_HINT_T0)
 
-#define PRODUCT_TILE(name, type, LOAD, R, O)                                                                   \
+#define PRODUCT_TILE(name, type, LOAD, R, O)                                                           \
     static inline void name##_##R##_##O(const float *x, int64_t r0, int64_t in, const type *w,        \
                                         int64_t step_o, int64_t step_k, const float *scale, float *y, \
                                         int64_t out, int64_t o0) {                                    \
@@ -103,10 +105,10 @@ int64_t vector_width(void) { return WIDTH; } /* the inputs of a chunk of packed 
  * up to 4 rows by 4 or 2 outputs. The weights of a group of 4 outputs from o start at q + o * in
  * in both layouts (row-major, and packed in groups of PACK = 4). */
 #define PRODUCT(name, type, LOAD)                                                                      \
-    PRODUCT_TILE(name, type, LOAD, 1, 4)                                                                       \
-    PRODUCT_TILE(name, type, LOAD, 2, 4)                                                                       \
-    PRODUCT_TILE(name, type, LOAD, 3, 2)                                                                       \
-    PRODUCT_TILE(name, type, LOAD, 4, 2)                                                                       \
+    PRODUCT_TILE(name, type, LOAD, 1, 4)                                                               \
+    PRODUCT_TILE(name, type, LOAD, 2, 4)                                                               \
+    PRODUCT_TILE(name, type, LOAD, 3, 2)                                                               \
+    PRODUCT_TILE(name, type, LOAD, 4, 2)                                                               \
     static void name##_block(const float *x, int64_t rows, int64_t in, const type *q, int64_t step_o,  \
                              int64_t step_k, const float *scale, float *y, int64_t out, int64_t o0) { \
         for (int64_t r = 0; r < rows;) {                                                               \
@@ -243,9 +245,9 @@ static void weighted_sum(const float *weights, const float *values, int64_t leng
  * (rotated) and v go to position positions[b] of slot b of k_cache, v_cache [slots, kv_heads,
  * max_length, d]; each of its query heads (rotated) attends to its keys [0, positions[b]], query
  * head h to key head h / (heads / kv_heads); out [rows, heads * d]. */
-static void attention_team(const float *qkv, const int64_t *positions, int64_t rows, int64_t heads, int64_t kv_heads,
-                       int64_t d, const float *cos, const float *sin, float *k_cache, float *v_cache,
-                       int64_t max_length, float *out) {
+static void attention_team(const float *qkv, const int64_t *positions, int64_t rows, int64_t heads,
+                           int64_t kv_heads, int64_t d, const float *cos, const float *sin, float *k_cache,
+                           float *v_cache, int64_t max_length, float *out) {
     const int64_t width = (heads + 2 * kv_heads) * d, group = heads / kv_heads;
     const float scale = 1.f / sqrtf((float)d);
 #pragma omp for schedule(static)

@@ -1,15 +1,18 @@
 """Decode steps on the CPU by a small C kernel (decode_kernel.c, compiled on first use by
-agent/native.py for the CPU it runs on; it needs AVX2 and FMA): the matrix products (float32
-weights as they are, and weights held at 8 bits, packed for it), a layer's attention with its
-RoPE and cache writes (agent/kv_cache.py), and the residual add with RMSNorm (agent/llama.py).
-Where it cannot be built, or for what it does not take, the callers keep PyTorch's ops.
+agent/native.py for the CPU it runs on; it needs AVX2 and FMA, and uses AVX-512 where the CPU
+has it): the matrix products (float32 weights as they are, and weights held at 8 bits, packed
+for it), a layer's attention with its RoPE and cache writes (agent/kv_cache.py), the residual
+add with RMSNorm (agent/llama.py), and a whole step of a Llama in one call (`Step`). Where it
+cannot be built, or for what it does not take, the callers keep PyTorch's ops.
 
 A step's few rows read every weight once, so a product is bound by reading the weights. On 2
 AVX2 cores the embedded model's products of one row took 29.2 ms in float32 (PyTorch's best,
 30.0) and 10.9 in int8 (PyTorch's int8 kernel, 19.4; bench/results/decode-kernel.json). Row-major
 int8 rows of 576 inputs are 9 cache lines, too short for the hardware prefetcher: the same
 kernel read them at 9.7 GB/s against 21.2 packed (a scratch run), so int8 weights are packed:
-outputs in groups of PACK rows, inputs in chunks of 8, the group's chunks one after another."""
+outputs in groups of PACK rows, inputs in chunks of a vector's width, the group's chunks one
+after another. On 2 AVX-512 Xeon cores a whole int8 step of one row took 4.3-4.7 ms in one call
+against 6.3-6.5 by parts (scratch runs; BENCHMARKS.md has the benchmark's figures)."""
 
 import ctypes
 import functools
