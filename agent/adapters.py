@@ -102,7 +102,12 @@ class LoraWeights:
     b: list[dict[str, torch.Tensor]]
     cols: dict[str, tuple[int, int]]
     nbytes: int
-    kernel_groups: dict = field(default_factory=dict, repr=False)  # (layer, group) -> lora_kernel.Group
+    kernel_groups: dict = field(default_factory=dict, repr=False)  # (layer, group) -> lora_kernel.Group, "step"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype its matrices are held in."""
+        return next(matrix.dtype for layer in self.a for matrix in layer.values())
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, layer: int, group: str, slices) -> None:
         """out [rows, fused out] += this adapter's update of x [rows, in], every row alike;
@@ -111,8 +116,8 @@ class LoraWeights:
             return
         rows = x.shape[0]
         if rows <= KERNEL_ROWS.get(x.dtype, 0) and lora_kernel.usable(out, x):
-            kernel_group = lora_kernel.group(self, layer, group, slices)
-            lora_kernel.add_to(kernel_group, out, x, *_every_row(rows))
+            groups = lora_kernel.groups([self], layer, group, slices)
+            lora_kernel.add_to(groups, out, x, *_every_row(rows), self.dtype)
             return
         xa = x @ self.a[layer][group]  # [rows, columns]
         for proj, offset, size in slices:
@@ -120,10 +125,13 @@ class LoraWeights:
                 start, end = self.cols[proj]
                 out[:, offset : offset + size].addmm_(xa[:, start:end], self.b[layer][proj])
 
-    def kernel_rows(self, rows: int):
-        """For a whole decode step by the kernel: the weights and the rows by adapter, every row
-        with this one (order, starts as lora_kernel.add_to takes them)."""
-        return self, *_every_row(rows)
+    def kernel_step(self, rows: int, slices: dict[str, list], layers: int):
+        """For a whole decode step by the kernel: this adapter's groups as it reads them
+        (lora_kernel.step_groups, made once) and the rows by adapter, every row with this one
+        (order, starts)."""
+        if "step" not in self.kernel_groups:
+            self.kernel_groups["step"] = lora_kernel.step_groups([self], slices, layers)
+        return self.kernel_groups["step"], *_every_row(rows)
 
     @classmethod
     def load(cls, ref: AdapterRef, num_layers: int, device: torch.device, dtype: torch.dtype) -> "LoraWeights":
@@ -210,26 +218,28 @@ class AdapterCache:
 class GroupedLora:
     """The adapters of a decode step (a row per sequence) whose rows do not all share one
     adapter: rows are grouped by adapter, so each row pays only for its own adapter's update.
-    For every layer, one batched matmul per input group (`a`: [adapters, in, columns]) and one
-    per projection (`b`: [adapters, its columns, out]) over the rows gathered per adapter
-    (`gather`: [adapters * width], each adapter's rows padded to `width` with a repeat of its
-    first), then the group's updates are added to each real row's output in one step: gathered
-    back by `place` (each row's slot) when every row has an adapter, else added at `dest` from
-    the slots `take`. Adapters of other ranks or projections are zero-padded to one layout
-    (zeros change no sum).
 
-    On the CPU the kernel (agent/lora_kernel.py) does all of this in one call per group, from
-    the rows listed by adapter (`order`, `starts`), without padding or gathers: PyTorch's CPU
-    `bmm` runs one tiny product per adapter after another, so the batched path costs per adapter
-    what a whole matrix product would (8 adapters' 16 rows, 30 layers: 7.7 against 12.6 ms a
-    step, bench.lora_paths). The batched path stays for other devices and dtypes."""
+    On the CPU the kernel (agent/lora_kernel.py) does it in one call per input group, from the
+    rows listed by adapter (`order`, `starts`) and each adapter's matrices where it holds them:
+    nothing padded, gathered or copied. Elsewhere (other devices and dtypes), for every layer,
+    one batched matmul per input group (`a`: [adapters, in, columns]) and one per projection
+    (`b`: [adapters, its columns, out]) over the rows gathered per adapter (`gather`: [adapters
+    * width], each adapter's rows padded to `width` with a repeat of its first), then the group's
+    updates are added to each real row's output in one step: gathered back by `place` (each
+    row's slot) when every row has an adapter, else added at `dest` from the slots `take`. That
+    path reads the adapters stacked in one zero-padded layout (`_Stack`, made by the
+    BatchStacker on first use): PyTorch's CPU `bmm` runs one tiny product per adapter after
+    another, so on the CPU the batched path cost per adapter what a whole matrix product would
+    (8 adapters' 16 rows, 30 layers: 7.7 against 12.6 ms a step, bench.lora_paths), and stacking
+    8 adapters copied 149 MB whenever the set of adapters in the batch changed."""
 
-    def __init__(self, stack: "_Stack", adapters: list[LoraWeights | None], device: torch.device):
-        self.stack, self.a, self.b, self.cols = stack, stack.a, stack.b, stack.cols
-        members = [[] for _ in stack.keys]
+    def __init__(self, present: list[LoraWeights], adapters: list[LoraWeights | None], stacker: "BatchStacker"):
+        self.present, self._stacker, device = present, stacker, stacker.device
+        keys = [adapter.key for adapter in present]
+        members = [[] for _ in present]
         for row, adapter in enumerate(adapters):
             if adapter is not None:
-                members[stack.keys.index(adapter.key)].append(row)
+                members[keys.index(adapter.key)].append(row)
         self.order = torch.tensor([row for m in members for row in m])  # the kernel's rows, by adapter
         self.starts = torch.tensor([0] + [len(m) for m in members]).cumsum(0)
         self.width = max(len(m) for m in members)
@@ -242,27 +252,35 @@ class GroupedLora:
         else:
             self.take = torch.tensor(list(slots.values()), device=device)
             self.dest = torch.tensor(list(slots), device=device)
+        self._groups: dict = {}  # the kernel's groups of the present adapters, by (layer, group) and "step"
 
-    def kernel_rows(self, rows: int):
-        """For a whole decode step by the kernel: the stacked weights and the rows by adapter."""
-        return self.stack, self.order, self.starts
+    def kernel_step(self, rows: int, slices: dict[str, list], layers: int):
+        """For a whole decode step by the kernel: the adapters' groups (lora_kernel.step_groups,
+        made once per batch composition) and the rows by adapter (order, starts)."""
+        if "step" not in self._groups:
+            self._groups["step"] = lora_kernel.step_groups(self.present, slices, layers)
+        return self._groups["step"], self.order, self.starts
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, layer: int, group: str, slices) -> None:
         """out [rows, fused out] += each row's own adapter's update of x [rows, in]."""
-        if group not in self.a[layer]:
-            return
         if lora_kernel.usable(out, x):
-            kernel_group = lora_kernel.group(self.stack, layer, group, slices)
-            lora_kernel.add_to(kernel_group, out, x, self.order, self.starts)
+            if (layer, group) not in self._groups:
+                self._groups[layer, group] = lora_kernel.groups(self.present, layer, group, slices)
+            groups = self._groups[layer, group]
+            if groups is not None:
+                lora_kernel.add_to(groups, out, x, self.order, self.starts, self.present[0].dtype)
+            return
+        stack = self._stacker.stacked(self.present)
+        if group not in stack.a[layer]:
             return
         rows = x.index_select(0, self.gather)
         gathered = rows.view(-1, self.width, x.shape[-1])  # [adapters, width, in]
-        xa = torch.bmm(gathered, self.a[layer][group])  # [adapters, width, columns]
+        xa = torch.bmm(gathered, stack.a[layer][group])  # [adapters, width, columns]
         updates = []
         for proj, offset, size in slices:
-            if proj in self.cols:
-                start, end = self.cols[proj]
-                update = torch.bmm(xa[:, :, start:end], self.b[layer][proj]).view(-1, size)  # [slots, size]
+            if proj in stack.cols:
+                start, end = stack.cols[proj]
+                update = torch.bmm(xa[:, :, start:end], stack.b[layer][proj]).view(-1, size)  # [slots, size]
                 updates.append((offset, size, update))
         if len(updates) == len(slices):  # the whole fused output at once
             whole = torch.cat([u for _, _, u in updates], dim=-1) if len(updates) > 1 else updates[0][2]
@@ -283,7 +301,6 @@ class _Stack:
     a: list[dict[str, torch.Tensor]]
     b: list[dict[str, torch.Tensor]]
     cols: dict[str, tuple[int, int]]
-    kernel_groups: dict = field(default_factory=dict, repr=False)  # (layer, group) -> lora_kernel.Group
 
 
 class SegmentLora:
@@ -311,8 +328,9 @@ BatchLora = LoraWeights | GroupedLora | SegmentLora
 
 
 class BatchStacker:
-    """Builds the `BatchLora` of the engine's decode steps; keeps the last one, and the stacks of
-    the last two sets of adapters (stacking copies their weights)."""
+    """Builds the `BatchLora` of the engine's decode steps; keeps the last one, and the stacked
+    layouts of the last two sets of adapters where a GroupedLora needs one (stacking copies their
+    weights; the kernel's path needs none)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -333,14 +351,18 @@ class BatchStacker:
         if len(present) == 1 and None not in key:
             lora = present[0]
         elif present:
-            keys = tuple(a.key for a in present)
-            if keys not in self._stacks:
-                self._stacks[keys] = _stack(present)
-                if len(self._stacks) > 2:  # stacks are large: keep the current and the previous
-                    self._stacks.popitem(last=False)
-            lora = GroupedLora(self._stacks[keys], adapters, self.device)
+            lora = GroupedLora(present, adapters, self)
         self._lora, self._key = lora, key
         return lora
+
+    def stacked(self, present: list[LoraWeights]) -> "_Stack":
+        """The adapters in one zero-padded layout (GroupedLora's path without the kernel)."""
+        keys = tuple(a.key for a in present)
+        if keys not in self._stacks:
+            self._stacks[keys] = _stack(present)
+            if len(self._stacks) > 2:  # stacks are large: keep the current and the previous
+                self._stacks.popitem(last=False)
+        return self._stacks[keys]
 
 
 def pack_lora(adapters: list[LoraWeights | None], lengths: list[int]) -> BatchLora | None:

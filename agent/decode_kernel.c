@@ -338,37 +338,43 @@ typedef struct {
     weight_t lm_head;
 } model_t;
 
-/* out [rows, out_stride] += each listed row's own adapter's update of x [rows, in] (group g of a
- * step's adapters; none when g is NULL); x_of [listed rows] is scratch */
-static void lora_rows(const group_t *g, float *out, int64_t out_stride, const float *x, int64_t adapters,
-                      const int64_t *order, const int64_t *starts, const float **x_of, float *part, float *xa) {
+/* out [rows, out_stride] += each listed row's own adapter's update of x [rows, in] (g: the step's
+ * adapters' groups of one layer, none when NULL); x_of [listed rows] is scratch */
+static void lora_rows(const group_t *const *g, float *out, int64_t out_stride, const float *x, int64_t adapters,
+                      const int64_t *order, const int64_t *starts, const float **x_of, float *part, float *xa,
+                      int64_t stride) {
     if (!g) return;
+    int64_t in = 0;
+    widest(g, adapters, &in);
 #pragma omp single
-    for (int64_t i = 0; i < starts[adapters]; i++) x_of[i] = x + order[i] * g->in;
-    lora_team(g, out, out_stride, x_of, 0, adapters, order, starts, part, xa);
+    for (int64_t i = 0; i < starts[adapters]; i++) x_of[i] = x + order[i] * in;
+    lora_team(g, out, out_stride, x_of, 0, adapters, order, starts, part, xa, stride);
 }
 
 /* The step of `rows` sequences, float32: x [rows, hidden] their new tokens' embeddings (the
  * residual stream, updated in place); row b at positions[b] of slot b of each layer's cache
  * (k_cache[l], v_cache[l] [slots, kv_heads, max_length, head_dim]; RoPE's cos, sin [max_length,
- * head_dim]); lora NULL, or [layers * 4] groups (attn_in, attn_out, mlp_in, mlp_out of each
- * layer; NULL where the step's adapters have none) whose rows by adapter are order and starts
- * (as lora_team's). Writes logits [rows, vocab]. */
+ * head_dim]); lora NULL, or [layers * 4] input groups (attn_in, attn_out, mlp_in, mlp_out of each
+ * layer), each the step's adapters' groups [adapters] (NULL where none has it), whose rows by
+ * adapter are order and starts (as lora_team's). Writes logits [rows, vocab]. */
 void decode_step(const model_t *m, float *x, int64_t rows, const int64_t *positions, float *const *k_cache,
                  float *const *v_cache, const float *cos, const float *sin, int64_t max_length,
-                 const group_t *const *lora, int64_t adapters, const int64_t *order, const int64_t *starts,
+                 const group_t *const *const *lora, int64_t adapters, const int64_t *order, const int64_t *starts,
                  float *logits, int threads) {
     const int64_t hidden = m->hidden, inter = m->intermediate, d = m->head_dim;
     const int64_t width = m->layer[0].qkv.out, q_size = m->heads * d;
-    int64_t cols = 0; /* the widest group of the step's adapters */
-    for (int64_t i = 0; lora && i < m->layers * 4; i++) cols = lora[i] && lora[i]->cols > cols ? lora[i]->cols : cols;
+    int64_t cols = 0, in; /* the widest group of the step's adapters */
+    for (int64_t i = 0; lora && i < m->layers * 4; i++) {
+        int64_t widest_here = lora[i] ? widest(lora[i], adapters, &in) : 0;
+        cols = widest_here > cols ? widest_here : cols;
+    }
     const int64_t listed = lora ? starts[adapters] : 0;
     float *h = malloc(sizeof(float) * rows * (2 * hidden + width + q_size + 3 * inter));
     float *out = h + rows * hidden, *qkv = out + rows * hidden, *attended = qkv + rows * width;
     float *gate_up = attended + rows * q_size, *act = gate_up + rows * 2 * inter;
     float *part = malloc(sizeof(float) * (3 * listed * cols + 1)), *xa = part + 2 * listed * cols;
     const float **x_of = malloc(sizeof(float *) * (listed + 1));
-    const group_t *none[4] = {NULL, NULL, NULL, NULL};
+    const group_t *const *none[4] = {NULL, NULL, NULL, NULL};
 
 #pragma omp parallel num_threads(threads)
     {
@@ -377,26 +383,26 @@ void decode_step(const model_t *m, float *x, int64_t rows, const int64_t *positi
             add_rms_norm_row(x + r * hidden, NULL, m->layer[0].input_norm, m->eps, h + r * hidden, hidden);
         for (int64_t l = 0; l < m->layers; l++) {
             const layer_t *layer = &m->layer[l];
-            const group_t *const *g = lora ? lora + 4 * l : none;
+            const group_t *const *const *g = lora ? lora + 4 * l : none;
             product(&layer->qkv, h, rows, qkv);
-            lora_rows(g[0], qkv, width, h, adapters, order, starts, x_of, part, xa);
+            lora_rows(g[0], qkv, width, h, adapters, order, starts, x_of, part, xa, cols);
             attention_team(qkv, positions, rows, m->heads, m->kv_heads, d, cos, sin, k_cache[l], v_cache[l], max_length,
                            attended);
             product(&layer->o, attended, rows, out);
-            lora_rows(g[1], out, hidden, attended, adapters, order, starts, x_of, part, xa);
+            lora_rows(g[1], out, hidden, attended, adapters, order, starts, x_of, part, xa, cols);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++)
                 add_rms_norm_row(x + r * hidden, out + r * hidden, layer->post_attention_norm, m->eps, h + r * hidden,
                                  hidden);
             product(&layer->gate_up, h, rows, gate_up);
-            lora_rows(g[2], gate_up, 2 * inter, h, adapters, order, starts, x_of, part, xa);
+            lora_rows(g[2], gate_up, 2 * inter, h, adapters, order, starts, x_of, part, xa, cols);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < rows * inter; i += 8) { /* inter is a multiple of 8 */
                 const float *gate = gate_up + i / inter * 2 * inter + i % inter;
                 _mm256_storeu_ps(act + i, silu_times(_mm256_loadu_ps(gate), _mm256_loadu_ps(gate + inter)));
             }
             product(&layer->down, act, rows, out);
-            lora_rows(g[3], out, hidden, act, adapters, order, starts, x_of, part, xa);
+            lora_rows(g[3], out, hidden, act, adapters, order, starts, x_of, part, xa, cols);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++)
                 add_rms_norm_row(x + r * hidden, out + r * hidden, layer->next_norm, m->eps, h + r * hidden, hidden);

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from agent import decode_kernel, lora_kernel
+from agent import decode_kernel
 from agent.adapters import INPUT_GROUPS, BatchLora
 from agent.weights import WEIGHT_FORMATS, Weight, choose_products, compute_dtype, hold_together
 
@@ -139,10 +139,7 @@ class Llama:
         of it (decode_kernel.Step), for as many rows as its products were measured fastest for."""
         rows = tokens.shape[0]
         if isinstance(attend, decode_kernel.CacheAttention) and rows <= self.step_rows:
-            step_lora = None
-            if lora is not None:
-                weights, order, starts = lora.kernel_rows(rows)
-                step_lora = (lora_kernel.step_groups(weights, self.slices, self.num_layers), order, starts)
+            step_lora = None if lora is None else lora.kernel_step(rows, self.slices, self.num_layers)
             return self.step.run(F.embedding(tokens, self.embed), attend, step_lora)
         return self.logits(self._forward(tokens, lora, attend, prefill=False), prefill=False)
 

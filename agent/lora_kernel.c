@@ -1,7 +1,9 @@
 /* The LoRA updates of one input group of one layer, for the few rows of a decode step, each row
  * with its own adapter: out[row, projection's slice] += (x[row] @ A) @ B, every adapter's A and B
- * read once for all of its rows. agent/lora_kernel.py compiles it for the CPU it runs on and
- * calls it once per layer and input group; float32 arithmetic on bfloat16 or float32 values.
+ * read once for all of its rows, where the adapter holds them (nothing is stacked or copied).
+ * agent/lora_kernel.py compiles it for the CPU it runs on and calls it once per layer and input
+ * group; float32 arithmetic on bfloat16 or float32 values. agent/decode_kernel.c includes it for
+ * the whole decode step.
  *
  * Two phases in one OpenMP region, on the team PyTorch's own threads use (the library is loaded
  * after torch, whose libgomp it then shares):
@@ -27,15 +29,15 @@
 #define CHUNK (4 * TW)  /* output columns of one task of phase 2 */
 
 typedef struct {
-    const void *b;   /* [adapters, width, size]: this projection's B, transposed, of every adapter */
+    const void *b;   /* [width, size]: this projection's B, transposed */
     int64_t col;     /* its first column in xa */
     int64_t width;   /* its columns in xa (the rank) */
     int64_t offset;  /* its first column in the fused output */
     int64_t size;    /* its output columns */
 } projection_t;
 
-typedef struct {
-    const void *a;   /* [adapters, in, cols]: the group's A, transposed, of every adapter */
+typedef struct {     /* one adapter's group */
+    const void *a;   /* [in, cols]: the group's A, transposed */
     int64_t in, cols, projections;
     projection_t projection[3];
 } group_t;
@@ -112,53 +114,59 @@ static inline void tile(float acc[RB][TW], const float *const *x, int64_t nr, co
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* The updates of one group by the threads of the team it is called in (orphaned `omp for`s): the
- * rows of adapter i are order[starts[i]:starts[i + 1]] (rows of out [.., out_stride]), the input
- * of the i-th listed row is x_of[i] (float32, [in]); part [2, rows, cols] and xa [rows, cols] are
- * scratch for the listed rows. out and the adapters' matrices are bfloat16 when bf16, else
- * float32. */
-static void lora_team(const group_t *g, void *out, int64_t out_stride, const float *const *x_of, int bf16,
-                      int64_t adapters, const int64_t *order, const int64_t *starts, float *part, float *xa) {
-    const int64_t in = g->in, cols = g->cols, rows = starts[adapters], half = in / 2;
+/* The updates of one group by the threads of the team it is called in (orphaned `omp for`s): g[i]
+ * is adapter i's group (NULL where it has none), its rows order[starts[i]:starts[i + 1]] (rows of
+ * out [.., out_stride]); the input of the i-th listed row is x_of[i] (float32, [in]); part [2,
+ * rows, stride] and xa [rows, stride] are scratch for the listed rows, stride at least every
+ * group's cols. out and the adapters' matrices are bfloat16 when bf16, else float32. */
+static void lora_team(const group_t *const *g, void *out, int64_t out_stride, const float *const *x_of, int bf16,
+                      int64_t adapters, const int64_t *order, const int64_t *starts, float *part, float *xa,
+                      int64_t stride) {
+    const int64_t rows = starts[adapters];
     int64_t tasks = 0;
-    for (int64_t p = 0; p < g->projections; p++) tasks += adapters * ((g->projection[p].size + CHUNK - 1) / CHUNK);
+    for (int64_t i = 0; i < adapters; i++)
+        for (int64_t p = 0; g[i] && p < g[i]->projections; p++) tasks += (g[i]->projection[p].size + CHUNK - 1) / CHUNK;
 
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < adapters * 2; t++) {
-        int64_t adapter = t / 2, h = t % 2, end = starts[adapter + 1];
-        for (int64_t i0 = starts[adapter]; i0 < end; i0 += RB) {
+        const group_t *a = g[t / 2];
+        if (!a) continue;
+        int64_t h = t % 2, end = starts[t / 2 + 1], half = a->in / 2;
+        for (int64_t i0 = starts[t / 2]; i0 < end; i0 += RB) {
             int64_t nr = min64(end - i0, RB);
-            for (int64_t c0 = 0; c0 < cols; c0 += TW) {
-                int64_t n = min64(cols - c0, TW);
+            for (int64_t c0 = 0; c0 < a->cols; c0 += TW) {
+                int64_t n = min64(a->cols - c0, TW);
                 float acc[RB][TW];
-                tile(acc, x_of + i0, nr, g->a, bf16, adapter * in * cols + c0, cols, h ? half : 0, h ? in : half, n);
-                for (int64_t r = 0; r < nr; r++) memcpy(part + (h * rows + i0 + r) * cols + c0, acc[r], sizeof(float) * n);
+                tile(acc, x_of + i0, nr, a->a, bf16, c0, a->cols, h ? half : 0, h ? a->in : half, n);
+                for (int64_t r = 0; r < nr; r++)
+                    memcpy(part + (h * rows + i0 + r) * stride + c0, acc[r], sizeof(float) * n);
             }
         }
     }
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < rows * cols; i++) xa[i] = part[i] + part[rows * cols + i];
+    for (int64_t i = 0; i < rows * stride; i++) xa[i] = part[i] + part[rows * stride + i];
 
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; t++) {
-        int64_t task = t, p = 0, chunks;
-        for (;; p++) { /* task -> (projection, adapter, chunk) */
-            chunks = (g->projection[p].size + CHUNK - 1) / CHUNK;
-            if (task < adapters * chunks) break;
-            task -= adapters * chunks;
+        int64_t task = t, adapter = 0, p = 0, chunks = 0;
+        for (;; adapter++) { /* task -> (adapter, projection, chunk) */
+            for (p = 0; g[adapter] && p < g[adapter]->projections; p++) {
+                chunks = (g[adapter]->projection[p].size + CHUNK - 1) / CHUNK;
+                if (task < chunks) break;
+                task -= chunks;
+            }
+            if (g[adapter] && p < g[adapter]->projections) break;
         }
-        const projection_t *pr = &g->projection[p];
-        int64_t adapter = task / chunks, j0 = (task % chunks) * CHUNK, j1 = min64(pr->size, j0 + CHUNK);
-        int64_t end = starts[adapter + 1];
-        int64_t b = adapter * pr->width * pr->size; /* the adapter's B */
+        const projection_t *pr = &g[adapter]->projection[p];
+        int64_t j0 = task * CHUNK, j1 = min64(pr->size, j0 + CHUNK), end = starts[adapter + 1];
         for (int64_t i0 = starts[adapter]; i0 < end; i0 += RB) {
             int64_t nr = min64(end - i0, RB);
             const float *xa_of[RB];
-            for (int64_t r = 0; r < nr; r++) xa_of[r] = xa + (i0 + r) * cols + pr->col;
+            for (int64_t r = 0; r < nr; r++) xa_of[r] = xa + (i0 + r) * stride + pr->col;
             for (int64_t j = j0; j < j1; j += TW) {
                 int64_t n = min64(j1 - j, TW);
                 float acc[RB][TW];
-                tile(acc, xa_of, nr, pr->b, bf16, b + j, pr->size, 0, pr->width, n);
+                tile(acc, xa_of, nr, pr->b, bf16, j, pr->size, 0, pr->width, n);
                 for (int64_t r = 0; r < nr; r++) {
                     int64_t at = order[i0 + r] * out_stride + pr->offset + j;
                     if (bf16) {
@@ -174,13 +182,25 @@ static void lora_team(const group_t *g, void *out, int64_t out_stride, const flo
     }
 }
 
+/* The widest group of g [adapters] (their columns of xa), and its inputs in `in` (the same for
+ * every adapter of a group); 0 where none has the group. */
+static int64_t widest(const group_t *const *g, int64_t adapters, int64_t *in) {
+    int64_t cols = 0;
+    for (int64_t i = 0; i < adapters; i++)
+        if (g[i]) {
+            cols = g[i]->cols > cols ? g[i]->cols : cols;
+            *in = g[i]->in;
+        }
+    return cols;
+}
+
 /* One group's updates in a parallel region of its own: x is [x_rows, in] and out [x_rows,
  * out_stride], bfloat16 when bf16, else float32 (the rest as lora_team's). */
-void lora_group(const group_t *g, void *out, int64_t out_stride, const void *x, int64_t x_rows, int bf16,
+void lora_group(const group_t *const *g, void *out, int64_t out_stride, const void *x, int64_t x_rows, int bf16,
                 int64_t adapters, const int64_t *order, const int64_t *starts, int threads) {
-    const int64_t in = g->in, cols = g->cols, rows = starts[adapters];
-    float *part = malloc(sizeof(float) * 2 * rows * cols), *xa = malloc(sizeof(float) * rows * cols);
-    const float **x_of = malloc(sizeof(float *) * rows);
+    int64_t in = 0, stride = widest(g, adapters, &in), rows = starts[adapters];
+    float *part = malloc(sizeof(float) * (3 * rows * stride + 1)), *xa = part + 2 * rows * stride;
+    const float **x_of = malloc(sizeof(float *) * (rows + 1));
     float *x32 = NULL;
     const float *xs = x;
     if (bf16) {
@@ -190,9 +210,8 @@ void lora_group(const group_t *g, void *out, int64_t out_stride, const void *x, 
     }
     for (int64_t i = 0; i < rows; i++) x_of[i] = xs + order[i] * in;
 #pragma omp parallel num_threads(threads)
-    lora_team(g, out, out_stride, x_of, bf16, adapters, order, starts, part, xa);
+    lora_team(g, out, out_stride, x_of, bf16, adapters, order, starts, part, xa, stride);
     free(part);
-    free(xa);
     free(x_of);
     free(x32);
 }

@@ -27,16 +27,15 @@ class _Projection(ctypes.Structure):
 
 
 class Group(ctypes.Structure):
-    """One input group of one layer as the kernel reads it (lora_kernel.c's group_t). It holds
-    the tensors' addresses: whoever holds it also holds the tensors (`keep`)."""
+    """One adapter's input group of one layer as the kernel reads it (lora_kernel.c's group_t). It
+    holds the tensors' addresses: whoever holds it also holds the tensors (`keep`)."""
 
     _fields_ = [("a", ctypes.c_void_p), ("inputs", ctypes.c_int64), ("cols", ctypes.c_int64)]
     _fields_ += [("projections", ctypes.c_int64), ("projection", _Projection * 3)]
 
     @classmethod
     def of(cls, a: torch.Tensor, b: dict[str, torch.Tensor], cols: dict[str, tuple[int, int]], slices) -> "Group":
-        """a: [in, columns] or [adapters, in, columns]; b[projection]: [rank, out] or [adapters,
-        rank, out] (every adapter's, laid out alike); cols: each projection's columns of a;
+        """a: [in, columns]; b[projection]: [rank, out]; cols: each projection's columns of a;
         slices: (projection, offset, size) of the group's projections in the fused output."""
         if a.dtype not in DTYPES or not a.is_contiguous():
             raise ValueError(f"the LoRA kernel reads contiguous float32 or bfloat16 matrices, not {a.dtype}")
@@ -54,39 +53,46 @@ class Group(ctypes.Structure):
 
 
 def group(weights, layer: int, name: str, slices) -> Group:
-    """One layer's input group of `weights` (a LoraWeights, or several adapters stacked alike:
-    both have `a`, `b`, `cols` and a `kernel_groups` dict) as the kernel reads it, made once."""
+    """One layer's input group of `weights` (a LoraWeights) as the kernel reads it, made once."""
     cache = weights.kernel_groups
     if (layer, name) not in cache:
         cache[layer, name] = Group.of(weights.a[layer][name], weights.b[layer], weights.cols, slices)
     return cache[layer, name]
 
 
-def step_groups(weights, slices: dict[str, list], layers: int):
-    """Every layer's input groups of `weights` (as `group` takes them) as a whole decode step by
-    the decode kernel reads them (agent/decode_kernel.Step): [layers * groups] addresses, the
-    groups of `slices` (each group's slices in the fused output) in its order in every layer, 0
-    where the adapters have none. Made once."""
-    cache = weights.kernel_groups
-    if "step" not in cache:
-        addresses = (ctypes.c_void_p * (layers * len(slices)))()
-        for layer in range(layers):
-            for i, (name, group_slices) in enumerate(slices.items()):
-                if name in weights.a[layer]:
-                    addresses[layer * len(slices) + i] = ctypes.addressof(group(weights, layer, name, group_slices))
-        cache["step"] = addresses
-    return cache["step"]
+def groups(adapters: list, layer: int, name: str, slices):
+    """The input group `name` of one layer of each of `adapters` (LoraWeights) for one call of the
+    kernel: their addresses (0 for an adapter without it), or None where none has it. The
+    adapters' groups are their own, made once (`group`); whoever holds the addresses holds the
+    adapters."""
+    if not any(name in adapter.a[layer] for adapter in adapters):
+        return None
+    addresses = [ctypes.addressof(group(a, layer, name, slices)) if name in a.a[layer] else None for a in adapters]
+    return (ctypes.c_void_p * len(adapters))(*addresses)
 
 
-def add_to(group: Group, out: torch.Tensor, x: torch.Tensor, order: torch.Tensor, starts: torch.Tensor) -> None:
+def step_groups(adapters: list, slices: dict[str, list], layers: int):
+    """Every layer's input groups of `adapters` as a whole decode step by the decode kernel reads
+    them (agent/decode_kernel.Step): [layers * groups] addresses of `groups`' arrays, the groups
+    of `slices` (each group's slices in the fused output) in its order in every layer, 0 where
+    none of the adapters has the group. The arrays are kept on the result (`keep`)."""
+    arrays = [
+        groups(adapters, layer, name, group_slices) for layer in range(layers) for name, group_slices in slices.items()
+    ]
+    result = (ctypes.c_void_p * len(arrays))(*(None if a is None else ctypes.addressof(a) for a in arrays))
+    result.keep = arrays
+    return result
+
+
+def add_to(groups, out: torch.Tensor, x: torch.Tensor, order: torch.Tensor, starts: torch.Tensor, dtype) -> None:
     """out [rows, fused out] += each listed row's own adapter's update of x [rows, in], all three in
-    the dtype of the group's matrices: the rows of adapter i (of the group's layout) are
-    order[starts[i]:starts[i + 1]] (int64 tensors)."""
-    if x.dtype != group.dtype:
-        raise ValueError(f"rows in {x.dtype} for an adapter held in {group.dtype}")
+    `dtype`, the dtype of the adapters' matrices: `groups` the adapters' groups (from `groups`),
+    the rows of adapter i order[starts[i]:starts[i + 1]] (int64 tensors)."""
+    if x.dtype != dtype:
+        raise ValueError(f"rows in {x.dtype} for an adapter held in {dtype}")
     kernel = load()
     kernel(
-        ctypes.byref(group),
+        groups,
         out.data_ptr(),
         out.shape[1],
         x.data_ptr(),
