@@ -338,17 +338,11 @@ typedef struct {
     weight_t lm_head;
 } model_t;
 
-/* out [rows, out_stride] += each listed row's own adapter's update of x [rows, in] (g: the step's
- * adapters' groups of one layer, none when NULL); x_of [listed rows] is scratch */
-static void lora_rows(const group_t *const *g, float *out, int64_t out_stride, const float *x, int64_t adapters,
-                      const int64_t *order, const int64_t *starts, const float **x_of, float *part, float *xa,
-                      int64_t stride) {
-    if (!g) return;
-    int64_t in = 0;
-    widest(g, adapters, &in);
-#pragma omp single
-    for (int64_t i = 0; i < starts[adapters]; i++) x_of[i] = x + order[i] * in;
-    lora_team(g, out, out_stride, x_of, 0, adapters, order, starts, part, xa, stride);
+/* out [rows, out_stride] += each listed row's own adapter's update of its input x_of[i] (g: the
+ * step's adapters' groups of one layer, none when NULL) */
+static void lora_rows(const group_t *const *g, float *out, int64_t out_stride, const float *const *x_of,
+                      int64_t adapters, const int64_t *order, const int64_t *starts, float *xa, int64_t stride) {
+    if (g) lora_team(g, out, out_stride, x_of, 0, adapters, order, starts, xa, stride);
 }
 
 /* The step of `rows` sequences, float32: x [rows, hidden] their new tokens' embeddings (the
@@ -372,8 +366,14 @@ void decode_step(const model_t *m, float *x, int64_t rows, const int64_t *positi
     float *h = malloc(sizeof(float) * rows * (2 * hidden + width + q_size + 3 * inter));
     float *out = h + rows * hidden, *qkv = out + rows * hidden, *attended = qkv + rows * width;
     float *gate_up = attended + rows * q_size, *act = gate_up + rows * 2 * inter;
-    float *part = malloc(sizeof(float) * (3 * listed * cols + 1)), *xa = part + 2 * listed * cols;
-    const float **x_of = malloc(sizeof(float *) * (listed + 1));
+    float *xa = malloc(sizeof(float) * (listed * cols + 1));
+    const float **x_of = malloc(sizeof(float *) * (3 * listed + 1)); /* the listed rows of h, attended, act */
+    const float **of_h = x_of, **of_attended = x_of + listed, **of_act = x_of + 2 * listed;
+    for (int64_t i = 0; i < listed; i++) {
+        of_h[i] = h + order[i] * hidden;
+        of_attended[i] = attended + order[i] * q_size;
+        of_act[i] = act + order[i] * inter;
+    }
     const group_t *const *none[4] = {NULL, NULL, NULL, NULL};
 
 #pragma omp parallel num_threads(threads)
@@ -385,24 +385,24 @@ void decode_step(const model_t *m, float *x, int64_t rows, const int64_t *positi
             const layer_t *layer = &m->layer[l];
             const group_t *const *const *g = lora ? lora + 4 * l : none;
             product(&layer->qkv, h, rows, qkv);
-            lora_rows(g[0], qkv, width, h, adapters, order, starts, x_of, part, xa, cols);
+            lora_rows(g[0], qkv, width, of_h, adapters, order, starts, xa, cols);
             attention_team(qkv, positions, rows, m->heads, m->kv_heads, d, cos, sin, k_cache[l], v_cache[l], max_length,
                            attended);
             product(&layer->o, attended, rows, out);
-            lora_rows(g[1], out, hidden, attended, adapters, order, starts, x_of, part, xa, cols);
+            lora_rows(g[1], out, hidden, of_attended, adapters, order, starts, xa, cols);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++)
                 add_rms_norm_row(x + r * hidden, out + r * hidden, layer->post_attention_norm, m->eps, h + r * hidden,
                                  hidden);
             product(&layer->gate_up, h, rows, gate_up);
-            lora_rows(g[2], gate_up, 2 * inter, h, adapters, order, starts, x_of, part, xa, cols);
+            lora_rows(g[2], gate_up, 2 * inter, of_h, adapters, order, starts, xa, cols);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < rows * inter; i += 8) { /* inter is a multiple of 8 */
                 const float *gate = gate_up + i / inter * 2 * inter + i % inter;
                 _mm256_storeu_ps(act + i, silu_times(_mm256_loadu_ps(gate), _mm256_loadu_ps(gate + inter)));
             }
             product(&layer->down, act, rows, out);
-            lora_rows(g[3], out, hidden, act, adapters, order, starts, x_of, part, xa, cols);
+            lora_rows(g[3], out, hidden, of_act, adapters, order, starts, xa, cols);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++)
                 add_rms_norm_row(x + r * hidden, out + r * hidden, layer->next_norm, m->eps, h + r * hidden, hidden);
@@ -410,6 +410,6 @@ void decode_step(const model_t *m, float *x, int64_t rows, const int64_t *positi
         product(&m->lm_head, h, rows, logits);
     }
     free(h);
-    free(part);
+    free(xa);
     free(x_of);
 }
