@@ -94,6 +94,8 @@ def attention(qkv, positions, heads: int, cos, sin, k_cache, v_cache) -> torch.T
     2 * kv_heads) * head_dim] float32 as projected; row b's token at positions[b] (int64) of slot
     b; cos, sin [max_length, head_dim] float32; the layer's cache [slots, kv_heads, max_length,
     head_dim]. Returns the attended values [rows, heads * head_dim]."""
+    if qkv.dtype != torch.float32:  # the kernel reads and writes float32: anything else overruns
+        raise ValueError(f"the attention kernel takes float32 rows, not {qkv.dtype}")
     qkv = qkv.contiguous()
     rows, (_, kv_heads, max_length, head_dim) = qkv.shape[0], k_cache.shape
     out = qkv.new_empty(rows, heads * head_dim)
@@ -126,7 +128,9 @@ class CacheAttention:
         self.positions = positions.contiguous()
 
     def __call__(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
-        return attention(qkv, self.positions, self.heads, self.cos, self.sin, self.k[layer], self.v[layer])
+        """qkv [rows, ...] in the model's dtype (bfloat16 too) -> the attended values in the same."""
+        attended = attention(qkv.float(), self.positions, self.heads, self.cos, self.sin, self.k[layer], self.v[layer])
+        return attended.to(qkv.dtype)
 
 
 def cache_pointers(layers: list[torch.Tensor]):

@@ -3,6 +3,7 @@ PyTorch's, and its attention (RoPE, cache writes, attention) equals the PyTorch 
 row count a step has, sequences at different positions. The engine's token-equality tests
 (test_engine.py) run through it too."""
 
+import copy
 import sys
 
 import pytest
@@ -75,6 +76,30 @@ def test_the_attention_equals_pytorchs(monkeypatch, tiny_model, rows):
         torch.testing.assert_close(our_out[layer], their_out[layer], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours.k[layer], theirs.k[layer], rtol=1e-6, atol=1e-6)
         assert torch.equal(ours.v[layer], theirs.v[layer])
+
+
+def test_a_bfloat16_model_attends_by_the_kernel_in_float32(monkeypatch, tiny_model):
+    """A bfloat16 model's decode steps (by parts: the kernel's whole step takes float32 only)
+    attend by the kernel over the float32 cache, their rows converted there and back: the logits
+    of the PyTorch path within bfloat16's rounding, in bfloat16."""
+    llama = Llama(copy.deepcopy(tiny_model.model).to(torch.bfloat16), max_length=64)
+    assert llama.step is None
+    positions, tokens = torch.tensor([3, 9, 5]), torch.tensor([11, 12, 13])
+    logits = []
+    for by_kernel in (True, False):
+        with monkeypatch.context() as patch:
+            if not by_kernel:
+                patch.setattr(decode_kernel, "takes_attention", lambda cache, head_dim: False)
+            cache = KVCache(llama, 4, 64)
+            with torch.inference_mode():
+                logits.append(llama.decode(tokens, None, cache.decode_attention(positions, span=10)))
+    assert logits[0].dtype == torch.bfloat16
+    torch.testing.assert_close(logits[0].float(), logits[1].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_the_attention_kernel_refuses_rows_that_are_not_float32():
+    with pytest.raises(ValueError, match="float32"):
+        decode_kernel.attention(torch.zeros(1, 8, dtype=torch.bfloat16), None, 1, None, None, None, None)
 
 
 def test_without_the_kernel_a_decode_step_gives_the_same_logits(monkeypatch, tiny_model):
