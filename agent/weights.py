@@ -214,6 +214,8 @@ def hold_together(weights: list) -> None:
     them) into one buffer on huge pages (agent/native.py), each weight's a view of it: the step
     then reads one stream, not a few hundred allocations."""
     packed = [w for w in weights if isinstance(w, _Int8Weight) and w.packed is not None]
+    if not packed:
+        return
     buffer = native.huge_page_buffer(sum(w.packed.numel() for w in packed))
     start = 0
     for weight in packed:
