@@ -295,9 +295,9 @@ class GroupedLora:
 
 @dataclass
 class _Stack:
-    """Several adapters in one layout (GroupedLora), in the order of `keys`."""
+    """Several adapters in one layout (GroupedLora's path without the kernel), in the order of its
+    `present` adapters."""
 
-    keys: list[tuple[int, float]]
     a: list[dict[str, torch.Tensor]]
     b: list[dict[str, torch.Tensor]]
     cols: dict[str, tuple[int, int]]
@@ -417,7 +417,7 @@ def _stack(adapters: list[LoraWeights]) -> _Stack:
                         stacked_b[i, : end - start] = adapter.b[layer][proj]
                 b_layers[layer][proj] = stacked_b
             a_layers[layer][group] = stacked_a
-    return _Stack(keys=[a.key for a in adapters], a=a_layers, b=b_layers, cols=cols)
+    return _Stack(a=a_layers, b=b_layers, cols=cols)
 
 
 def _width(adapter: LoraWeights, proj: str) -> int:

@@ -338,13 +338,6 @@ typedef struct {
     weight_t lm_head;
 } model_t;
 
-/* out [rows, out_stride] += each listed row's own adapter's update of its input x_of[i] (g: the
- * step's adapters' groups of one layer, none when NULL) */
-static void lora_rows(const group_t *const *g, float *out, int64_t out_stride, const float *const *x_of,
-                      int64_t adapters, const int64_t *order, const int64_t *starts, float *xa, int64_t stride) {
-    if (g) lora_team(g, out, out_stride, x_of, 0, adapters, order, starts, xa, stride);
-}
-
 /* The step of `rows` sequences, float32: x [rows, hidden] their new tokens' embeddings (the
  * residual stream, updated in place); row b at positions[b] of slot b of each layer's cache
  * (k_cache[l], v_cache[l] [slots, kv_heads, max_length, head_dim]; RoPE's cos, sin [max_length,
@@ -385,24 +378,24 @@ void decode_step(const model_t *m, float *x, int64_t rows, const int64_t *positi
             const layer_t *layer = &m->layer[l];
             const group_t *const *const *g = lora ? lora + 4 * l : none;
             product(&layer->qkv, h, rows, qkv);
-            lora_rows(g[0], qkv, width, of_h, adapters, order, starts, xa, cols);
+            lora_team(g[0], qkv, width, of_h, 0, adapters, order, starts, xa, cols);
             attention_team(qkv, positions, rows, m->heads, m->kv_heads, d, cos, sin, k_cache[l], v_cache[l], max_length,
                            attended);
             product(&layer->o, attended, rows, out);
-            lora_rows(g[1], out, hidden, of_attended, adapters, order, starts, xa, cols);
+            lora_team(g[1], out, hidden, of_attended, 0, adapters, order, starts, xa, cols);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++)
                 add_rms_norm_row(x + r * hidden, out + r * hidden, layer->post_attention_norm, m->eps, h + r * hidden,
                                  hidden);
             product(&layer->gate_up, h, rows, gate_up);
-            lora_rows(g[2], gate_up, 2 * inter, of_h, adapters, order, starts, xa, cols);
+            lora_team(g[2], gate_up, 2 * inter, of_h, 0, adapters, order, starts, xa, cols);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < rows * inter; i += 8) { /* inter is a multiple of 8 */
                 const float *gate = gate_up + i / inter * 2 * inter + i % inter;
                 _mm256_storeu_ps(act + i, silu_times(_mm256_loadu_ps(gate), _mm256_loadu_ps(gate + inter)));
             }
             product(&layer->down, act, rows, out);
-            lora_rows(g[3], out, hidden, of_act, adapters, order, starts, xa, cols);
+            lora_team(g[3], out, hidden, of_act, 0, adapters, order, starts, xa, cols);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++)
                 add_rms_norm_row(x + r * hidden, out + r * hidden, layer->next_norm, m->eps, h + r * hidden, hidden);

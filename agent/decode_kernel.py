@@ -194,8 +194,7 @@ class Step:
     def run(self, x: torch.Tensor, attend: CacheAttention, lora) -> torch.Tensor:
         """The step of x [rows, hidden] (its tokens' embeddings, float32: overwritten), rows at
         attend's positions, each row with its own adapter's update by `lora` (None, or
-        (groups, order, starts): the adapters' kernel_step). Returns
-        the logits [rows, vocab]."""
+        (groups, order, starts): the adapters' kernel_step). Returns the logits [rows, vocab]."""
         rows = x.shape[0]
         logits = x.new_empty(rows, self.model.lm_head.out)
         groups, order, starts = lora if lora is not None else (None, None, None)

@@ -123,11 +123,12 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* The updates of one group by the threads of the team it is called in (orphaned `omp for`s, two
  * barriers): g[i] is adapter i's group (NULL where it has none), its rows order[starts[i]:starts[i
- * + 1]] (rows of out [.., out_stride]); the input of the i-th listed row is x_of[i] (float32,
+ * + 1]] (rows of out [.., out_stride]), none where g is NULL; the input of the i-th listed row is x_of[i] (float32,
  * [in]); xa [rows, stride] is scratch for the listed rows, stride at least every group's cols.
  * out and the adapters' matrices are bfloat16 when bf16, else float32. */
 static void lora_team(const group_t *const *g, void *out, int64_t out_stride, const float *const *x_of, int bf16,
                       int64_t adapters, const int64_t *order, const int64_t *starts, float *xa, int64_t stride) {
+    if (!g) return;
     int64_t tasks = 0;
     for (int64_t i = 0; i < adapters; i++)
         for (int64_t p = 0; g[i] && p < g[i]->projections; p++) tasks += (g[i]->projection[p].size + CHUNK - 1) / CHUNK;

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -82,11 +83,8 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
     held = torch.empty(nbytes + HUGE_PAGE, dtype=torch.int8)
     start = -held.data_ptr() % HUGE_PAGE
     buffer = held[start : start + nbytes]
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(buffer.data_ptr()), ctypes.c_size_t(nbytes), _MADV_HUGEPAGE)
-    except (OSError, AttributeError):
-        pass  # not Linux: 4 KiB pages
+    if sys.platform.startswith("linux"):  # elsewhere the system's own page size
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(buffer.data_ptr()), ctypes.c_size_t(nbytes), _MADV_HUGEPAGE)
     return buffer
 
 
