@@ -95,19 +95,19 @@ class LoraWeights:
     stacked A matrices of the group's projections, transposed ([in, sum of ranks]), and
     `b[l][proj]` that projection's B, transposed and scaled ([rank, out]: the LoRA scaling
     times the adapter's scale, as PEFT's set_scale computes it); its columns in `a[l][g]` are
-    `cols[proj]`. `key` is its AdapterRef's (id, scale)."""
+    `cols[proj]`. `key` is its AdapterRef's (id, scale). `kernel_a` and `kernel_b` are the same
+    matrices as the CPU kernel reads them in decode steps (agent/lora_kernel.py): `a` and `b`
+    themselves, or their bfloat16 copies where the engine's base weights are quantized
+    (weights.adapter_kernel_dtype)."""
 
     key: tuple[int, float]
     a: list[dict[str, torch.Tensor]]
     b: list[dict[str, torch.Tensor]]
+    kernel_a: list[dict[str, torch.Tensor]]
+    kernel_b: list[dict[str, torch.Tensor]]
     cols: dict[str, tuple[int, int]]
     nbytes: int
     kernel_groups: dict = field(default_factory=dict, repr=False)  # (layer, group) -> lora_kernel.Group, "step"
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype its matrices are held in."""
-        return next(matrix.dtype for layer in self.a for matrix in layer.values())
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, layer: int, group: str, slices) -> None:
         """out [rows, fused out] += this adapter's update of x [rows, in], every row alike;
@@ -117,7 +117,7 @@ class LoraWeights:
         rows = x.shape[0]
         if rows <= KERNEL_ROWS.get(x.dtype, 0) and lora_kernel.usable(out, x):
             groups = lora_kernel.groups([self], layer, group, slices)
-            lora_kernel.add_to(groups, out, x, *_every_row(rows), self.dtype)
+            lora_kernel.add_to(groups, out, x, *_every_row(rows))
             return
         xa = x @ self.a[layer][group]  # [rows, columns]
         for proj, offset, size in slices:
@@ -134,7 +134,10 @@ class LoraWeights:
         return self.kernel_groups["step"], *_every_row(rows)
 
     @classmethod
-    def load(cls, ref: AdapterRef, num_layers: int, device: torch.device, dtype: torch.dtype) -> "LoraWeights":
+    def load(
+        cls, ref: AdapterRef, num_layers: int, device: torch.device, dtype: torch.dtype, kernel_dtype=None
+    ) -> "LoraWeights":
+        """The adapter's matrices in `dtype`, and in `kernel_dtype` for the kernel (default: the same)."""
         import json
 
         config = json.loads((ref.path / "adapter_config.json").read_text())
@@ -164,8 +167,12 @@ class LoraWeights:
                     a[layer][group] = torch.cat([tensors[layer, p, "A"] for p in present]).t().contiguous().to(dtype)
                 for proj in present:
                     b[layer][proj] = (tensors[layer, proj, "B"] * scaling).t().contiguous().to(dtype)
-        nbytes = sum(t.numel() * t.element_size() for layer in a + b for t in layer.values())
-        return cls(key=ref.key, a=a, b=b, cols=cols, nbytes=nbytes)
+        kernel_a, kernel_b = a, b
+        if kernel_dtype not in (None, dtype):
+            kernel_a, kernel_b = ([{k: t.to(kernel_dtype) for k, t in layer.items()} for layer in m] for m in (a, b))
+        held = {id(t): t for layers in (a, b, kernel_a, kernel_b) for layer in layers for t in layer.values()}
+        nbytes = sum(t.numel() * t.element_size() for t in held.values())
+        return cls(key=ref.key, a=a, b=b, kernel_a=kernel_a, kernel_b=kernel_b, cols=cols, nbytes=nbytes)
 
 
 _ALL_PROJECTIONS = [proj for members in INPUT_GROUPS.values() for proj in members]
@@ -184,9 +191,17 @@ class AdapterCache:
     Rows being decoded hold their own reference, so evicting an adapter never disturbs a draft
     in progress; the next request for it loads it again (the base model is never reloaded)."""
 
-    def __init__(self, max_count: int, max_bytes: int, num_layers: int, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        max_count: int,
+        max_bytes: int,
+        num_layers: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        kernel_dtype=None,
+    ):
         self.max_count, self.max_bytes, self.dtype = max_count, max_bytes, dtype
-        self._load_args = (num_layers, device, dtype)
+        self._load_args = (num_layers, device, dtype, kernel_dtype)
         self._entries: OrderedDict[tuple[int, float], LoraWeights] = OrderedDict()
         self._lock = threading.Lock()
         self.loads = 0  # cold loads, for the benchmarks and tests
@@ -268,7 +283,7 @@ class GroupedLora:
                 self._groups[layer, group] = lora_kernel.groups(self.present, layer, group, slices)
             groups = self._groups[layer, group]
             if groups is not None:
-                lora_kernel.add_to(groups, out, x, self.order, self.starts, self.present[0].dtype)
+                lora_kernel.add_to(groups, out, x, self.order, self.starts)
             return
         stack = self._stacker.stacked(self.present)
         if group not in stack.a[layer]:

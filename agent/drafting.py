@@ -21,7 +21,7 @@ from agent.remote import RemoteBackend
 from agent.repetition import RepetitionGuard
 from agent.stream import TokenStream
 from agent.threads import in_fresh_thread
-from agent.weights import compute_dtype
+from agent.weights import adapter_kernel_dtype, compute_dtype
 from core import metrics
 from core.errors import RateLimited, RetryLater
 from core.settings import Settings, get_settings
@@ -115,6 +115,7 @@ class Drafter:
             num_layers=loaded.model.config.num_hidden_layers,
             device=loaded.model.device,
             dtype=compute_dtype(loaded.model.dtype, settings.serving_weights),
+            kernel_dtype=adapter_kernel_dtype(loaded.model.dtype, settings.serving_weights),
         )
         engine = Engine(
             loaded.model,

@@ -2,7 +2,8 @@
  * with its own adapter: out[row, projection's slice] += (x[row] @ A) @ B, every adapter's A and B
  * read once for all of its rows, where the adapter holds them (nothing is stacked or copied).
  * agent/lora_kernel.py compiles it for the CPU it runs on and calls it once per layer and input
- * group; float32 arithmetic on bfloat16 or float32 values. agent/decode_kernel.c includes it for
+ * group; float32 arithmetic on bfloat16 or float32 values (each adapter's matrices in their own,
+ * the rows in theirs). agent/decode_kernel.c includes it for
  * the whole decode step.
  *
  * Two phases in one OpenMP region, on the team PyTorch's own threads use (the library is loaded
@@ -43,6 +44,7 @@ typedef struct {
 typedef struct {     /* one adapter's group */
     const void *a;   /* [in, cols]: the group's A, transposed */
     int64_t in, cols, projections;
+    int64_t bf16;    /* its A and B are bfloat16, else float32 */
     projection_t projection[3];
 } group_t;
 
@@ -125,8 +127,9 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
  * barriers): g[i] is adapter i's group (NULL where it has none), its rows order[starts[i]:starts[i
  * + 1]] (rows of out [.., out_stride]), none where g is NULL; the input of the i-th listed row is x_of[i] (float32,
  * [in]); xa [rows, stride] is scratch for the listed rows, stride at least every group's cols.
- * out and the adapters' matrices are bfloat16 when bf16, else float32. */
-static void lora_team(const group_t *const *g, void *out, int64_t out_stride, const float *const *x_of, int bf16,
+ * out is bfloat16 when out_bf16, else float32; each adapter's matrices are in their own dtype
+ * (group_t's bf16). */
+static void lora_team(const group_t *const *g, void *out, int64_t out_stride, const float *const *x_of, int out_bf16,
                       int64_t adapters, const int64_t *order, const int64_t *starts, float *xa, int64_t stride) {
     if (!g) return;
     int64_t tasks = 0;
@@ -146,7 +149,7 @@ static void lora_team(const group_t *const *g, void *out, int64_t out_stride, co
             for (int64_t c0 = c_begin; c0 < c_end; c0 += TW) {
                 int64_t n = min64(c_end - c0, TW);
                 float acc[RB][TW];
-                tile(acc, x_of + i0, nr, a->a, bf16, c0, a->cols, 0, a->in, n, A_AHEAD);
+                tile(acc, x_of + i0, nr, a->a, a->bf16, c0, a->cols, 0, a->in, n, A_AHEAD);
                 for (int64_t r = 0; r < nr; r++) memcpy(xa + (i0 + r) * stride + c0, acc[r], sizeof(float) * n);
             }
         }
@@ -165,6 +168,7 @@ static void lora_team(const group_t *const *g, void *out, int64_t out_stride, co
             if (g[adapter] && p < g[adapter]->projections) break;
         }
         const projection_t *pr = &g[adapter]->projection[p];
+        const int bf16 = g[adapter]->bf16;
         int64_t j0 = task * CHUNK, j1 = min64(pr->size, j0 + CHUNK), end = starts[adapter + 1];
         for (int64_t i0 = starts[adapter]; i0 < end; i0 += RB) {
             int64_t nr = min64(end - i0, RB);
@@ -176,7 +180,7 @@ static void lora_team(const group_t *const *g, void *out, int64_t out_stride, co
                 tile(acc, xa_of, nr, pr->b, bf16, j, pr->size, 0, pr->width, n, TW * (bf16 ? 2 : 4));
                 for (int64_t r = 0; r < nr; r++) {
                     int64_t at = order[i0 + r] * out_stride + pr->offset + j;
-                    if (bf16) {
+                    if (out_bf16) {
                         uint16_t *o = (uint16_t *)out + at;
                         for (int64_t v = 0; v < n; v++) o[v] = to_bf16(from_bf16(o[v]) + acc[r][v]);
                     } else {
@@ -202,7 +206,7 @@ static int64_t widest(const group_t *const *g, int64_t adapters, int64_t *in) {
 }
 
 /* One group's updates in a parallel region of its own: x is [x_rows, in] and out [x_rows,
- * out_stride], bfloat16 when bf16, else float32 (the rest as lora_team's). */
+ * out_stride], both bfloat16 when bf16, else float32 (the rest as lora_team's). */
 void lora_group(const group_t *const *g, void *out, int64_t out_stride, const void *x, int64_t x_rows, int bf16,
                 int64_t adapters, const int64_t *order, const int64_t *starts, int threads) {
     int64_t in = 0, stride = widest(g, adapters, &in), rows = starts[adapters];

@@ -31,7 +31,7 @@ class Group(ctypes.Structure):
     holds the tensors' addresses: whoever holds it also holds the tensors (`keep`)."""
 
     _fields_ = [("a", ctypes.c_void_p), ("inputs", ctypes.c_int64), ("cols", ctypes.c_int64)]
-    _fields_ += [("projections", ctypes.c_int64), ("projection", _Projection * 3)]
+    _fields_ += [("projections", ctypes.c_int64), ("bf16", ctypes.c_int64), ("projection", _Projection * 3)]
 
     @classmethod
     def of(cls, a: torch.Tensor, b: dict[str, torch.Tensor], cols: dict[str, tuple[int, int]], slices) -> "Group":
@@ -39,13 +39,16 @@ class Group(ctypes.Structure):
         slices: (projection, offset, size) of the group's projections in the fused output."""
         if a.dtype not in DTYPES or not a.is_contiguous():
             raise ValueError(f"the LoRA kernel reads contiguous float32 or bfloat16 matrices, not {a.dtype}")
-        group = cls(a=a.data_ptr(), inputs=a.shape[-2], cols=a.shape[-1])
-        group.dtype = a.dtype
+        group = cls(a=a.data_ptr(), inputs=a.shape[-2], cols=a.shape[-1], bf16=int(a.dtype == torch.bfloat16))
         group.keep = [a]
         for proj, offset, size in slices:
             if proj in cols:
                 start, end = cols[proj]
                 matrix = b[proj]
+                if matrix.dtype != a.dtype or not matrix.is_contiguous():
+                    raise ValueError(
+                        f"the LoRA kernel reads an adapter's A and B in one dtype, not {a.dtype} and {matrix.dtype}"
+                    )
                 group.projection[group.projections] = _Projection(matrix.data_ptr(), start, end - start, offset, size)
                 group.projections += 1
                 group.keep.append(matrix)
@@ -56,7 +59,7 @@ def group(weights, layer: int, name: str, slices) -> Group:
     """One layer's input group of `weights` (a LoraWeights) as the kernel reads it, made once."""
     cache = weights.kernel_groups
     if (layer, name) not in cache:
-        cache[layer, name] = Group.of(weights.a[layer][name], weights.b[layer], weights.cols, slices)
+        cache[layer, name] = Group.of(weights.kernel_a[layer][name], weights.kernel_b[layer], weights.cols, slices)
     return cache[layer, name]
 
 
@@ -84,12 +87,11 @@ def step_groups(adapters: list, slices: dict[str, list], layers: int):
     return result
 
 
-def add_to(groups, out: torch.Tensor, x: torch.Tensor, order: torch.Tensor, starts: torch.Tensor, dtype) -> None:
-    """out [rows, fused out] += each listed row's own adapter's update of x [rows, in], all three in
-    `dtype`, the dtype of the adapters' matrices: `groups` the adapters' groups (from `groups`),
-    the rows of adapter i order[starts[i]:starts[i + 1]] (int64 tensors)."""
-    if x.dtype != dtype:
-        raise ValueError(f"rows in {x.dtype} for an adapter held in {dtype}")
+def add_to(groups, out: torch.Tensor, x: torch.Tensor, order: torch.Tensor, starts: torch.Tensor) -> None:
+    """out [rows, fused out] += each listed row's own adapter's update of x [rows, in] (both
+    float32 or both bfloat16, as `usable` checks; each adapter's matrices in their own dtype):
+    `groups` the adapters' groups (from `groups`), the rows of adapter i order[starts[i]:starts[i
+    + 1]] (int64 tensors)."""
     kernel = load()
     kernel(
         groups,
@@ -106,8 +108,7 @@ def add_to(groups, out: torch.Tensor, x: torch.Tensor, order: torch.Tensor, star
 
 
 def usable(out: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether the kernel can take these rows: on the CPU, contiguous, float32 or bfloat16 alike
-    (the adapters' dtype: the engine holds them in the dtype its forward computes in)."""
+    """Whether the kernel can take these rows: on the CPU, contiguous, float32 or bfloat16 alike."""
     return (
         out.device.type == "cpu"
         and out.dtype == x.dtype

@@ -259,3 +259,12 @@ def compute_dtype(model_dtype: torch.dtype, weights: str) -> torch.dtype:
     with quantized weights it is float32, which decoded faster than bfloat16 around the same
     kernels (measured on 2 AVX-512 BF16 cores, int4: 60-70 against 49 tokens/s)."""
     return model_dtype if weights == "float" else torch.float32
+
+
+def adapter_kernel_dtype(model_dtype: torch.dtype, weights: str) -> torch.dtype:
+    """The dtype the LoRA kernel reads adapters in for decode steps (agent/lora_kernel.py):
+    the forward's with weights as loaded, so that float32 drafts stay PEFT's to the token; with
+    quantized base weights, whose drafts already differ from float (bench.quantized), bfloat16,
+    which halves the bytes each step reads: 8 tenants' rank-16 adapters are 149 MB in float32,
+    more than the embedded model's int8 weights."""
+    return compute_dtype(model_dtype, weights) if weights == "float" else torch.bfloat16

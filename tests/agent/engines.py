@@ -4,7 +4,7 @@ from agent.adapters import AdapterCache
 from agent.drafting import generate_greedy
 from agent.engine import Engine
 from agent.prompt import IncomingEmail, build_messages, pad_token_id, prompt_token_ids, stop_token_ids
-from agent.weights import compute_dtype
+from agent.weights import adapter_kernel_dtype, compute_dtype
 
 
 def prompts(tokenizer, count: int) -> list[list[int]]:
@@ -29,5 +29,7 @@ def engine_for(loaded, **overrides) -> Engine:
     options = {"max_batch": 8, "max_queue": 16, "max_length": 512} | overrides
     model = loaded.model
     layout = {"num_layers": model.config.num_hidden_layers, "device": model.device}
-    cache = AdapterCache(4, 2**30, **layout, dtype=compute_dtype(model.dtype, options.get("weights", "float")))
+    weights = options.get("weights", "float")
+    dtypes = {"dtype": compute_dtype(model.dtype, weights), "kernel_dtype": adapter_kernel_dtype(model.dtype, weights)}
+    cache = AdapterCache(4, 2**30, **layout, **dtypes)
     return Engine(model, stop_ids=stop_token_ids(model.generation_config, loaded.tokenizer), adapters=cache, **options)
