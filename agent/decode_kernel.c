@@ -359,7 +359,7 @@ void decode_step(const model_t *m, float *x, int64_t rows, const int64_t *positi
     float *h = malloc(sizeof(float) * rows * (2 * hidden + width + q_size + 3 * inter));
     float *out = h + rows * hidden, *qkv = out + rows * hidden, *attended = qkv + rows * width;
     float *gate_up = attended + rows * q_size, *act = gate_up + rows * 2 * inter;
-    float *xa = malloc(sizeof(float) * (listed * cols + 1));
+    float *xa = malloc(sizeof(float) * (2 * listed * cols + 1));
     const float **x_of = malloc(sizeof(float *) * (3 * listed + 1)); /* the listed rows of h, attended, act */
     const float **of_h = x_of, **of_attended = x_of + listed, **of_act = x_of + 2 * listed;
     for (int64_t i = 0; i < listed; i++) {
