@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
-from agent import lora_kernel
+from agent import lora_kernel, native
 from core import metrics
 
 # The projections the engine can adapt, by the input they read: one fused matmul per input.
@@ -168,14 +168,41 @@ class LoraWeights:
                 for proj in present:
                     b[layer][proj] = (tensors[layer, proj, "B"] * scaling).t().contiguous().to(dtype)
         kernel_a, kernel_b = a, b
-        if kernel_dtype not in (None, dtype):
-            kernel_a, kernel_b = ([{k: t.to(kernel_dtype) for k, t in layer.items()} for layer in m] for m in (a, b))
+        if device.type == "cpu":
+            kernel_dtype = kernel_dtype or dtype
+            kernel_a, kernel_b = _together(a, b, kernel_dtype)
+            if kernel_dtype == dtype:
+                a, b = kernel_a, kernel_b  # the same values, held once
         held = {id(t): t for layers in (a, b, kernel_a, kernel_b) for layer in layers for t in layer.values()}
         nbytes = sum(t.numel() * t.element_size() for t in held.values())
         return cls(key=ref.key, a=a, b=b, kernel_a=kernel_a, kernel_b=kernel_b, cols=cols, nbytes=nbytes)
 
 
 _ALL_PROJECTIONS = [proj for members in INPUT_GROUPS.values() for proj in members]
+
+
+def _together(a, b, dtype: torch.dtype):
+    """Copies of an adapter's matrices (LoraWeights' a and b) in `dtype`, as views of one buffer on
+    huge pages (agent/native.py) in the order a decode step reads them: each layer's input groups,
+    the group's A, then its projections' B. The kernel then reads one stream per adapter: on 2
+    AVX-512 Xeon cores a whole int8 step's updates for 8 tenants' 16 rows took 4.0 ms a step,
+    against 4.8 with each matrix held apart (bfloat16 adapters)."""
+    order = [
+        (m, layer, key)
+        for layer in range(len(a))
+        for group, members in INPUT_GROUPS.items()
+        for m, key in ((a, group), *((b, p) for p in members))
+        if key in m[layer]
+    ]
+    elements = sum(m[layer][key].numel() for m, layer, key in order)
+    buffer = native.huge_page_buffer(elements * dtype.itemsize).view(dtype)
+    copies = {id(a): [{} for _ in a], id(b): [{} for _ in b]}
+    start = 0
+    for m, layer, key in order:
+        matrix = m[layer][key]
+        copies[id(m)][layer][key] = buffer[start : start + matrix.numel()].view(matrix.shape).copy_(matrix)
+        start += matrix.numel()
+    return copies[id(a)], copies[id(b)]
 
 
 @functools.cache
