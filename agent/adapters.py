@@ -12,7 +12,8 @@ prefills' PyTorch's matrix products.
 
 Adapters are held in the dtype the forward computes in (agent/weights.compute_dtype): float32,
 or bfloat16 for a bfloat16 model, which halves the bytes a decode step reads per adapter and lets
-prefills use bfloat16 matrix products. An adapter is applied at a scale (its strength):
+prefills use bfloat16 matrix products. On the CPU the decode kernel reads them from one buffer per
+adapter, in bfloat16 where the base weights are quantized (weights.adapter_kernel_dtype). An adapter is applied at a scale (its strength):
 W x + scale * (alpha / r) * B A x, PEFT's `LoraLayer.set_scale`. The engine folds the scale
 into B when it loads the adapter, so an adapter at two scales is two cache entries, and a batch
 mixes scales per row as it mixes adapters."""

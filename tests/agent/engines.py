@@ -25,11 +25,14 @@ def plain(model, tokenizer, prompt: list[int], max_new_tokens: int) -> list[int]
     )[0]
 
 
-def engine_for(loaded, **overrides) -> Engine:
+def engine_for(loaded, kernel_dtype=None, **overrides) -> Engine:
+    """An engine over the loaded model, its adapters read by the LoRA kernel in `kernel_dtype` (by
+    default the one the service would choose)."""
     options = {"max_batch": 8, "max_queue": 16, "max_length": 512} | overrides
     model = loaded.model
     layout = {"num_layers": model.config.num_hidden_layers, "device": model.device}
     weights = options.get("weights", "float")
-    dtypes = {"dtype": compute_dtype(model.dtype, weights), "kernel_dtype": adapter_kernel_dtype(model.dtype, weights)}
+    kernel_dtype = kernel_dtype or adapter_kernel_dtype(model.dtype, weights)
+    dtypes = {"dtype": compute_dtype(model.dtype, weights), "kernel_dtype": kernel_dtype}
     cache = AdapterCache(4, 2**30, **layout, **dtypes)
     return Engine(model, stop_ids=stop_token_ids(model.generation_config, loaded.tokenizer), adapters=cache, **options)

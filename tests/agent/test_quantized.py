@@ -115,6 +115,23 @@ def test_the_engine_drafts_with_quantized_weights_and_mixed_adapters(tiny_model,
     float_engine.close()
 
 
+def test_a_quantized_engine_reads_its_adapters_in_bfloat16_and_drafts_what_float32_adapters_draft(tiny_model, adapters):
+    """With int8 base weights the LoRA kernel reads bfloat16 copies of the adapters (half the bytes
+    a step reads): the arithmetic stays float32, and mixed tenants' drafts are those of the same
+    engine reading the adapters in float32."""
+    engine, exact = engine_for(tiny_model, weights="int8"), engine_for(tiny_model, torch.float32, weights="int8")
+    requests = list(zip(prompts(tiny_model.tokenizer, 6), [0, None, 1, 2, 1, 0], strict=True))
+    drafts = {}
+    for name, drafting in (("bfloat16", engine), ("float32", exact)):
+        streams = [drafting.submit(p, 16, adapters[c] if c is not None else None) for p, c in requests]
+        drafts[name] = [stream.result(timeout=60) for stream in streams]
+        held = drafting.adapters.get(adapters[0])
+        assert held.kernel_a[0]["attn_in"].dtype == getattr(torch, name)
+        assert held.a[0]["attn_in"].dtype == torch.float32  # prefills' products: float32 either way
+        drafting.close()
+    assert drafts["bfloat16"] == drafts["float32"]
+
+
 @pytest.mark.parametrize("weights", ["int8", "int4"])
 def test_a_prefill_multiplies_by_the_float_weights_and_a_decode_step_by_the_quantized(tiny_model, weights):
     """Prefills are bound by arithmetic, where the weight-only kernels are slow: a quantized format
