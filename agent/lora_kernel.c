@@ -44,7 +44,7 @@ typedef struct {
 typedef struct {     /* one adapter's group */
     const void *a;   /* [in, cols]: the group's A, transposed */
     int64_t in, cols, projections;
-    int64_t bf16;    /* its A and B are bfloat16, else float32 */
+    int64_t bf16;    /* its A and B are bfloat16 in pairs of rows (tile_pairs), else float32 */
     projection_t projection[3];
 } group_t;
 
@@ -63,25 +63,37 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch doe
     return (uint16_t)(u >> 16);
 }
 
-/* acc[r][0:n] = sum over k in [k0, k1) of x[r][k] * m[k * stride + 0:n], for nr <= RB rows and
- * n <= TW columns of m, float32 (tile_f32) or bfloat16 (tile_bf16), prefetching m's lines `ahead`
- * bytes on from each row read. Tiles of 1 to RB rows by 1 to
- * 3 whole vectors take a loop of constant bounds each (one row for a single stream, two for 8
- * tenants' 16 rows; 16, 32 or 48 columns of A for rank 16), which the compiler unrolls into
- * registers; other shapes take the general loop. */
-#define TILE(name, type, value)                                                                        \
+static inline float from_bits(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* acc[r][0:n] = sum over k in [k0, k1) of x[r][k] * m[k][0:n], for nr <= RB rows and n <= TW
+ * columns of m, prefetching m's lines `ahead` bytes on from each row read; m's rows `stride`
+ * elements apart, either
+ *   - float32 (tile_f32): m[k][c] at m[k * stride + c], or
+ *   - bfloat16 in pairs of rows (tile_pairs; agent/lora_kernel.py's `pairs`): rows 2p and 2p + 1
+ *     interleaved, m[k][c] the low (k even) or high half of the 32-bit m[k / 2 * stride + c], as
+ *     AMX tiles read a matrix they multiply by (`lora_rows`); k0 and k1 even.
+ * Tiles of 1 to RB rows by 1 to 3 whole vectors take a loop of constant bounds each (one row for a
+ * single stream, two for 8 tenants' 16 rows; 16, 32 or 48 columns of A for rank 16), which the
+ * compiler unrolls into registers; other shapes take the general loop. */
+#define F32_ADD(sum, xr, k, w) sum += xr[k] * (w)
+#define PAIRS_ADD(sum, xr, k, w)              \
+    sum += xr[k] * from_bits((w) << 16);      \
+    sum += xr[k + 1] * from_bits((w) & 0xffff0000u)
+#define TILE(name, type, STEP, ADD)                                                                    \
     static inline __attribute__((always_inline)) void name##_fixed(                                   \
         float acc[RB][TW], const float *const *x, const int nr, const int nv, const type *m,           \
         int64_t stride, int64_t k0, int64_t k1, int64_t ahead) {                                    \
         float sum[RB][TW] = {{0}}; /* in registers, stored once */                                  \
-        for (int64_t k = k0; k < k1; k++) {                                                         \
-            const type *restrict mk = m + k * stride;                                               \
+        for (int64_t k = k0; k < k1; k += STEP) {                                                   \
+            const type *restrict mk = m + k / STEP * stride;                                        \
             for (int v = 0; v < nv * VEC * (int)sizeof(type); v += 64)                              \
                 __builtin_prefetch((const char *)mk + ahead + v);                                   \
-            for (int r = 0; r < nr; r++) {                                                          \
-                float s = x[r][k];                                                                  \
-                for (int v = 0; v < nv * VEC; v++) sum[r][v] += s * value(mk[v]);                   \
-            }                                                                                       \
+            for (int r = 0; r < nr; r++)                                                            \
+                for (int v = 0; v < nv * VEC; v++) { ADD(sum[r][v], x[r], k, mk[v]); }             \
         }                                                                                           \
         for (int r = 0; r < nr; r++)                                                                \
             for (int v = 0; v < nv * VEC; v++) acc[r][v] = sum[r][v];                               \
@@ -95,12 +107,10 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch doe
         }                                                                                              \
         for (int r = 0; r < nr; r++)                                                                   \
             for (int v = 0; v < n; v++) acc[r][v] = 0.f;                                               \
-        for (int64_t k = k0; k < k1; k++) {                                                            \
-            const type *restrict mk = m + k * stride;                                                  \
-            for (int r = 0; r < nr; r++) {                                                             \
-                float s = x[r][k];                                                                     \
-                for (int v = 0; v < n; v++) acc[r][v] += s * value(mk[v]);                             \
-            }                                                                                          \
+        for (int64_t k = k0; k < k1; k += STEP) {                                                      \
+            const type *restrict mk = m + k / STEP * stride;                                           \
+            for (int r = 0; r < nr; r++)                                                               \
+                for (int v = 0; v < n; v++) { ADD(acc[r][v], x[r], k, mk[v]); }                       \
         }                                                                                              \
     }
 #define CASE(name, nr, nv) \
@@ -108,15 +118,14 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch doe
         name##_fixed(acc, x, nr, nv, m, stride, k0, k1, ahead); \
         return;
 #define FIXED(name, nr) CASE(name, nr, 1) CASE(name, nr, 2) CASE(name, nr, 3)
-#define AS_FLOAT(v) (v)
-TILE(tile_f32, float, AS_FLOAT)
-TILE(tile_bf16, uint16_t, from_bf16)
+TILE(tile_f32, float, 1, F32_ADD)
+TILE(tile_pairs, uint32_t, 2, PAIRS_ADD)
 
-/* the tile of the matrix m from its element `at`, in m's element type */
+/* the tile of the matrix m from its column `at` (float32, or bfloat16 in pairs of rows when bf16) */
 static inline void tile(float acc[RB][TW], const float *const *x, int64_t nr, const void *m, int bf16, int64_t at,
                         int64_t stride, int64_t k0, int64_t k1, int64_t n, int64_t ahead) {
     if (bf16)
-        tile_bf16(acc, x, nr, (const uint16_t *)m + at, stride, k0, k1, n, ahead);
+        tile_pairs(acc, x, nr, (const uint32_t *)m + at, stride, k0, k1, n, ahead);
     else
         tile_f32(acc, x, nr, (const float *)m + at, stride, k0, k1, n, ahead);
 }
@@ -146,7 +155,7 @@ static void lora_team(const group_t *const *g, void *out, int64_t out_stride, co
     for (int64_t t = 0; t < adapters * 2; t++) {
         const group_t *a = g[t / 2];
         if (!a) continue;
-        int64_t k0 = t % 2 ? a->in / 2 : 0, k1 = t % 2 ? a->in : a->in / 2;
+        int64_t mid = a->in / 4 * 2, k0 = t % 2 ? mid : 0, k1 = t % 2 ? a->in : mid; /* even */
         float *sums = xa + t % 2 * half;
         for (int64_t i0 = starts[t / 2]; i0 < starts[t / 2 + 1]; i0 += RB) {
             int64_t nr = min64(starts[t / 2 + 1] - i0, RB);
@@ -186,7 +195,7 @@ static void lora_team(const group_t *const *g, void *out, int64_t out_stride, co
             for (int64_t j = j0; j < j1; j += TW) {
                 int64_t n = min64(j1 - j, TW);
                 float acc[RB][TW];
-                tile(acc, xa_of, nr, pr->b, bf16, j, pr->size, 0, pr->width, n, TW * (bf16 ? 2 : 4));
+                tile(acc, xa_of, nr, pr->b, bf16, j, pr->size, 0, pr->width, n, TW * 4);
                 for (int64_t r = 0; r < nr; r++) {
                     int64_t at = order[i0 + r] * out_stride + pr->offset + j;
                     if (out_bf16) {

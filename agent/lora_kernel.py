@@ -35,11 +35,14 @@ class Group(ctypes.Structure):
 
     @classmethod
     def of(cls, a: torch.Tensor, b: dict[str, torch.Tensor], cols: dict[str, tuple[int, int]], slices) -> "Group":
-        """a: [in, columns]; b[projection]: [rank, out]; cols: each projection's columns of a;
+        """a: [in, columns]; b[projection]: [rank, out], float32, or bfloat16 in pairs of rows
+        (`pairs`); cols: each projection's columns of a;
         slices: (projection, offset, size) of the group's projections in the fused output."""
         if a.dtype not in DTYPES or not a.is_contiguous():
             raise ValueError(f"the LoRA kernel reads contiguous float32 or bfloat16 matrices, not {a.dtype}")
-        group = cls(a=a.data_ptr(), inputs=a.shape[-2], cols=a.shape[-1], bf16=int(a.dtype == torch.bfloat16))
+        bf16 = a.dtype == torch.bfloat16
+        inputs, columns = (a.shape[0] * 2, a.shape[1]) if bf16 else a.shape
+        group = cls(a=a.data_ptr(), inputs=inputs, cols=columns, bf16=int(bf16))
         group.keep = [a]
         for proj, offset, size in slices:
             if proj in cols:
@@ -53,6 +56,16 @@ class Group(ctypes.Structure):
                 group.projections += 1
                 group.keep.append(matrix)
         return group
+
+
+def pairs(matrix: torch.Tensor) -> torch.Tensor:
+    """A bfloat16 matrix [k, n] (k even) as the kernel reads it, its rows in interleaved pairs:
+    [k / 2, n, 2], element [k, c] at [k // 2, c, k % 2], so that a 32-bit word holds two rows' values
+    of a column (AMX's layout for the matrix it multiplies by; the decode steps' tiles split it)."""
+    k, n = matrix.shape
+    if k % 2:
+        raise ValueError(f"the LoRA kernel reads bfloat16 matrices of an even number of rows, not {k}")
+    return matrix.view(k // 2, 2, n).transpose(1, 2).contiguous()
 
 
 def group(weights, layer: int, name: str, slices) -> Group:
