@@ -12,11 +12,13 @@ prefills' PyTorch's matrix products.
 
 Adapters are held in the dtype the forward computes in (agent/weights.compute_dtype): float32,
 or bfloat16 for a bfloat16 model, which halves the bytes a decode step reads per adapter and lets
-prefills use bfloat16 matrix products. On the CPU the decode kernel reads them from one buffer per
-adapter, in bfloat16 where the base weights are quantized (weights.adapter_kernel_dtype). An adapter is applied at a scale (its strength):
-W x + scale * (alpha / r) * B A x, PEFT's `LoraLayer.set_scale`. The engine folds the scale
-into B when it loads the adapter, so an adapter at two scales is two cache entries, and a batch
-mixes scales per row as it mixes adapters."""
+prefills use bfloat16 matrix products. On the CPU the kernel reads copies of them from one buffer
+per adapter, in bfloat16 where the base weights are quantized (weights.adapter_kernel_dtype), and
+with those a prefill's rows by AMX tiles where the CPU has them (lora_kernel.add_rows).
+
+An adapter is applied at a scale (its strength): W x + scale * (alpha / r) * B A x, PEFT's
+`LoraLayer.set_scale`. The engine folds the scale into B when it loads the adapter, so an adapter
+at two scales is two cache entries, and a batch mixes scales per row as it mixes adapters."""
 
 import functools
 import re
@@ -120,6 +122,8 @@ class LoraWeights:
             groups = lora_kernel.groups([self], layer, group, slices)
             lora_kernel.add_to(groups, out, x, *_every_row(rows))
             return
+        if self.kernel_a is not self.a and lora_kernel.add_rows(lora_kernel.group(self, layer, group, slices), out, x):
+            return  # a prefill's rows by AMX tiles, where the CPU has them
         xa = x @ self.a[layer][group]  # [rows, columns]
         for proj, offset, size in slices:
             if proj in self.cols:
@@ -185,9 +189,10 @@ _ALL_PROJECTIONS = [proj for members in INPUT_GROUPS.values() for proj in member
 def _together(a, b, dtype: torch.dtype):
     """Copies of an adapter's matrices (LoraWeights' a and b) in `dtype` (bfloat16 in pairs of rows,
     lora_kernel.pairs), as views of one buffer on huge pages (agent/native.py) in the order a decode
-    step reads them: each layer's input groups, the group's A, then its projections' B. The kernel then reads one stream per adapter: on 2
-    AVX-512 Xeon cores a whole int8 step's updates for 8 tenants' 16 rows took 4.0 ms a step,
-    against 4.8 with each matrix held apart (bfloat16 adapters)."""
+    step reads them: each layer's input groups, the group's A, then its projections' B. The kernel
+    then reads one stream per adapter: on 2 AVX-512 Xeon cores a whole int8 step's updates for 8
+    tenants' 16 rows took 4.0 ms a step, against 4.8 with each matrix held apart (bfloat16
+    adapters)."""
     laid_out = lora_kernel.pairs if dtype == torch.bfloat16 else lambda matrix: matrix
     order = [
         (m, layer, key)

@@ -16,6 +16,7 @@
  * x @ A has 16-48 columns and @ B sums over the rank (16), shapes for which a general matrix
  * product spends more on its calls and packing than on the arithmetic. */
 
+#include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -244,3 +245,101 @@ void lora_group(const group_t *const *g, void *out, int64_t out_stride, const vo
     free(x_of);
     free(x32);
 }
+
+/* One adapter's update of a prefill's many rows (one prompt's, tens to hundreds) for one input
+ * group, by AMX tiles: out [rows, out_stride] += (x [rows, in] @ A) @ B, x and out float32, A and B
+ * bfloat16 in pairs of rows (group_t's bf16); x and x @ A are rounded to bfloat16 as each product
+ * takes them, the sums float32. PyTorch's products of these thin matrices (16-48 columns of A, a
+ * rank of 16) ran at 150 GFLOP/s in float32 and no faster in bfloat16 (bench/results/prefill-lora.json
+ * has the figures). Blocks of 16 rows, one task each; for each, x @ A one 16-column tile at a time
+ * over 32 inputs a step, then each projection's 16 output columns at a time over the rank 16 at a
+ * time, accumulated onto out's own values. Returns 0 where it cannot: a CPU or build without AMX,
+ * or shapes not in whole tiles (in a multiple of 32; cols, every rank and size of 16). */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config_t;
+
+static int amx_permitted(void) { /* Linux lends a process AMX's state on request (ARCH_REQ_XCOMP_PERM) */
+    static int permitted = -1;
+    if (permitted < 0) permitted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return permitted;
+}
+
+/* x's 16 rows from row r0 (fewer at the end: zeros) as bfloat16 [16, n] */
+static void rows_to_bf16(const float *x, int64_t rows, int64_t r0, int64_t n, uint16_t *to) {
+    for (int64_t r = 0; r < 16; r++)
+        for (int64_t k = 0; k < n; k += 16) {
+            __m512 v = r0 + r < rows ? _mm512_loadu_ps(x + (r0 + r) * n + k) : _mm512_setzero_ps();
+            _mm256_storeu_si256((__m256i *)(to + r * n + k), (__m256i)_mm512_cvtneps_pbh(v));
+        }
+}
+
+int lora_rows(const group_t *g, float *out, int64_t out_stride, const float *x, int64_t rows, int threads) {
+    int64_t in = g->in, cols = g->cols;
+    if (!g->bf16 || in % 32 || cols % 16 || !amx_permitted()) return 0;
+    for (int64_t p = 0; p < g->projections; p++)
+        if (g->projection[p].width % 16 || g->projection[p].size % 16) return 0;
+    tile_config_t config = {.palette = 1};
+    for (int t = 0; t < 8; t++) config.rows[t] = 16, config.colsb[t] = 64;
+    config.colsb[6] = 32; /* xa's 16 columns of one projection's rank, bfloat16 */
+    config.rows[7] = 8;   /* B's 16 rows of it, in pairs */
+    const uint32_t *a = g->a;
+#pragma omp parallel num_threads(threads)
+    {
+        _tile_loadconfig(&config);
+        uint16_t *xb = aligned_alloc(64, sizeof(uint16_t) * 16 * (in + cols));
+        uint16_t *xab = xb + 16 * in;
+        float *xa = aligned_alloc(64, sizeof(float) * 16 * cols), edge[16 * 16];
+#pragma omp for schedule(static)
+        for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+            rows_to_bf16(x, rows, r0, in, xb);
+            for (int64_t c = 0; c < cols; c += 16) { /* xa = x @ A, a tile of 16 columns */
+                _tile_zero(0);
+                for (int64_t k = 0; k < in; k += 32) {
+                    _tile_loadd(4, xb + k, in * 2);
+                    _tile_loadd(5, a + k / 2 * cols + c, cols * 4);
+                    _tile_dpbf16ps(0, 4, 5);
+                }
+                _tile_stored(0, xa + c, cols * 4);
+            }
+            rows_to_bf16(xa, 16, 0, cols, xab);
+            int64_t n = rows - r0 < 16 ? rows - r0 : 16;
+            for (int64_t p = 0; p < g->projections; p++) { /* out += xa's columns of p @ B */
+                const projection_t *pr = &g->projection[p];
+                const uint32_t *b = pr->b;
+                for (int64_t j = 0; j < pr->size; j += 16) {
+                    float *o = out + r0 * out_stride + pr->offset + j;
+                    float *c = n == 16 ? o : edge; /* the last rows through a whole tile */
+                    int64_t stride = n == 16 ? out_stride : 16;
+                    if (n < 16) {
+                        memset(edge, 0, sizeof(edge));
+                        for (int64_t r = 0; r < n; r++) memcpy(edge + r * 16, o + r * out_stride, sizeof(float) * 16);
+                    }
+                    _tile_loadd(0, c, stride * 4);
+                    for (int64_t k = 0; k < pr->width; k += 16) {
+                        _tile_loadd(6, xab + pr->col + k, cols * 2);
+                        _tile_loadd(7, b + k / 2 * pr->size + j, pr->size * 4);
+                        _tile_dpbf16ps(0, 6, 7);
+                    }
+                    _tile_stored(0, c, stride * 4);
+                    for (int64_t r = 0; n < 16 && r < n; r++) memcpy(o + r * out_stride, edge + r * 16, sizeof(float) * 16);
+                }
+            }
+        }
+        free(xb);
+        free(xa);
+        _tile_release();
+    }
+    return 1;
+}
+#else
+int lora_rows(const group_t *g, float *out, int64_t out_stride, const float *x, int64_t rows, int threads) {
+    return 0;
+}
+#endif

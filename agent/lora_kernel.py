@@ -120,6 +120,19 @@ def add_to(groups, out: torch.Tensor, x: torch.Tensor, order: torch.Tensor, star
     )
 
 
+def add_rows(group: Group, out: torch.Tensor, x: torch.Tensor) -> bool:
+    """out [rows, fused out] += one adapter's update of a prefill's rows x [rows, in] by AMX tiles
+    (lora_kernel.c's `lora_rows`), both float32 on the CPU, the adapter's `group` (from `group`) in
+    bfloat16; False, and nothing added, where the CPU or the shapes do not allow it."""
+    if not (usable(out, x) and x.dtype == torch.float32 and group.bf16):
+        return False
+    return bool(
+        load().rows(
+            ctypes.byref(group), out.data_ptr(), out.shape[1], x.data_ptr(), x.shape[0], torch.get_num_threads()
+        )
+    )
+
+
 def usable(out: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether the kernel can take these rows: on the CPU, contiguous, float32 or bfloat16 alike."""
     return (
@@ -142,4 +155,8 @@ def load():
     function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     function.argtypes += [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     function.restype = None
+    built.lora_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+    built.lora_rows.argtypes += [ctypes.c_int]
+    built.lora_rows.restype = ctypes.c_int
+    function.rows = built.lora_rows
     return function

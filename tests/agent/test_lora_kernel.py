@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from agent import lora_kernel, native
-from agent.adapters import INPUT_GROUPS, KERNEL_ROWS, BatchStacker, GroupedLora, LoraWeights
+from agent.adapters import INPUT_GROUPS, KERNEL_ROWS, AdapterRef, BatchStacker, GroupedLora, LoraWeights
 from agent.llama import Llama
+from tests.factories import random_lora
 
 
 def test_the_kernel_is_built_here_and_shares_torchs_openmp():
@@ -88,3 +89,39 @@ def test_the_kernel_adds_what_pytorchs_products_add(monkeypatch, tiny_model, ada
                 # float32: the same sums in another order; bfloat16: one rounding of each
                 tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 4e-3, "atol": 4e-3}
                 torch.testing.assert_close(got.float(), expected, **tolerance, msg=f"{name}, layer {layer}, {group}")
+
+
+@pytest.mark.parametrize("rows", [1, 16, 37])
+def test_a_prefills_rows_are_amx_tiles_where_the_cpu_has_them(tiny_model, tmp_path, rows):
+    """One adapter's update of many rows with bfloat16 kernel copies (a quantized engine's) is AMX
+    tiles' where the CPU has AMX, and equals float32 products on the same rounded values (x and x @ A
+    rounded to bfloat16 as the tiles take them); elsewhere nothing is added and PyTorch's products
+    do it. Rows past a whole tile of 16 are added through a tile of their own."""
+    config = tiny_model.model.config
+    ref = AdapterRef(9, random_lora(config, tmp_path, rank=16, seed=3))
+    llama = Llama(tiny_model.model, max_length=8)
+    cpu = torch.device("cpu")
+    held = LoraWeights.load(ref, llama.num_layers, cpu, torch.float32, torch.bfloat16)
+    exact = LoraWeights.load(ref, llama.num_layers, cpu, torch.float32)
+    inputs = {"attn_in": config.hidden_size, "attn_out": llama.q_size}
+    inputs |= {"mlp_in": config.hidden_size, "mlp_out": llama.intermediate}
+    rounded = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+    torch.manual_seed(rows)
+    for layer in range(llama.num_layers):
+        for name in INPUT_GROUPS:
+            slices = llama.slices[name]
+            x = torch.randn(rows, inputs[name])
+            out = torch.randn(rows, sum(size for _, _, size in slices))
+            got = out.clone()
+            taken = lora_kernel.add_rows(lora_kernel.group(held, layer, name, slices), got, x)
+            assert taken == torch.cpu._is_amx_tile_supported()
+            if not taken:
+                assert torch.equal(got, out)
+                continue
+            expected = out.clone()
+            xa = rounded(rounded(x) @ rounded(exact.a[layer][name]))
+            for proj, offset, size in slices:
+                start, end = exact.cols[proj]
+                expected[:, offset : offset + size] += xa[:, start:end] @ rounded(exact.b[layer][proj])
+            assert not torch.equal(expected, out)
+            torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3, msg=f"layer {layer}, {name}")
