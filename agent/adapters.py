@@ -142,7 +142,8 @@ class LoraWeights:
     def load(
         cls, ref: AdapterRef, num_layers: int, device: torch.device, dtype: torch.dtype, kernel_dtype=None
     ) -> "LoraWeights":
-        """The adapter's matrices in `dtype`, and in `kernel_dtype` for the kernel (default: the same)."""
+        """The adapter's matrices in `dtype`, and in `kernel_dtype` for the kernel (default: the same;
+        float32 for an odd rank, which its bfloat16 layout cannot hold)."""
         import json
 
         config = json.loads((ref.path / "adapter_config.json").read_text())
@@ -175,6 +176,8 @@ class LoraWeights:
         kernel_a, kernel_b = a, b
         if device.type == "cpu":
             kernel_dtype = kernel_dtype or dtype
+            if kernel_dtype == torch.bfloat16 and rank % 2:  # bfloat16 is read in pairs of rows
+                kernel_dtype = torch.float32
             kernel_a, kernel_b = _together(a, b, kernel_dtype)
             if kernel_dtype == dtype == torch.float32:
                 a, b = kernel_a, kernel_b  # the same values and layout, held once

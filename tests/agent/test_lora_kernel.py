@@ -125,3 +125,22 @@ def test_a_prefills_rows_are_amx_tiles_where_the_cpu_has_them(tiny_model, tmp_pa
                 expected[:, offset : offset + size] += xa[:, start:end] @ rounded(exact.b[layer][proj])
             assert not torch.equal(expected, out)
             torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3, msg=f"layer {layer}, {name}")
+
+
+def test_an_adapter_of_odd_rank_is_read_in_float32(tiny_model, tmp_path):
+    """bfloat16 kernel copies are held in pairs of rows, which an odd rank does not fill: such an
+    adapter's copies are float32, and the kernel adds what PyTorch's products add."""
+    ref = AdapterRef(7, random_lora(tiny_model.model.config, tmp_path, rank=3, seed=5))
+    llama = Llama(tiny_model.model, max_length=8)
+    held = LoraWeights.load(ref, llama.num_layers, torch.device("cpu"), torch.float32, torch.bfloat16)
+    assert held.kernel_a[0]["attn_in"].dtype == torch.float32
+    x, slices = torch.randn(2, llama.embed.shape[1]), llama.slices["attn_in"]
+    out = torch.zeros(2, sum(size for _, _, size in slices))
+    held.add_to(out, x, 0, "attn_in", slices)
+    expected = torch.zeros_like(out)
+    xa = x @ held.a[0]["attn_in"]
+    for proj, offset, size in slices:
+        start, end = held.cols[proj]
+        expected[:, offset : offset + size] += xa[:, start:end] @ held.b[0][proj]
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
