@@ -287,8 +287,8 @@ int lora_rows(const group_t *g, float *out, int64_t out_stride, const float *x, 
         if (g->projection[p].width % 16 || g->projection[p].size % 16) return 0;
     tile_config_t config = {.palette = 1};
     for (int t = 0; t < 8; t++) config.rows[t] = 16, config.colsb[t] = 64;
-    config.colsb[6] = 32; /* xa's 16 columns of one projection's rank, bfloat16 */
-    config.rows[7] = 8;   /* B's 16 rows of it, in pairs */
+    config.colsb[6] = 32;                /* xa's 16 columns of one projection's rank, bfloat16 */
+    config.rows[7] = config.rows[2] = 8; /* B's 16 rows of it, in pairs */
     const uint32_t *a = g->a;
 #pragma omp parallel num_threads(threads)
     {
@@ -313,8 +313,23 @@ int lora_rows(const group_t *g, float *out, int64_t out_stride, const float *x, 
             for (int64_t p = 0; p < g->projections; p++) { /* out += xa's columns of p @ B */
                 const projection_t *pr = &g->projection[p];
                 const uint32_t *b = pr->b;
-                for (int64_t j = 0; j < pr->size; j += 16) {
+                for (int64_t j = 0; j < pr->size;) {
                     float *o = out + r0 * out_stride + pr->offset + j;
+                    if (n == 16 && j + 32 <= pr->size) { /* two tiles of columns, their products side by side */
+                        _tile_loadd(0, o, out_stride * 4);
+                        _tile_loadd(1, o + 16, out_stride * 4);
+                        for (int64_t k = 0; k < pr->width; k += 16) {
+                            _tile_loadd(6, xab + pr->col + k, cols * 2);
+                            _tile_loadd(7, b + k / 2 * pr->size + j, pr->size * 4);
+                            _tile_loadd(2, b + k / 2 * pr->size + j + 16, pr->size * 4);
+                            _tile_dpbf16ps(0, 6, 7);
+                            _tile_dpbf16ps(1, 6, 2);
+                        }
+                        _tile_stored(0, o, out_stride * 4);
+                        _tile_stored(1, o + 16, out_stride * 4);
+                        j += 32;
+                        continue;
+                    }
                     float *c = n == 16 ? o : edge; /* the last rows through a whole tile */
                     int64_t stride = n == 16 ? out_stride : 16;
                     if (n < 16) {
@@ -329,6 +344,7 @@ int lora_rows(const group_t *g, float *out, int64_t out_stride, const float *x, 
                     }
                     _tile_stored(0, c, stride * 4);
                     for (int64_t r = 0; n < 16 && r < n; r++) memcpy(o + r * out_stride, edge + r * 16, sizeof(float) * 16);
+                    j += 16;
                 }
             }
         }
