@@ -122,7 +122,7 @@ class LoraWeights:
             groups = lora_kernel.groups([self], layer, group, slices)
             lora_kernel.add_to(groups, out, x, *_every_row(rows))
             return
-        if self.kernel_a is not self.a and lora_kernel.add_rows(lora_kernel.group(self, layer, group, slices), out, x):
+        if lora_kernel.add_rows(self, layer, group, slices, out, x):
             return  # a prefill's rows by AMX tiles, where the CPU has them
         xa = x @ self.a[layer][group]  # [rows, columns]
         for proj, offset, size in slices:

@@ -3,8 +3,8 @@
  * read once for all of its rows, where the adapter holds them (nothing is stacked or copied).
  * agent/lora_kernel.py compiles it for the CPU it runs on and calls it once per layer and input
  * group; float32 arithmetic on bfloat16 or float32 values (each adapter's matrices in their own,
- * the rows in theirs). agent/decode_kernel.c includes it for
- * the whole decode step.
+ * the rows in theirs). agent/decode_kernel.c includes it for the whole decode step; a prefill's
+ * rows of one adapter are `lora_rows`' (last).
  *
  * Two phases in one OpenMP region, on the team PyTorch's own threads use (the library is loaded
  * after torch, whose libgomp it then shares):
@@ -250,8 +250,8 @@ void lora_group(const group_t *const *g, void *out, int64_t out_stride, const vo
  * group, by AMX tiles: out [rows, out_stride] += (x [rows, in] @ A) @ B, x and out float32, A and B
  * bfloat16 in pairs of rows (group_t's bf16); x and x @ A are rounded to bfloat16 as each product
  * takes them, the sums float32. PyTorch's products of these thin matrices (16-48 columns of A, a
- * rank of 16) ran at 150 GFLOP/s in float32 and no faster in bfloat16 (bench/results/prefill-lora.json
- * has the figures). Blocks of 16 rows, one task each; for each, x @ A one 16-column tile at a time
+ * rank of 16) ran at 150 GFLOP/s in float32 and no faster in bfloat16 (BENCHMARKS.md has the
+ * figures). Blocks of 16 rows, one task each; for each, x @ A one 16-column tile at a time
  * over 32 inputs a step, then each projection's 16 output columns at a time over the rank 16 at a
  * time, accumulated onto out's own values. Returns 0 where it cannot: a CPU or build without AMX,
  * or shapes not in whole tiles (in a multiple of 32; cols, every rank and size of 16). */

@@ -5,7 +5,8 @@ A decode step multiplies one to a few rows per adapter by rank-16 matrices: 120 
 more on dispatching and packing them than on the arithmetic (an adapter's update of one row took
 2.4 ms a step through `addmm`, 12 us a product), and its batched `bmm` over 8 adapters runs one
 tiny product after another. The kernel does one input group of one layer in one call, reading
-each adapter's matrices once for all of its rows (bench.lora_paths has the figures).
+each adapter's matrices once for all of its rows (bench.lora_paths has the figures). A prefill's
+many rows of one adapter are AMX tiles' where the CPU has them (`add_rows`), else PyTorch's.
 
 It is compiled on first use for the CPU it runs on (agent/native.py). Where it cannot be built,
 `load()` is None and the updates stay PyTorch products, with a warning in the log."""
@@ -105,8 +106,7 @@ def add_to(groups, out: torch.Tensor, x: torch.Tensor, order: torch.Tensor, star
     float32 or both bfloat16, as `usable` checks; each adapter's matrices in their own dtype):
     `groups` the adapters' groups (from `groups`), the rows of adapter i order[starts[i]:starts[i
     + 1]] (int64 tensors)."""
-    kernel = load()
-    kernel(
+    load().lora_group(
         groups,
         out.data_ptr(),
         out.shape[1],
@@ -120,16 +120,17 @@ def add_to(groups, out: torch.Tensor, x: torch.Tensor, order: torch.Tensor, star
     )
 
 
-def add_rows(group: Group, out: torch.Tensor, x: torch.Tensor) -> bool:
-    """out [rows, fused out] += one adapter's update of a prefill's rows x [rows, in] by AMX tiles
-    (lora_kernel.c's `lora_rows`), both float32 on the CPU, the adapter's `group` (from `group`) in
-    bfloat16; False, and nothing added, where the CPU or the shapes do not allow it."""
-    if not (usable(out, x) and x.dtype == torch.float32 and group.bf16):
+def add_rows(weights, layer: int, name: str, slices, out: torch.Tensor, x: torch.Tensor) -> bool:
+    """out [rows, fused out] += one adapter's (a LoraWeights') update of a prefill's rows x [rows,
+    in] for one layer's input group, by AMX tiles (lora_kernel.c's `lora_rows`): x and out float32
+    on the CPU, the adapter's kernel copies bfloat16. False, and nothing added, where the CPU, the
+    dtypes or the shapes do not allow it."""
+    if not (usable(out, x) and x.dtype == torch.float32 and weights.kernel_a[layer][name].dtype == torch.bfloat16):
         return False
+    adapter = group(weights, layer, name, slices)
+    threads = torch.get_num_threads()
     return bool(
-        load().rows(
-            ctypes.byref(group), out.data_ptr(), out.shape[1], x.data_ptr(), x.shape[0], torch.get_num_threads()
-        )
+        load().lora_rows(ctypes.byref(adapter), out.data_ptr(), out.shape[1], x.data_ptr(), x.shape[0], threads)
     )
 
 
@@ -146,17 +147,25 @@ def usable(out: torch.Tensor, x: torch.Tensor) -> bool:
 
 
 @functools.cache
-def load():
-    """The compiled kernel's function, or None where it cannot be built."""
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel (`lora_group`, `lora_rows`), or None where it cannot be built."""
     built = native.library(SOURCE)
     if built is None:
         return None
-    function = built.lora_group
-    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
-    function.argtypes += [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    function.restype = None
-    built.lora_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
-    built.lora_rows.argtypes += [ctypes.c_int]
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    built.lora_group.argtypes = [
+        pointer,
+        pointer,
+        size,
+        pointer,
+        size,
+        ctypes.c_int,
+        size,
+        pointer,
+        pointer,
+        ctypes.c_int,
+    ]
+    built.lora_group.restype = None
+    built.lora_rows.argtypes = [pointer, pointer, size, pointer, size, ctypes.c_int]
     built.lora_rows.restype = ctypes.c_int
-    function.rows = built.lora_rows
-    return function
+    return built

@@ -113,7 +113,7 @@ def test_a_prefills_rows_are_amx_tiles_where_the_cpu_has_them(tiny_model, tmp_pa
             x = torch.randn(rows, inputs[name])
             out = torch.randn(rows, sum(size for _, _, size in slices))
             got = out.clone()
-            taken = lora_kernel.add_rows(lora_kernel.group(held, layer, name, slices), got, x)
+            taken = lora_kernel.add_rows(held, layer, name, slices, got, x)
             assert taken == torch.cpu._is_amx_tile_supported()
             if not taken:
                 assert torch.equal(got, out)
