@@ -14,7 +14,8 @@ Adapters are held in the dtype the forward computes in (agent/weights.compute_dt
 or bfloat16 for a bfloat16 model, which halves the bytes a decode step reads per adapter and lets
 prefills use bfloat16 matrix products. On the CPU the kernel reads copies of them from one buffer
 per adapter, in bfloat16 where the base weights are quantized (weights.adapter_kernel_dtype), and
-with those a prefill's rows by AMX tiles where the CPU has them (lora_kernel.add_rows).
+with those a prefill's rows by AMX tiles or AVX-512 BF16 dot products where the CPU has them
+(lora_kernel.add_rows).
 
 An adapter is applied at a scale (its strength): W x + scale * (alpha / r) * B A x, PEFT's
 `LoraLayer.set_scale`. The engine folds the scale into B when it loads the adapter, so an adapter
@@ -123,7 +124,7 @@ class LoraWeights:
             lora_kernel.add_to(groups, out, x, *_every_row(rows))
             return
         if lora_kernel.add_rows(self, layer, group, slices, out, x):
-            return  # a prefill's rows by AMX tiles, where the CPU has them
+            return  # a prefill's rows by the kernel, where the CPU has bfloat16 products
         xa = x @ self.a[layer][group]  # [rows, columns]
         for proj, offset, size in slices:
             if proj in self.cols:

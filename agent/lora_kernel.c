@@ -247,14 +247,131 @@ void lora_group(const group_t *const *g, void *out, int64_t out_stride, const vo
 }
 
 /* One adapter's update of a prefill's many rows (one prompt's, tens to hundreds) for one input
- * group, by AMX tiles: out [rows, out_stride] += (x [rows, in] @ A) @ B, x and out float32, A and B
- * bfloat16 in pairs of rows (group_t's bf16); x and x @ A are rounded to bfloat16 as each product
- * takes them, the sums float32. PyTorch's products of these thin matrices (16-48 columns of A, a
- * rank of 16) ran at 150 GFLOP/s in float32 and no faster in bfloat16 (BENCHMARKS.md has the
- * figures). Blocks of 16 rows, one task each; for each, x @ A one 16-column tile at a time
- * over 32 inputs a step, then each projection's 16 output columns at a time over the rank 16 at a
- * time, accumulated onto out's own values. Returns 0 where it cannot: a CPU or build without AMX,
- * or shapes not in whole tiles (in a multiple of 32; cols, every rank and size of 16). */
+ * group: out [rows, out_stride] += (x [rows, in] @ A) @ B, A and B bfloat16 in pairs of rows
+ * (group_t's bf16), x and out both float32 or both bfloat16 (bf16_rows); x and x @ A are rounded to
+ * bfloat16 as each product takes them, the sums float32. PyTorch's products of these thin matrices
+ * (16-48 columns of A, a rank of 16) ran at 150 GFLOP/s in float32 and no faster in bfloat16
+ * (BENCHMARKS.md has the figures). By AMX tiles where the CPU has them and the rows are float32
+ * (`rows_by_amx`), else by AVX-512 BF16 dot products (`rows_by_dpbf16`). Returns 0, and adds
+ * nothing, where neither applies: float32 matrices, or a CPU or build without either. */
+#ifdef __AVX512BF16__
+#define DR 8 /* rows of a dot-product tile */
+
+static inline __mmask16 lanes(int64_t left) { return left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1); }
+
+/* acc[r][v] += sum over pairs p < pairs of rows r's pair of values p (x[r][p], two bfloat16 in 32
+ * bits) times m's pair of rows p (m[p * stride + 16 v + lane], `pairs`' layout), for DR rows and nv
+ * <= 3 vectors of 16 columns, the last `last`'s lanes: one broadcast per row and pair, one load of m
+ * per vector and pair, for all DR rows. nv a constant where inlined, so acc stays in registers. */
+static inline __attribute__((always_inline)) void dot_pairs(__m512 acc[DR][3], const uint32_t *const *x,
+                                                             const uint32_t *m, int64_t stride, int64_t pairs,
+                                                             const int nv, __mmask16 last) {
+    __m512 sum[DR][3]; /* in registers, stored once */
+    for (int r = 0; r < DR; r++)
+        for (int v = 0; v < nv; v++) sum[r][v] = acc[r][v];
+    for (int64_t p = 0; p < pairs; p++) {
+        __m512i w[3];
+        for (int v = 0; v < nv; v++) w[v] = _mm512_maskz_loadu_epi32(v == nv - 1 ? last : 0xffff, m + p * stride + 16 * v);
+        for (int r = 0; r < DR; r++) {
+            __m512bh xr = (__m512bh)_mm512_set1_epi32((int)x[r][p]);
+            for (int v = 0; v < nv; v++) sum[r][v] = _mm512_dpbf16_ps(sum[r][v], xr, (__m512bh)w[v]);
+        }
+    }
+    for (int r = 0; r < DR; r++)
+        for (int v = 0; v < nv; v++) acc[r][v] = sum[r][v];
+}
+
+/* 16 floats from o (float32, or bfloat16 when bf16), the lanes of `mask` (the rest 0), and back */
+static inline __m512 load16(const void *o, int bf16, __mmask16 mask) {
+    if (!bf16) return _mm512_maskz_loadu_ps(mask, o);
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, o));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+static inline void store16(void *o, __m512 v, int bf16, __mmask16 mask) {
+    if (bf16)
+        _mm256_mask_storeu_epi16(o, mask, (__m256i)_mm512_cvtneps_pbh(v));
+    else
+        _mm512_mask_storeu_ps(o, mask, v);
+}
+
+/* dot_pairs for the columns [j, j + 48) of m's n (up to 3 vectors, the last one's lanes masked);
+ * returns the vectors taken. */
+static inline int64_t dot_tile(__m512 acc[DR][3], const uint32_t *const *x, const uint32_t *m, int64_t stride,
+                               int64_t pairs, int64_t j, int64_t n) {
+    int64_t nv = (n - j + 15) / 16 < 3 ? (n - j + 15) / 16 : 3;
+    __mmask16 last = lanes(n - j - 16 * (nv - 1));
+    switch (nv) { /* constant vector counts, for the registers */
+    case 1: dot_pairs(acc, x, m + j, stride, pairs, 1, last); break;
+    case 2: dot_pairs(acc, x, m + j, stride, pairs, 2, last); break;
+    default: dot_pairs(acc, x, m + j, stride, pairs, 3, last);
+    }
+    return nv;
+}
+
+static int rows_by_dpbf16(const group_t *g, void *out, int64_t out_stride, const void *x, int64_t rows, int bf16,
+                          int threads) {
+    const int64_t in = g->in, cols = g->cols;
+#pragma omp parallel num_threads(threads)
+    {
+        /* the tile's rows of x and of x @ A as bfloat16, and a row of zeros for rows past the end */
+        uint16_t *xb = malloc(sizeof(uint16_t) * (DR * in + DR * cols + in + cols + 32));
+        uint16_t *xab = xb + DR * in, *zeros = xab + DR * cols;
+        memset(zeros, 0, sizeof(uint16_t) * (in + cols + 32));
+#pragma omp for schedule(static)
+        for (int64_t r0 = 0; r0 < rows; r0 += DR) {
+            int64_t n = rows - r0 < DR ? rows - r0 : DR;
+            const uint32_t *xr[DR], *xar[DR];
+            for (int64_t r = 0; r < DR; r++) {
+                const uint16_t *row = bf16 && r < n ? (const uint16_t *)x + (r0 + r) * in : xb + r * in;
+                if (!bf16 && r < n)
+                    for (int64_t k = 0; k < in; k += 16) {
+                        __m512 v = _mm512_maskz_loadu_ps(lanes(in - k), (const float *)x + (r0 + r) * in + k);
+                        _mm256_mask_storeu_epi16(xb + r * in + k, lanes(in - k), (__m256i)_mm512_cvtneps_pbh(v));
+                    }
+                xr[r] = (const uint32_t *)(r < n ? row : zeros);
+                xar[r] = (const uint32_t *)(r < n ? xab + r * cols : zeros);
+            }
+            for (int64_t c = 0; c < cols; c += 48) { /* x @ A, rounded to bfloat16 */
+                __m512 acc[DR][3];
+                for (int r = 0; r < DR; r++)
+                    for (int v = 0; v < 3; v++) acc[r][v] = _mm512_setzero_ps();
+                int64_t nv = dot_tile(acc, xr, g->a, cols, in / 2, c, cols);
+                for (int64_t r = 0; r < n; r++)
+                    for (int64_t v = 0; v < nv; v++) store16(xab + r * cols + c + 16 * v, acc[r][v], 1, lanes(cols - c - 16 * v));
+            }
+            for (int64_t p = 0; p < g->projections; p++) { /* out += xa's columns of p @ B */
+                const projection_t *pr = &g->projection[p];
+                const uint32_t *xp[DR];
+                for (int r = 0; r < DR; r++) xp[r] = xar[r] + pr->col / 2;
+                for (int64_t j = 0; j < pr->size; j += 48) {
+                    __m512 acc[DR][3];
+                    const int64_t at = r0 * out_stride + pr->offset + j, size = bf16 ? 2 : 4;
+                    for (int64_t r = 0; r < DR; r++)
+                        for (int64_t v = 0; v < 3; v++)
+                            acc[r][v] = r < n && j + 16 * v < pr->size
+                                            ? load16((char *)out + (at + r * out_stride + 16 * v) * size, bf16,
+                                                     lanes(pr->size - j - 16 * v))
+                                            : _mm512_setzero_ps();
+                    int64_t nv = dot_tile(acc, xp, pr->b, pr->size, pr->width / 2, j, pr->size);
+                    for (int64_t r = 0; r < n; r++)
+                        for (int64_t v = 0; v < nv; v++)
+                            store16((char *)out + (at + r * out_stride + 16 * v) * size, acc[r][v], bf16,
+                                    lanes(pr->size - j - 16 * v));
+                }
+            }
+        }
+        free(xb);
+    }
+    return 1;
+}
+#endif
+
+/* The rows by AMX tiles: x and out float32. Blocks of 16 rows, one task each; for each, x @ A one
+ * 16-column tile at a time over 32 inputs a step, then each projection's 16 output columns at a
+ * time over the rank 16 at a time, accumulated onto out's own values. Returns 0 where it cannot: a
+ * CPU without AMX, or shapes not in whole tiles (in a multiple of 32; cols, every rank and size
+ * of 16). */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -280,9 +397,9 @@ static void rows_to_bf16(const float *x, int64_t rows, int64_t r0, int64_t n, ui
         }
 }
 
-int lora_rows(const group_t *g, float *out, int64_t out_stride, const float *x, int64_t rows, int threads) {
+static int rows_by_amx(const group_t *g, float *out, int64_t out_stride, const float *x, int64_t rows, int threads) {
     int64_t in = g->in, cols = g->cols;
-    if (!g->bf16 || in % 32 || cols % 16 || !amx_permitted()) return 0;
+    if (in % 32 || cols % 16 || !amx_permitted()) return 0;
     for (int64_t p = 0; p < g->projections; p++)
         if (g->projection[p].width % 16 || g->projection[p].size % 16) return 0;
     tile_config_t config = {.palette = 1};
@@ -354,8 +471,16 @@ int lora_rows(const group_t *g, float *out, int64_t out_stride, const float *x, 
     }
     return 1;
 }
-#else
-int lora_rows(const group_t *g, float *out, int64_t out_stride, const float *x, int64_t rows, int threads) {
-    return 0;
-}
 #endif
+
+int lora_rows(const group_t *g, void *out, int64_t out_stride, const void *x, int64_t rows, int bf16, int threads) {
+    if (!g->bf16) return 0;
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+    if (!bf16 && rows_by_amx(g, out, out_stride, x, rows, threads)) return 1;
+#endif
+#ifdef __AVX512BF16__
+    return rows_by_dpbf16(g, out, out_stride, x, rows, bf16, threads);
+#else
+    return 0;
+#endif
+}

@@ -6,7 +6,8 @@ more on dispatching and packing them than on the arithmetic (an adapter's update
 2.4 ms a step through `addmm`, 12 us a product), and its batched `bmm` over 8 adapters runs one
 tiny product after another. The kernel does one input group of one layer in one call, reading
 each adapter's matrices once for all of its rows (bench.lora_paths has the figures). A prefill's
-many rows of one adapter are AMX tiles' where the CPU has them (`add_rows`), else PyTorch's.
+many rows of one adapter are AMX tiles' or AVX-512 BF16 dot products' where the CPU has them
+(`add_rows`), else PyTorch's.
 
 It is compiled on first use for the CPU it runs on (agent/native.py). Where it cannot be built,
 `load()` is None and the updates stay PyTorch products, with a warning in the log."""
@@ -122,15 +123,16 @@ def add_to(groups, out: torch.Tensor, x: torch.Tensor, order: torch.Tensor, star
 
 def add_rows(weights, layer: int, name: str, slices, out: torch.Tensor, x: torch.Tensor) -> bool:
     """out [rows, fused out] += one adapter's (a LoraWeights') update of a prefill's rows x [rows,
-    in] for one layer's input group, by AMX tiles (lora_kernel.c's `lora_rows`): x and out float32
-    on the CPU, the adapter's kernel copies bfloat16. False, and nothing added, where the CPU, the
-    dtypes or the shapes do not allow it."""
-    if not (usable(out, x) and x.dtype == torch.float32 and weights.kernel_a[layer][name].dtype == torch.bfloat16):
+    in] for one layer's input group (lora_kernel.c's `lora_rows`): by AMX tiles where the CPU has
+    them and the rows are float32, else by AVX-512 BF16 dot products; x and out float32 or
+    bfloat16 alike, on the CPU, the adapter's kernel copies bfloat16. False, and nothing added,
+    where the CPU or the dtypes do not allow it."""
+    if not (usable(out, x) and weights.kernel_a[layer][name].dtype == torch.bfloat16):
         return False
     adapter = group(weights, layer, name, slices)
-    threads = torch.get_num_threads()
+    bf16, threads = int(x.dtype == torch.bfloat16), torch.get_num_threads()
     return bool(
-        load().lora_rows(ctypes.byref(adapter), out.data_ptr(), out.shape[1], x.data_ptr(), x.shape[0], threads)
+        load().lora_rows(ctypes.byref(adapter), out.data_ptr(), out.shape[1], x.data_ptr(), x.shape[0], bf16, threads)
     )
 
 
@@ -166,6 +168,6 @@ def load() -> ctypes.CDLL | None:
         ctypes.c_int,
     ]
     built.lora_group.restype = None
-    built.lora_rows.argtypes = [pointer, pointer, size, pointer, size, ctypes.c_int]
+    built.lora_rows.argtypes = [pointer, pointer, size, pointer, size, ctypes.c_int, ctypes.c_int]
     built.lora_rows.restype = ctypes.c_int
     return built
