@@ -6,9 +6,10 @@ For concurrency 1, 4 and 16: aggregate new tokens/s, and p50/p95 request latency
 mixed-adapter to base-only throughput. Each group runs twice, alternated (mixed, base, base,
 mixed), and its figures are those of both runs together: this machine's speed drifts by 15-25%
 within minutes, and one run each, mixed first, measured the drift as much as the adapters. Each
-request drafts a reply to a different sample email with up to 64 new tokens (prefill included in
-every figure). Then the cost of a version the
-server has never seen: a tenant's first one-token draft against the same draft again.
+pair's own ratio (the first mixed run over the first base run, the second over the second) is
+saved beside it, to show how far one ratio moves. Each request drafts a reply to a different
+sample email with up to 64 new tokens (prefill included in every figure). Then the cost of a
+version the server has never seen: a tenant's first one-token draft against the same draft again.
 
 With --vllm, the same load also goes through the remote backend: `draftloop serve` drafting on
 a real vLLM (the CPU build, `make vllm`) on the same machine, both in float32 on all cores, one
@@ -131,6 +132,11 @@ async def load(url: str, keys: list[str], emails: list[dict], concurrency: int, 
     return {"tokens": tokens, "latencies": latencies, "wall_s": wall}
 
 
+def rate(run: dict) -> float:
+    """A run's new tokens per second."""
+    return sum(run["tokens"]) / run["wall_s"]
+
+
 def summary(runs: list[dict]) -> dict:
     """Runs of one group together: aggregate tokens/s over their summed wall time, latencies pooled."""
     tokens = [n for run in runs for n in run["tokens"]]
@@ -175,6 +181,8 @@ def measure(env: dict, keys: dict[str, list[str]], unseen_key: str, emails: list
                 runs[group].append(asyncio.run(load(url, keys[group], emails, concurrency, requests)))
             row: dict = {group: summary(group_runs) for group, group_runs in runs.items()}
             row["mixed_over_base"] = round(row["mixed"]["tokens_per_s"] / row["base"]["tokens_per_s"], 2)
+            # each mixed run over the base run beside it: the spread the machine's drift gives one ratio
+            row["each_pair"] = [round(rate(m) / rate(b), 2) for m, b in zip(runs["mixed"], runs["base"], strict=True)]
             figures[f"concurrency_{concurrency}"] = row
             print(label, concurrency, row, flush=True)
         figures["unseen_version"] = asyncio.run(first_draft_cost(url, unseen_key, emails[0]))
