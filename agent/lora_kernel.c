@@ -248,7 +248,7 @@ void lora_group(const group_t *const *g, void *out, int64_t out_stride, const vo
 
 /* One adapter's update of a prefill's many rows (one prompt's, tens to hundreds) for one input
  * group: out [rows, out_stride] += (x [rows, in] @ A) @ B, A and B bfloat16 in pairs of rows
- * (group_t's bf16), x and out both float32 or both bfloat16 (bf16_rows); x and x @ A are rounded to
+ * (group_t's bf16), x and out both float32 or both bfloat16 (bf16); x and x @ A are rounded to
  * bfloat16 as each product takes them, the sums float32. PyTorch's products of these thin matrices
  * (16-48 columns of A, a rank of 16) ran at 150 GFLOP/s in float32 and no faster in bfloat16
  * (BENCHMARKS.md has the figures). By AMX tiles where the CPU has them and the rows are float32
@@ -262,7 +262,8 @@ static inline __mmask16 lanes(int64_t left) { return left >= 16 ? 0xffff : (__mm
 /* acc[r][v] += sum over pairs p < pairs of rows r's pair of values p (x[r][p], two bfloat16 in 32
  * bits) times m's pair of rows p (m[p * stride + 16 v + lane], `pairs`' layout), for DR rows and nv
  * <= 3 vectors of 16 columns, the last `last`'s lanes: one broadcast per row and pair, one load of m
- * per vector and pair, for all DR rows. nv a constant where inlined, so acc stays in registers. */
+ * per vector and pair, for all DR rows. nv a constant where inlined, so that the sums stay in
+ * registers (summed in acc itself, they were stored to memory at every step: 2x slower). */
 static inline __attribute__((always_inline)) void dot_pairs(__m512 acc[DR][3], const uint32_t *const *x,
                                                              const uint32_t *m, int64_t stride, int64_t pairs,
                                                              const int nv, __mmask16 last) {
