@@ -3,11 +3,11 @@
 against `draftloop serve`; then the same load from 8 tenants without adapters (the base model).
 
 For concurrency 1, 4 and 16: aggregate new tokens/s, and p50/p95 request latency; the ratio of
-mixed-adapter to base-only throughput. Each group runs twice, alternated (mixed, base, base,
-mixed), and its figures are those of both runs together: this machine's speed drifts by 15-25%
-within minutes, and one run each, mixed first, measured the drift as much as the adapters. Each
-pair's own ratio (the first mixed run over the first base run, the second over the second) is
-saved beside it, to show how far one ratio moves. Each request drafts a reply to a different
+mixed-adapter to base-only throughput. Each group runs three times, alternated (mixed, base,
+base, mixed, mixed, base), and its figures are those of its runs together: this machine's speed
+drifts by 15-25% within minutes, and one run each, mixed first, measured the drift as much as the
+adapters. Each pair's own ratio (a mixed run over the base run beside it) is saved beside the
+group's, to show how far one ratio moves. Each request drafts a reply to a different
 sample email with up to 64 new tokens (prefill included in every figure). Then the cost of a
 version the server has never seen: a tenant's first one-token draft against the same draft again.
 
@@ -15,7 +15,7 @@ With --vllm, the same load also goes through the remote backend: `draftloop serv
 a real vLLM (the CPU build, `make vllm`) on the same machine, both in float32 on all cores, one
 after the other; the unseen version's cost then includes publishing it for vLLM's resolver.
 
-Run: .venv/bin/python -m bench.serving [--vllm]   (about 5 minutes on 2 CPU cores; 15 with --vllm)
+Run: .venv/bin/python -m bench.serving [--vllm]   (about 5 minutes on 2 CPU cores; 16 with --vllm)
 """
 
 import argparse
@@ -177,7 +177,7 @@ def measure(env: dict, keys: dict[str, list[str]], unseen_key: str, emails: list
         for concurrency in CONCURRENCY:
             requests = max(8, 2 * concurrency)
             runs: dict[str, list[dict]] = {"mixed": [], "base": []}
-            for group in ("mixed", "base", "base", "mixed"):  # alternated: a drifting machine favours neither
+            for group in ("mixed", "base", "base", "mixed", "mixed", "base"):  # alternated: drift favours neither
                 runs[group].append(asyncio.run(load(url, keys[group], emails, concurrency, requests)))
             row: dict = {group: summary(group_runs) for group, group_runs in runs.items()}
             row["mixed_over_base"] = round(row["mixed"]["tokens_per_s"] / row["base"]["tokens_per_s"], 2)
