@@ -15,7 +15,7 @@ With --vllm, the same load also goes through the remote backend: `draftloop serv
 a real vLLM (the CPU build, `make vllm`) on the same machine, both in float32 on all cores, one
 after the other; the unseen version's cost then includes publishing it for vLLM's resolver.
 
-Run: .venv/bin/python -m bench.serving [--vllm]   (about 5 minutes on 2 CPU cores; 16 with --vllm)
+Run: .venv/bin/python -m bench.serving [--vllm]   (about 5 minutes on 2 CPU cores; over 15 with --vllm)
 """
 
 import argparse
