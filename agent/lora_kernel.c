@@ -347,17 +347,17 @@ static int rows_by_dpbf16(const group_t *g, void *out, int64_t out_stride, const
                 for (int r = 0; r < DR; r++) xp[r] = xar[r] + pr->col / 2;
                 for (int64_t j = 0; j < pr->size; j += 48) {
                     __m512 acc[DR][3];
-                    const int64_t at = r0 * out_stride + pr->offset + j, size = bf16 ? 2 : 4;
+                    const int64_t at = r0 * out_stride + pr->offset + j, bytes = bf16 ? 2 : 4;
                     for (int64_t r = 0; r < DR; r++)
                         for (int64_t v = 0; v < 3; v++)
                             acc[r][v] = r < n && j + 16 * v < pr->size
-                                            ? load16((char *)out + (at + r * out_stride + 16 * v) * size, bf16,
+                                            ? load16((char *)out + (at + r * out_stride + 16 * v) * bytes, bf16,
                                                      lanes(pr->size - j - 16 * v))
                                             : _mm512_setzero_ps();
                     int64_t nv = dot_tile(acc, xp, pr->b, pr->size, pr->width / 2, j, pr->size);
                     for (int64_t r = 0; r < n; r++)
                         for (int64_t v = 0; v < nv; v++)
-                            store16((char *)out + (at + r * out_stride + 16 * v) * size, acc[r][v], bf16,
+                            store16((char *)out + (at + r * out_stride + 16 * v) * bytes, acc[r][v], bf16,
                                     lanes(pr->size - j - 16 * v));
                 }
             }

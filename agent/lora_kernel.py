@@ -154,20 +154,9 @@ def load() -> ctypes.CDLL | None:
     built = native.library(SOURCE)
     if built is None:
         return None
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    built.lora_group.argtypes = [
-        pointer,
-        pointer,
-        size,
-        pointer,
-        size,
-        ctypes.c_int,
-        size,
-        pointer,
-        pointer,
-        ctypes.c_int,
-    ]
+    pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    built.lora_group.argtypes = [pointer, pointer, size, pointer, size, flag, size, pointer, pointer, flag]
     built.lora_group.restype = None
-    built.lora_rows.argtypes = [pointer, pointer, size, pointer, size, ctypes.c_int, ctypes.c_int]
+    built.lora_rows.argtypes = [pointer, pointer, size, pointer, size, flag, flag]
     built.lora_rows.restype = ctypes.c_int
     return built

@@ -41,6 +41,14 @@ def test_without_a_compiler_the_updates_stay_pytorchs(monkeypatch, fresh_load):
     assert not lora_kernel.usable(torch.zeros(1, 4), torch.zeros(1, 4))
 
 
+def random_rows(llama: Llama, group: str, rows: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random inputs x [rows, in] of one input group of `llama`, and outputs [rows, fused out] to add to."""
+    inputs = {"attn_in": llama.embed.shape[1], "attn_out": llama.q_size}
+    inputs |= {"mlp_in": llama.embed.shape[1], "mlp_out": llama.intermediate}
+    out_size = sum(size for _, _, size in llama.slices[group])
+    return torch.randn(rows, inputs[group]).to(dtype), torch.randn(rows, out_size).to(dtype)
+
+
 # (rows' dtype, the kernel's adapters'): as the forward computes, and float32 rows with the
 # bfloat16 copies a quantized model's engine reads (weights.adapter_kernel_dtype)
 DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)]
@@ -63,8 +71,6 @@ def test_the_kernel_adds_what_pytorchs_products_add(monkeypatch, tiny_model, ada
         for matrices in weights.a + weights.b:
             for matrix in matrices.values():
                 matrix.copy_(matrix.to(kernel_dtype).float())
-    inputs = {"attn_in": llama.embed.shape[1], "attn_out": llama.q_size}
-    inputs |= {"mlp_in": llama.embed.shape[1], "mlp_out": llama.intermediate}
     pattern = {"one adapter": [1] * rows, "mixed": [[0, None, 2, 1][row % 4] for row in range(rows)]}
     torch.manual_seed(rows)
     for name, choices in pattern.items():
@@ -82,8 +88,7 @@ def test_the_kernel_adds_what_pytorchs_products_add(monkeypatch, tiny_model, ada
         for layer in range(llama.num_layers):
             for group in INPUT_GROUPS:
                 slices = llama.slices[group]
-                x = torch.randn(rows, inputs[group]).to(dtype)
-                out = torch.randn(rows, sum(size for _, _, size in slices)).to(dtype)
+                x, out = random_rows(llama, group, rows, dtype)
                 got = out.clone()
                 lora.add_to(got, x, layer, group, slices)
                 with monkeypatch.context() as patch:
@@ -113,15 +118,12 @@ def test_a_prefills_rows_are_the_kernels_where_the_cpu_has_bfloat16_products(tin
     cpu = torch.device("cpu")
     held = LoraWeights.load(ref, llama.num_layers, cpu, dtype, torch.bfloat16)
     exact = LoraWeights.load(ref, llama.num_layers, cpu, torch.float32)
-    inputs = {"attn_in": config.hidden_size, "attn_out": llama.q_size}
-    inputs |= {"mlp_in": config.hidden_size, "mlp_out": llama.intermediate}
     rounded = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
     torch.manual_seed(rows)
     for layer in range(llama.num_layers):
         for name in INPUT_GROUPS:
             slices = llama.slices[name]
-            x = torch.randn(rows, inputs[name]).to(dtype)
-            out = torch.randn(rows, sum(size for _, _, size in slices)).to(dtype)
+            x, out = random_rows(llama, name, rows, dtype)
             got = out.clone()
             taken = lora_kernel.add_rows(held, layer, name, slices, got, x)
             assert taken == torch.cpu._is_avx512_bf16_supported()
