@@ -1,7 +1,8 @@
 """Decode steps on the CPU by a small C kernel (decode_kernel.c, compiled on first use by
 agent/native.py for the CPU it runs on; it needs AVX2 and FMA, and uses AVX-512 where the CPU
-has it): the matrix products (float32 weights as they are, and weights held at 8 bits, packed
-for it), a layer's attention with its RoPE and cache writes (agent/kv_cache.py), the residual
+has it): the matrix products (float32 weights as they are, bfloat16 weights packed for AVX-512
+BF16 dot products where the CPU has them, and weights held at 8 bits, packed for it), a layer's
+attention with its RoPE and cache writes (agent/kv_cache.py), the residual
 add with RMSNorm (agent/llama.py), and a whole step of a Llama in one call (`Step`). Where it
 cannot be built, or for what it does not take, the callers keep PyTorch's ops.
 
@@ -25,19 +26,22 @@ from agent import native
 SOURCE = Path(__file__).with_name("decode_kernel.c")
 PACK = 4  # int8 output rows per group, as decode_kernel.c's PACK
 BLOCK = 16  # output rows per task, as decode_kernel.c's BLOCK
+BF16_BLOCK = 48  # bfloat16 outputs per task, as decode_kernel.c's BF16_BLOCK
 
 
 def takes(weight: torch.Tensor) -> bool:
-    """Whether the kernel can multiply by `weight` [out, in] (float32 or int8) here: on the CPU,
-    contiguous, outputs in whole blocks and inputs in whole vectors, the kernel built."""
+    """Whether the kernel can multiply by `weight` [out, in] here: float32 or int8, or bfloat16
+    where the CPU has AVX-512 BF16 dot products (`bf16_product`); on the CPU, contiguous, outputs in
+    whole blocks and inputs in whole vectors, the kernel built."""
     out, inputs = weight.shape
     return (
         weight.device.type == "cpu"
-        and weight.dtype in (torch.float32, torch.int8)
+        and weight.dtype in (torch.float32, torch.int8, torch.bfloat16)
         and weight.is_contiguous()
         and out % BLOCK == 0
         and load() is not None
         and inputs % load().vector_width() == 0
+        and (weight.dtype != torch.bfloat16 or load().bf16_products() == 1)
     )
 
 
@@ -47,6 +51,26 @@ def pack(q: torch.Tensor) -> torch.Tensor:
     out, inputs = q.shape
     width = load().vector_width()
     return q.view(out // PACK, PACK, inputs // width, width).transpose(1, 2).contiguous()
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """bfloat16 weight [out, in] as the kernel's bfloat16 products read it (decode_kernel.c's
+    `bf16_block`), one dimension: the outputs in blocks of BF16_BLOCK (the last one the rest), each
+    block [in / 2, its outputs, 2], a pair of inputs of an output side by side."""
+    out, inputs = weight.shape
+    blocks = [weight[o : o + BF16_BLOCK] for o in range(0, out, BF16_BLOCK)]
+    return torch.cat([b.view(b.shape[0], inputs // 2, 2).transpose(0, 1).reshape(-1) for b in blocks])
+
+
+def bf16_product(x: torch.Tensor, packed: torch.Tensor, out: int) -> torch.Tensor:
+    """x [rows, in] bfloat16 @ the bfloat16 weight [out, in] `packed` by `pack_bf16` -> [rows, out]
+    float32, the sums float32."""
+    x = x.contiguous()
+    y = x.new_empty(x.shape[0], out, dtype=torch.float32)
+    load().bf16_product(
+        x.data_ptr(), x.shape[0], x.shape[1], packed.data_ptr(), y.data_ptr(), out, torch.get_num_threads()
+    )
+    return y
 
 
 def f32_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -139,7 +163,8 @@ def cache_pointers(layers: list[torch.Tensor]):
 
 
 class _Weight(ctypes.Structure):  # decode_kernel.c's weight_t
-    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("out", ctypes.c_int64), ("in_", ctypes.c_int64)]
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p)]
+    _fields_ += [(name, ctypes.c_int64) for name in ("out", "in_", "bf16")]
 
 
 class _Layer(ctypes.Structure):  # layer_t
@@ -165,8 +190,10 @@ class Step:
     @classmethod
     def of(cls, llama) -> "Step | None":
         """The kernel's description of `llama`'s weights, or None where it does not take them all
-        (float32 or int8 packed for it, float32 norms, the kernel built)."""
-        if llama.dtype != torch.float32 or not takes_rows(llama.embed):
+        (float32, bfloat16 or int8, packed for it where it packs them; the kernel built). The
+        step's rows are float32 whatever the model's dtype: a bfloat16 model's norms are read in
+        float32 copies, and its products round their rows to bfloat16."""
+        if llama.dtype not in (torch.float32, torch.bfloat16) or llama.device.type != "cpu" or load() is None:
             return None
         operands = {id(w): w.kernel_operands() for w in llama.step_weights}
         if any(o is None for o in operands.values()) or llama.intermediate % 8:
@@ -175,14 +202,14 @@ class Step:
 
         def weight(w) -> _Weight:
             matrix, scale = operands[id(w)]
-            out = matrix.shape[0] * PACK if scale is not None else matrix.shape[0]
-            inputs = matrix.numel() // out
-            return _Weight(matrix.data_ptr(), None if scale is None else scale.data_ptr(), out, inputs)
+            out, inputs = w.full.shape
+            scale_at = None if scale is None else scale.data_ptr()
+            return _Weight(matrix.data_ptr(), scale_at, out, inputs, int(matrix.dtype == torch.bfloat16))
 
         layers = (_Layer * llama.num_layers)()
         after = [layer.input_norm for layer in llama.layers[1:]] + [llama.final_norm]
         for i, (layer, next_norm) in enumerate(zip(llama.layers, after, strict=True)):
-            norms = (layer.input_norm, layer.post_attention_norm, next_norm)
+            norms = tuple(n.float() for n in (layer.input_norm, layer.post_attention_norm, next_norm))
             keep += norms
             layers[i] = _Layer(*(weight(w) for w in (layer.qkv, layer.o, layer.gate_up, layer.down)))
             layers[i].input_norm, layers[i].post_attention_norm, layers[i].next_norm = (n.data_ptr() for n in norms)
@@ -194,7 +221,8 @@ class Step:
     def run(self, x: torch.Tensor, attend: CacheAttention, lora) -> torch.Tensor:
         """The step of x [rows, hidden] (its tokens' embeddings, float32: overwritten), rows at
         attend's positions, each row with its own adapter's update by `lora` (None, or
-        (groups, order, starts): the adapters' kernel_step). Returns the logits [rows, vocab]."""
+        (groups, order, starts): the adapters' kernel_step). Returns the logits [rows, vocab],
+        float32."""
         rows = x.shape[0]
         logits = x.new_empty(rows, self.model.lm_head.out)
         groups, order, starts = lora if lora is not None else (None, None, None)
@@ -237,12 +265,14 @@ def load() -> ctypes.CDLL | None:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     built.f32_product.argtypes = [pointer, size, size, pointer, pointer, size, ctypes.c_int]
     built.int8_product.argtypes = [pointer, size, size, pointer, pointer, pointer, size, ctypes.c_int]
+    built.bf16_product.argtypes = [pointer, size, size, pointer, pointer, size, ctypes.c_int]
     built.attention.argtypes = [pointer, pointer, size, size, size, size, pointer, pointer, pointer, pointer, size]
     built.attention.argtypes += [pointer, ctypes.c_int]
     built.add_rms_norm.argtypes = [pointer, pointer, pointer, ctypes.c_float, pointer, size, size]
     built.vector_width.restype = ctypes.c_int64
     built.decode_step.argtypes = [pointer, pointer, size, pointer, pointer, pointer, pointer, pointer, size, pointer]
     built.decode_step.argtypes += [size, pointer, pointer, pointer, ctypes.c_int]
-    for function in (built.f32_product, built.int8_product, built.attention, built.add_rms_norm, built.decode_step):
+    functions = (built.f32_product, built.int8_product, built.bf16_product, built.attention, built.add_rms_norm)
+    for function in (*functions, built.decode_step):
         function.restype = None
     return built

@@ -140,7 +140,7 @@ class Llama:
         rows = tokens.shape[0]
         if isinstance(attend, decode_kernel.CacheAttention) and rows <= self.step_rows:
             step_lora = None if lora is None else lora.kernel_step(rows, self.slices, self.num_layers)
-            return self.step.run(F.embedding(tokens, self.embed), attend, step_lora)
+            return self.step.run(F.embedding(tokens, self.embed).float(), attend, step_lora)
         return self.logits(self._forward(tokens, lora, attend, prefill=False), prefill=False)
 
     def logits(self, hidden, prefill: bool):

@@ -31,7 +31,10 @@ def _halves_left(weight: "_Weight", x: torch.Tensor) -> torch.Tensor:
 
 
 def _kernel(weight: "_Weight", x: torch.Tensor) -> torch.Tensor:
-    """The C kernel's product (agent/decode_kernel.py): float32 weights on a CPU where it builds."""
+    """The C kernel's product (agent/decode_kernel.py): float32 weights on a CPU where it builds,
+    bfloat16 ones (packed for it) where the CPU has AVX-512 BF16."""
+    if weight.packed is not None:
+        return decode_kernel.bf16_product(x, weight.packed, weight.full.shape[0]).to(x.dtype)
     return decode_kernel.f32_product(x, weight.full)
 
 
@@ -68,6 +71,10 @@ class _Weight:
         self.right = self.left.transpose(1, 2)
         self.nbytes = weight.numel() * weight.element_size()
         self.by_rows: tuple = ()  # product for each row count (index), set by choose_products
+        # bfloat16 weights as the kernel's bfloat16 products read them, a copy beside `full` (which
+        # prefills multiply by); None where the kernel does not take them
+        bf16 = weight.dtype == torch.bfloat16 and decode_kernel.takes(weight)
+        self.packed = decode_kernel.pack_bf16(weight) if bf16 else None
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ weight^T for a decode step's rows, by the product measured fastest for as many."""
@@ -86,8 +93,11 @@ class _Weight:
 
     def kernel_operands(self) -> tuple[torch.Tensor, None] | None:
         """The weights as a whole decode step by the C kernel reads them (decode_kernel.Step): the
-        float32 matrix and no scale, or None where the kernel does not take them."""
-        return (self.full, None) if decode_kernel.takes(self.full) else None
+        float32 matrix, or the bfloat16 one packed, and no scale; None where the kernel does not
+        take them."""
+        if not decode_kernel.takes(self.full):
+            return None
+        return (self.full if self.packed is None else self.packed), None
 
 
 _chosen: dict[tuple, dict[tuple, dict[int, str]]] = {}  # the measured choices, per model shape and dtype
@@ -210,17 +220,17 @@ class _Int8Weight(_QuantizedWeight):
 
 
 def hold_together(weights: list) -> None:
-    """Move the int8 codes packed for the C kernel of `weights` (in the order a decode step reads
-    them) into one buffer on huge pages (agent/native.py), each weight's a view of it: the step
-    then reads one stream, not a few hundred allocations."""
-    packed = [w for w in weights if isinstance(w, _Int8Weight) and w.packed is not None]
+    """Move the weights packed for the C kernel of `weights` (int8 codes or bfloat16, in the order
+    a decode step reads them) into one buffer on huge pages (agent/native.py), each weight's a
+    view of it: the step then reads one stream, not a few hundred allocations."""
+    packed = [w for w in weights if getattr(w, "packed", None) is not None]
     if not packed:
         return
-    buffer = native.huge_page_buffer(sum(w.packed.numel() for w in packed))
+    buffer = native.huge_page_buffer(sum(w.packed.nbytes for w in packed))
     start = 0
     for weight in packed:
-        end = start + weight.packed.numel()
-        weight.packed = buffer[start:end].view(weight.packed.shape).copy_(weight.packed)
+        end = start + weight.packed.nbytes
+        weight.packed = buffer[start:end].view(weight.packed.dtype).view(weight.packed.shape).copy_(weight.packed)
         start = end
 
 

@@ -45,6 +45,20 @@ def test_the_int8_product_equals_the_dequantized_weights_product(rows):
     torch.testing.assert_close(held.matmul(x), theirs, rtol=2e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("rows", ROWS)
+def test_the_bfloat16_product_equals_the_float32_product_of_the_same_values(rows):
+    """bfloat16 weights packed for the kernel's AVX-512 BF16 dot products, 112 outputs (two blocks
+    of 48 and one of 16): the float32 product of the same bfloat16 values, up to the order of its
+    float32 sums. Taken exactly where the CPU has the dot products."""
+    torch.manual_seed(rows)
+    weight, x = torch.randn(112, 48).bfloat16(), torch.randn(rows, 48).bfloat16()
+    assert decode_kernel.takes(weight) == torch.cpu._is_avx512_bf16_supported()
+    if not decode_kernel.takes(weight):
+        pytest.skip("this CPU has no AVX-512 BF16: PyTorch multiplies bfloat16 weights")
+    product = decode_kernel.bf16_product(x, decode_kernel.pack_bf16(weight), 112)
+    torch.testing.assert_close(product, x.float() @ weight.float().t(), rtol=1e-5, atol=1e-5)
+
+
 def test_int8_weights_keep_pytorchs_kernel_where_the_kernel_does_not_take_them():
     held = _Int8Weight(torch.randn(100, 48))  # 100 outputs: not whole blocks
     assert held.packed is None and held.q is not None
@@ -79,11 +93,12 @@ def test_the_attention_equals_pytorchs(monkeypatch, tiny_model, rows):
 
 
 def test_a_bfloat16_model_attends_by_the_kernel_in_float32(monkeypatch, tiny_model):
-    """A bfloat16 model's decode steps (by parts: the kernel's whole step takes float32 only)
-    attend by the kernel over the float32 cache, their rows converted there and back: the logits
-    of the PyTorch path within bfloat16's rounding, in bfloat16."""
+    """A bfloat16 model's decode steps by parts (as on a CPU without AVX-512 BF16, where the
+    kernel does not take its weights) attend by the kernel over the float32 cache, their rows
+    converted there and back: the logits of the PyTorch path within bfloat16's rounding, in
+    bfloat16."""
     llama = Llama(copy.deepcopy(tiny_model.model).to(torch.bfloat16), max_length=64)
-    assert llama.step is None
+    llama.step_rows = 0  # by parts
     positions, tokens = torch.tensor([3, 9, 5]), torch.tensor([11, 12, 13])
     logits = []
     for by_kernel in (True, False):
@@ -176,3 +191,36 @@ def test_int8_weights_are_held_in_one_buffer_in_step_order(tiny_model):
     packed = [w.packed for w in llama.step_weights]
     for before, after in zip(packed, packed[1:], strict=False):
         assert after.data_ptr() == before.data_ptr() + before.numel()
+
+
+@pytest.mark.parametrize("choice", ["none", "one", "mixed"])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_a_bfloat16_models_whole_step_gives_the_float32_logits_of_its_weights(tiny_model, adapters, choice, rows):
+    """A bfloat16 model's whole step, where the CPU has AVX-512 BF16 (its products the kernel's dot
+    products, its rows float32 between them), against a float32 model holding the same bfloat16
+    values: the same logits and cache within the rounding of each product's rows to bfloat16."""
+    bf16_model = copy.deepcopy(tiny_model.model).to(torch.bfloat16)
+    llama = Llama(bf16_model, max_length=64)
+    if not torch.cpu._is_avx512_bf16_supported():
+        assert llama.step is None
+        pytest.skip("this CPU has no AVX-512 BF16: a bfloat16 model's steps go by parts")
+    assert llama.step is not None
+    exact = Llama(copy.deepcopy(bf16_model).float(), max_length=64)
+    torch.manual_seed(rows)
+    positions, tokens = torch.randint(0, 40, (rows,)), torch.randint(0, llama.vocab_size, (rows,))
+    lora = _batch_lora(adapters, tiny_model, choice, rows)
+    results = []
+    for model in (llama, exact):
+        model.step_rows = sys.maxsize
+        cache = KVCache(model, 16, 64)
+        for tensor in (*cache.k, *cache.v):
+            tensor.copy_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(7)))
+        with torch.inference_mode():
+            logits = model.decode(tokens, lora, cache.decode_attention(positions, span=int(positions.max()) + 1))
+        results.append((logits, cache))
+    (ours, our_cache), (theirs, their_cache) = results
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=1e-2, atol=1e-2)  # differences up to 6e-3 seen
+    for layer in range(llama.num_layers):
+        torch.testing.assert_close(our_cache.k[layer], their_cache.k[layer], rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(our_cache.v[layer], their_cache.v[layer], rtol=1e-2, atol=1e-2)
