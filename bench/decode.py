@@ -11,7 +11,9 @@ load and switch times.
   projection; the same prompt through `generate` in float32 (through PEFT for the adapter), whose
   tokens the float engine's are checked against (the quantized formats' in bench.quantized);
 - llama.cpp (`make llama-cpp`): the embedded Q4_1 GGUF, 2 threads, greedy, the same prompt ids;
-- adapter load (cold: read and prepared) and switch (cached: a batch whose adapter changed).
+- adapter load (cold: read and prepared) and switch (cached: a batch whose adapter changed);
+- where the CPU computes in bfloat16 natively (`auto` resolves to it), the server's default there:
+  `float` weights of the model loaded in bfloat16 (`float_bfloat16`), against its own ceiling.
 
 Run: .venv/bin/python -m bench.decode   (about 5 minutes on 2 CPU cores)
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 
 from agent.adapters import AdapterCache, AdapterRef, attach
-from agent.base_model import load_base_model
+from agent.base_model import load_base_model, resolve_dtype
 from agent.drafting import Drafter, generate_greedy
 from agent.engine import PLAIN_GREEDY
 from agent.prompt import IncomingEmail, pad_token_id
@@ -222,6 +224,27 @@ def format_bytes_per_token(engine) -> int:
     return sum(w.nbytes for w in [*weights, model.lm_head])
 
 
+def time_bfloat16(prompt: list[int], ref: AdapterRef, figures: dict, plain: dict) -> dict:
+    """The `float` format of a bfloat16 model (what the server loads where the CPU computes in
+    bfloat16 natively), against the same float32 `generate` and its own bytes' ceiling."""
+    settings = Settings(model_dtype="bfloat16")
+    drafter = Drafter.local(load_base_model(settings), settings)
+    read = format_bytes_per_token(drafter.backend)
+    ceiling = figures["bandwidth_gb_s"] * 1e9 / read
+    entry = {"weight_mb_read_per_token": round(read / 1e6, 1), "ceiling_tokens_per_s": round(ceiling, 1)}
+    entry["whole_step_rows"] = drafter.backend.model.step_rows
+    for name, adapter in (("base", None), ("adapter", ref)):
+        engine = time_engine(drafter, prompt, adapter)
+        rate = engine["decode_tokens_per_s"]
+        entry[name] = {
+            "engine": engine,
+            "speedup_vs_float32_generate": round(rate / plain[name]["decode_tokens_per_s"], 2),
+            "share_of_ceiling": round(rate / ceiling, 2),
+        }
+    drafter.close()
+    return entry
+
+
 def main() -> None:
     sample = load_sample_tenant()
     email = sample.emails[1]
@@ -274,6 +297,9 @@ def main() -> None:
             drafter.close()
             figures[weights] = entry
             print(weights, entry, flush=True)
+        if resolve_dtype("auto") == torch.bfloat16:  # the server's default `float` here: bfloat16
+            figures["float_bfloat16"] = in_fresh_thread(time_bfloat16, prompt, ref, figures, plain)
+            print("float (bfloat16)", figures["float_bfloat16"], flush=True)
     figures["llama_cpp"] = llama_cpp_anchor(prompt)
     print("llama.cpp", figures["llama_cpp"], flush=True)
     best = max(("float", "int8", "int4"), key=lambda w: figures[w]["base"]["engine"]["decode_tokens_per_s"])
