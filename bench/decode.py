@@ -229,20 +229,32 @@ def time_bfloat16(prompt: list[int], ref: AdapterRef, figures: dict, plain: dict
     bfloat16 natively), against the same float32 `generate` and its own bytes' ceiling."""
     settings = Settings(model_dtype="bfloat16")
     drafter = Drafter.local(load_base_model(settings), settings)
-    read = format_bytes_per_token(drafter.backend)
-    ceiling = figures["bandwidth_gb_s"] * 1e9 / read
-    entry = {"weight_mb_read_per_token": round(read / 1e6, 1), "ceiling_tokens_per_s": round(ceiling, 1)}
+    entry = ceiling_of(drafter, figures["bandwidth_gb_s"])
     entry["whole_step_rows"] = drafter.backend.model.step_rows
     for name, adapter in (("base", None), ("adapter", ref)):
-        engine = time_engine(drafter, prompt, adapter)
-        rate = engine["decode_tokens_per_s"]
-        entry[name] = {
-            "engine": engine,
-            "speedup_vs_float32_generate": round(rate / plain[name]["decode_tokens_per_s"], 2),
-            "share_of_ceiling": round(rate / ceiling, 2),
-        }
+        entry[name] = timed(drafter, prompt, adapter, plain[name], entry["ceiling_tokens_per_s"])
     drafter.close()
     return entry
+
+
+def ceiling_of(drafter: Drafter, bandwidth_gb_s: float) -> dict:
+    """The bytes of base weights a token reads in the drafter's format, and the ceiling they give."""
+    read = format_bytes_per_token(drafter.backend)
+    return {
+        "weight_mb_read_per_token": round(read / 1e6, 1),
+        "ceiling_tokens_per_s": round(bandwidth_gb_s * 1e9 / read, 1),
+    }
+
+
+def timed(drafter: Drafter, prompt: list[int], adapter, plain: dict, ceiling: float) -> dict:
+    """The engine's decode rate against float32 `generate`'s (`plain`) and the format's ceiling."""
+    engine = time_engine(drafter, prompt, adapter)
+    rate = engine["decode_tokens_per_s"]
+    return {
+        "engine": engine,
+        "speedup_vs_float32_generate": round(rate / plain["decode_tokens_per_s"], 2),
+        "share_of_ceiling": round(rate / ceiling, 2),
+    }
 
 
 def main() -> None:
@@ -272,20 +284,11 @@ def main() -> None:
                 drafter = in_fresh_thread(
                     Drafter.local, loaded, settings.model_copy(update={"serving_weights": weights})
                 )
-            read = format_bytes_per_token(drafter.backend)
-            ceiling = figures["bandwidth_gb_s"] * 1e9 / read
-            entry = {"weight_mb_read_per_token": round(read / 1e6, 1), "ceiling_tokens_per_s": round(ceiling, 1)}
+            entry = ceiling_of(drafter, figures["bandwidth_gb_s"])
             if weights == "float":  # the decode products measured fastest on this CPU (agent/weights.py)
                 entry["products"] = drafter.backend.model.products
             for name, adapter in (("base", None), ("adapter", ref)):
-                engine = time_engine(drafter, prompt, adapter)
-                entry[name] = {
-                    "engine": engine,
-                    "speedup_vs_float32_generate": round(
-                        engine["decode_tokens_per_s"] / plain[name]["decode_tokens_per_s"], 2
-                    ),
-                    "share_of_ceiling": round(engine["decode_tokens_per_s"] / ceiling, 2),
-                }
+                entry[name] = timed(drafter, prompt, adapter, plain[name], entry["ceiling_tokens_per_s"])
                 if weights == "float":  # the quantized formats' tokens are compared in bench.quantized
                     if adapter is None:
                         with model.disable_adapter():
